@@ -139,7 +139,9 @@ class Cluster(Frozen):
         return np.stack([g.time(arr[..., i]) for i, g in enumerate(self.gpus)], axis=-1)
 
     @classmethod
-    def uniform(cls, num_gpus: int, gpus_per_node: int = 8, speeds: list[float] | None = None) -> Cluster:
+    def uniform(
+        cls, num_gpus: int, gpus_per_node: int = 8, speeds: list[float] | None = None
+    ) -> Cluster:
         """``num_gpus`` GPUs, ``gpus_per_node`` to a node, with optional speed factors."""
         speeds = speeds if speeds is not None else [1.0] * num_gpus
         if len(speeds) != num_gpus:

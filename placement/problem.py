@@ -58,7 +58,9 @@ class Problem:
             trans = np.asarray(self.transitions, dtype=np.float64)
             object.__setattr__(self, "transitions", trans)
             if trans.shape != (max(L - 1, 0), E, E):
-                raise ValueError(f"transitions has shape {trans.shape}, expected ({L - 1}, {E}, {E})")
+                raise ValueError(
+                    f"transitions has shape {trans.shape}, expected ({L - 1}, {E}, {E})"
+                )
         if self.current is not None and (
             self.current.num_gpus != G or self.current.slots_per_gpu != self.slots_per_gpu
         ):

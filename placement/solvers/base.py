@@ -1,0 +1,69 @@
+"""One interface for every solver: ``solve(problem, strategy, options) -> Solution``.
+
+Every solver returns a placement that has passed :func:`placement.validate.validate`; the
+objective and bound it reports are in the problem's time unit (µs with latency curves,
+token-times with speed factors), summed over layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from placement.model import Placement
+from placement.problem import Problem
+from placement.validate import validate
+
+
+@dataclass(frozen=True)
+class SolveOptions:
+    time_limit_s: float = 10.0
+    seed: int = 0
+    threads: int = 0  # 0: all cores
+    # "expected" (mean over samples) or "robust" (worst sample) straggler time
+    hedge: str = "expected"
+    progress: Callable[[float], None] | None = None  # called with fraction done, 0..1
+
+
+@dataclass(frozen=True)
+class Solution:
+    placement: Placement
+    objective: float  # the solver's objective (lower is better)
+    bound: float  # proven lower bound on that objective (== objective for heuristics' LB)
+    wall_s: float
+    status: str  # "OPTIMAL", "FEASIBLE", "HEURISTIC"
+    details: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def gap(self) -> float:
+        """Relative gap (objective - bound) / objective; 0 when proven optimal."""
+        if self.objective <= 0:
+            return 0.0
+        return max(0.0, (self.objective - self.bound) / self.objective)
+
+
+SolverFn = Callable[[Problem, SolveOptions], Solution]
+_REGISTRY: dict[str, SolverFn] = {}
+
+
+def register(name: str) -> Callable[[SolverFn], SolverFn]:
+    def wrap(fn: SolverFn) -> SolverFn:
+        _REGISTRY[name] = fn
+        return fn
+
+    return wrap
+
+
+def strategies() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def solve(
+    problem: Problem, strategy: str = "cpsat", options: SolveOptions | None = None
+) -> Solution:
+    """Solve ``problem`` with ``strategy`` and check the result independently."""
+    if strategy not in _REGISTRY:
+        raise ValueError(f"unknown strategy {strategy!r}; choose from {strategies()}")
+    solution = _REGISTRY[strategy](problem, options or SolveOptions())
+    validate(solution.placement, problem.model)
+    return solution
