@@ -3,12 +3,12 @@ beyond explicit file loaders, no global state."""
 
 from placement.model import GPU, Cluster, LatencyCurve, MoEModelShape, Placement
 from placement.problem import Problem, Weights
-from placement.validate import InvalidPlacement, validate
+from placement.validate import InvalidPlacementError, validate
 
 __all__ = [
     "GPU",
     "Cluster",
-    "InvalidPlacement",
+    "InvalidPlacementError",
     "LatencyCurve",
     "MoEModelShape",
     "Placement",

@@ -19,16 +19,19 @@ from typing import Annotated, Literal
 import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.alias_generators import to_camel
 
 IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float64]
 
-PLACEMENT_API_VERSION = "moeplace.io/v1alpha1"
+PLACEMENT_API_VERSION: Literal["moeplace.io/v1alpha1"] = "moeplace.io/v1alpha1"
 PositiveInt = Annotated[int, Field(gt=0)]
 
 
 class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", populate_by_name=True, alias_generator=to_camel
+    )
 
 
 class MoEModelShape(Frozen):
@@ -158,14 +161,12 @@ class Placement(Frozen):
     ``s // slots_per_gpu``. Shape [L, P]. Validity is checked by :func:`placement.validate`.
     """
 
-    api_version: Literal["moeplace.io/v1alpha1"] = Field(
-        default=PLACEMENT_API_VERSION, alias="apiVersion"
-    )
+    api_version: Literal["moeplace.io/v1alpha1"] = PLACEMENT_API_VERSION
     kind: Literal["ExpertPlacement"] = "ExpertPlacement"
     model: MoEModelShape
-    num_gpus: PositiveInt = Field(alias="numGpus")
-    slots_per_gpu: PositiveInt = Field(alias="slotsPerGpu")
-    phy2log: list[list[int]]
+    num_gpus: PositiveInt
+    slots_per_gpu: PositiveInt
+    phy2log: list[list[int]] = Field(alias="phy2log")
     strategy: str = "unknown"
     metadata: dict[str, str | float | int] = Field(default_factory=dict)
 
@@ -224,8 +225,8 @@ class Placement(Frozen):
             raise ValueError(f"table of shape {arr.shape} does not split over {num_gpus} GPUs")
         return cls(
             model=model,
-            numGpus=num_gpus,
-            slotsPerGpu=arr.shape[1] // num_gpus,
+            num_gpus=num_gpus,
+            slots_per_gpu=arr.shape[1] // num_gpus,
             phy2log=arr.tolist(),
             strategy=strategy,
             metadata=dict(metadata),
