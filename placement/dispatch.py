@@ -1,0 +1,374 @@
+"""Token dispatch over expert copies, and the per-GPU performance model in vectorised form.
+
+Two dispatch rules decide how a logical expert's tokens are split over its copies:
+
+- ``even``: every copy gets ``load / copies`` (what vLLM and SGLang do);
+- ``best``: per layer and batch, the split that minimises the layer's slowest GPU time
+  (:func:`best_split`, what a speed-aware runtime dispatcher can reach).
+
+GPU time is a function of the GPU's total tokens in the layer (``Cluster.times``): tokens /
+speed, or the GPU's latency curve. Curves need not be monotone (tile effects); bounds and the
+best split work on the curve's *monotone hull* ``h(x) = min_{y >= x} t(y)`` (the least time in
+which a GPU can finish at least ``x`` tokens), and ``capacity(T) = sup {x : h(x) <= T}`` is the
+most tokens a GPU can finish within time ``T``. Every actual time is ``t(x) >= h(x)``, so bounds
+built on the hull are valid for the real curves.
+
+Shapes: L layers, E experts, G GPUs, S slots per GPU, P = G * S slots; ``table`` [L, P] or
+[P] is phy2log.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from placement.model import Cluster, FloatArray, IntArray
+
+BoolArray = npt.NDArray[np.bool_]
+
+
+class TimeModel:
+    """Vectorised per-GPU time ``t_g(x)`` and capacity ``cap_g(T)`` for a cluster.
+
+    Speed factors: ``t_g(x) = x / s_g``, ``cap_g(T) = s_g T``. Latency curves: piecewise-linear
+    interpolation (flat left of the first sample, linear extrapolation right of the last, zero
+    at zero tokens; exactly :meth:`LatencyCurve.time`), capacity on the monotone hull.
+    """
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.num_gpus = cluster.size
+        self.curves = cluster.has_curves
+        self.speeds = np.array([g.speed for g in cluster.gpus], dtype=np.float64)
+        if not self.curves:
+            return
+        curves = [g.curve for g in cluster.gpus]
+        n = max(len(c.tokens) for c in curves if c is not None)
+        G = self.num_gpus
+        # raw curve, padded to n points with the last point repeated (gathers stay in range)
+        self._xs = np.zeros((G, n))
+        self._ys = np.zeros((G, n))
+        self._npts = np.zeros(G, dtype=np.int64)
+        self._slope = np.zeros(G)
+        hulls: list[tuple[FloatArray, FloatArray]] = []
+        for g, c in enumerate(curves):
+            assert c is not None
+            xs = np.asarray(c.tokens, dtype=np.float64)
+            ys = np.asarray(c.micros, dtype=np.float64)
+            k = xs.size
+            self._xs[g, :k], self._xs[g, k:] = xs, xs[-1]
+            self._ys[g, :k], self._ys[g, k:] = ys, ys[-1]
+            self._npts[g] = k
+            self._slope[g] = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+            hulls.append(_monotone_hull(xs, ys, float(self._slope[g])))
+        m = max(h[0].size for h in hulls)
+        # hull breakpoints padded with level +inf (never <= T)
+        self._hx = np.zeros((G, m))
+        self._hy = np.full((G, m), np.inf)
+        self._hn = np.zeros(G, dtype=np.int64)
+        for g, (hx, hy) in enumerate(hulls):
+            self._hx[g, : hx.size], self._hx[g, hx.size :] = hx, hx[-1]
+            self._hy[g, : hy.size] = hy
+            self._hn[g] = hx.size
+
+    def time(self, loads: FloatArray) -> FloatArray:
+        """[..., G] tokens per GPU -> [..., G] time (µs with curves, token-times otherwise)."""
+        x = np.asarray(loads, dtype=np.float64)
+        if not self.curves:
+            return x / self.speeds
+        xs, ys, last = self._xs, self._ys, self._npts - 1
+        G = np.arange(self.num_gpus)
+        j = (xs <= x[..., None]).sum(-1) - 1  # [..., G] last sample <= x, -1 if left of all
+        jc = np.clip(j, 0, last - 1)
+        x0, x1 = xs[G, jc], xs[G, jc + 1]
+        y0, y1 = ys[G, jc], ys[G, jc + 1]
+        inner = y0 + (np.clip(x, x0, None) - x0) * (y1 - y0) / (x1 - x0)
+        right = ys[G, last] + (x - xs[G, last]) * self._slope
+        t = np.where(j < 0, ys[:, 0], np.where(j >= last, right, inner))
+        return np.asarray(np.where(x <= 0, 0.0, t), dtype=np.float64)
+
+    def hull_time(self, loads: FloatArray) -> FloatArray:
+        """[..., G] tokens -> [..., G] monotone-hull time ``h_g(x) <= t_g(x)``."""
+        x = np.asarray(loads, dtype=np.float64)
+        if not self.curves:
+            return x / self.speeds
+        hx, hy, last = self._hx, self._hy, self._hn - 1
+        G = np.arange(self.num_gpus)
+        j = np.clip((hx <= x[..., None]).sum(-1) - 1, 0, None)
+        at_end = j >= last
+        jc = np.minimum(j, np.maximum(last - 1, 0))
+        x0, x1 = hx[G, jc], hx[G, jc + 1]
+        y0, y1 = hy[G, jc], np.where(at_end, hy[G, jc], hy[G, jc + 1])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            inner = y0 + (x - x0) * np.where(x1 > x0, (y1 - y0) / (x1 - x0), 0.0)
+        right = hy[G, last] + (x - hx[G, last]) * np.maximum(self._slope, 0.0)
+        t = np.where(at_end, right, inner)
+        return np.asarray(np.where(x <= 0, 0.0, t), dtype=np.float64)
+
+    def capacity(self, T: FloatArray) -> FloatArray:
+        """[...] time budgets -> [..., G] most tokens each GPU finishes within ``T``."""
+        t = np.asarray(T, dtype=np.float64)
+        if not self.curves:
+            return t[..., None] * self.speeds
+        hx, hy, last = self._hx, self._hy, self._hn - 1
+        G = np.arange(self.num_gpus)
+        tt = t[..., None]
+        j = (hy <= tt[..., None]).sum(-1) - 1  # last hull breakpoint with level <= T
+        jc = np.clip(j, 0, None)
+        jn = np.minimum(jc + 1, last)
+        x0, y0 = hx[G, jc], hy[G, jc]
+        x1, y1 = hx[G, jn], hy[G, jn]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            inner = x0 + (tt - y0) * (x1 - x0) / (y1 - y0)
+            slope = self._slope
+            right = np.where(slope > 0, hx[G, last] + (tt - hy[G, last]) / slope, np.inf)
+        cap = np.where(j < 0, 0.0, np.where(jc >= last, right, inner))
+        return np.asarray(np.maximum(cap, 0.0), dtype=np.float64)
+
+    def level(
+        self, demand: FloatArray, mask: BoolArray | None = None, iters: int = 100
+    ) -> FloatArray:
+        """Least ``T`` with ``sum_{g in mask} cap_g(T) >= demand``; ``demand`` [...] -> [...].
+
+        Closed form for speed factors; bisection (``iters`` halvings, returning the feasible
+        upper end) for curves.
+        """
+        d = np.asarray(demand, dtype=np.float64)
+        sel = np.ones(self.num_gpus, dtype=bool) if mask is None else mask
+        if not self.curves:
+            return np.asarray(d / self.speeds[sel].sum(), dtype=np.float64)
+        lo = np.zeros_like(d)
+        every = np.broadcast_to(d[..., None], (*d.shape, self.num_gpus))
+        hi = np.maximum(np.min(self.hull_time(every)[..., sel], axis=-1), 0.0)
+        for _ in range(iters):
+            mid = 0.5 * (lo + hi)
+            ok = self.capacity(mid)[..., sel].sum(-1) >= d
+            hi = np.where(ok, mid, hi)
+            lo = np.where(ok, lo, mid)
+            if np.all(hi - lo <= 1e-12 * np.maximum(hi, 1e-300)):
+                break
+        return np.asarray(np.where(d <= 0, 0.0, hi), dtype=np.float64)
+
+
+def _monotone_hull(xs: FloatArray, ys: FloatArray, slope: float) -> tuple[FloatArray, FloatArray]:
+    """Breakpoints of ``h(x) = min_{y >= x} t(y)`` for x > 0 (the value at 0+ is at x = 0).
+
+    ``t`` is flat ``ys[0]`` left of ``xs[0]``, linear between samples and extrapolated with
+    ``slope`` to the right (a non-positive last slope makes the tail flat for the hull).
+    """
+    px = [0.0, *xs.tolist()] if xs[0] > 0 else xs.tolist()
+    py = [float(ys[0]), *ys.tolist()] if xs[0] > 0 else ys.tolist()
+    out_x = [px[-1]]
+    out_y = [py[-1]]
+    m = py[-1]  # suffix minimum
+    for i in range(len(px) - 2, -1, -1):
+        x0, y0, x1, y1 = px[i], py[i], px[i + 1], py[i + 1]
+        if y0 <= m:
+            if y1 > m:  # t crosses level m inside the segment: h = t left of it, m right
+                xc = x0 + (m - y0) * (x1 - x0) / (y1 - y0)
+                if xc < out_x[-1]:
+                    out_x.append(xc)
+                    out_y.append(m)
+            out_x.append(x0)
+            out_y.append(y0)
+            m = y0
+        # else: h == m on the whole segment; the breakpoint at x0 is implied
+    if out_x[-1] > 0.0:  # flat from 0+
+        out_x.append(0.0)
+        out_y.append(m)
+    hx = np.array(out_x[::-1])
+    hy = np.array(out_y[::-1])
+    keep = np.concatenate([[True], np.diff(hx) > 0])
+    return hx[keep], hy[keep]
+
+
+def even_split(table: IntArray, load: FloatArray, num_gpus: int) -> tuple[FloatArray, FloatArray]:
+    """Even dispatch. ``table`` [L, P], ``load`` [..., L, E] -> (slot_load [..., L, P],
+    gpu_load [..., L, G]): each copy of expert e gets ``load[e] / copies(e)``."""
+    L, P = table.shape
+    E = load.shape[-1]
+    counts = np.zeros((L, E), dtype=np.float64)
+    for layer in range(L):
+        np.add.at(counts[layer], table[layer], 1.0)
+    per_copy = load / np.maximum(counts, 1.0)
+    slot = np.take_along_axis(per_copy, np.broadcast_to(table, (*load.shape[:-1], P)), axis=-1)
+    gpu = slot.reshape(*slot.shape[:-1], num_gpus, P // num_gpus).sum(-1)
+    return slot, gpu
+
+
+@dataclass(frozen=True)
+class Split:
+    """One layer's dispatch: ``slot_load`` [P] tokens per slot, ``gpu_load`` [G], ``time`` the
+    slowest GPU's time, ``bound`` the optimum on the monotone hull (== time for speeds)."""
+
+    slot_load: FloatArray
+    gpu_load: FloatArray
+    time: float
+    bound: float
+
+
+def best_split(row: IntArray, load: FloatArray, model: TimeModel, slots_per_gpu: int) -> Split:
+    """Split each expert's tokens over its copies to minimise the layer's slowest GPU time.
+
+    ``row`` [P] phy2log of one layer, ``load`` [E] tokens of one batch. Exact (for speed
+    factors; on the monotone hull for curves) by a Newton/Dinkelbach iteration on the time
+    level ``T``: experts with one copy fix a base load per GPU; the replicated experts'
+    tokens are a bipartite flow (expert -> GPUs holding a copy -> sink, GPU capacity
+    ``cap_g(T) - base_g``). Start at a lower bound of ``T``; while the max flow falls short,
+    its min cut names a GPU set H and the experts confined to H, whose total work forces
+    ``T >= level(H)``: raise ``T`` to that and augment further (capacities only grow, so the
+    flow is kept). ``T`` never passes the optimum and each step fixes a new cut, so it ends at
+    the optimum, typically in 1-3 steps. The returned split is then compared with the even
+    split and the better one (by real time) is kept, so ``best`` never loses to ``even``.
+    """
+    G = model.num_gpus
+    E = load.shape[0]
+    w = np.asarray(load, dtype=np.float64)
+    gpu_of_slot = np.arange(row.size) // slots_per_gpu
+    counts = np.bincount(row, minlength=E)
+    single = counts[row] == 1
+    base = _fbincount(gpu_of_slot[single], w[row[single]], G)
+    # even split, the fallback and upper end
+    even_slot = w[row] / counts[row]
+    even_gpu = _fbincount(gpu_of_slot, even_slot, G)
+    even_time = float(model.time(even_gpu).max())
+    rep = np.flatnonzero((counts > 1) & (w > 0))
+    if rep.size == 0:
+        t = even_time
+        return Split(even_slot, even_gpu, t, float(model.hull_time(even_gpu).max()))
+    # adjacency: replicated expert index r -> distinct GPUs holding a copy (and their slot)
+    nbr: list[list[int]] = []
+    slot_of: list[dict[int, int]] = []
+    pos = {int(e): r for r, e in enumerate(rep)}
+    for _ in range(rep.size):
+        nbr.append([])
+        slot_of.append({})
+    for s in np.flatnonzero(~single):
+        if int(row[s]) not in pos:
+            continue
+        r = pos[int(row[s])]
+        g = int(gpu_of_slot[s])
+        if g not in slot_of[r]:
+            slot_of[r][g] = int(s)
+            nbr[r].append(g)
+    supply = w[rep].tolist()
+    total = float(w.sum())
+    T = max(float(model.level(np.array(total))), float(model.hull_time(base).max()))
+    flow: list[dict[int, float]] = [dict.fromkeys(n, 0.0) for n in nbr]
+    out = [0.0] * rep.size
+    gin = [0.0] * G
+    users: list[set[int]] = [set() for _ in range(G)]
+    tol = 1e-12 * max(total, 1.0)
+    for _ in range(4 * G + 8):
+        capv = (model.capacity(np.array(T)) - base).tolist()
+        # greedy fill, largest remaining supply first
+        for r in sorted(range(rep.size), key=lambda i: out[i] - supply[i]):
+            need = supply[r] - out[r]
+            for g in sorted(nbr[r], key=lambda h: gin[h] - capv[h]):
+                if need <= tol:
+                    break
+                room = capv[g] - gin[g]
+                if room > tol:
+                    d = min(room, need)
+                    flow[r][g] += d
+                    gin[g] += d
+                    out[r] += d
+                    users[g].add(r)
+                    need -= d
+        # augmenting paths (BFS over expert -> gpu -> expert via reverse flow)
+        reach_r, reach_g = _augment(supply, out, nbr, flow, gin, capv, users, tol)
+        short = sum(supply) - sum(out)
+        if short <= 1e-9 * max(total, 1.0):
+            break
+        mask = np.zeros(G, dtype=bool)
+        mask[list(reach_g)] = True
+        demand = sum(supply[r] for r in reach_r) + float(base[mask].sum())
+        T_new = float(model.level(np.array(demand), mask))
+        T = max(T_new, T * (1.0 + 1e-12))
+    # any rounding shortfall goes to the expert's copy on the least loaded GPU
+    for r in range(rep.size):
+        rest = supply[r] - out[r]
+        if rest > 0:
+            g = min(nbr[r], key=lambda h: gin[h])
+            flow[r][g] += rest
+            gin[g] += rest
+            out[r] += rest
+    slot_load = np.where(single, w[row], 0.0)
+    for r in range(rep.size):
+        for g, f in flow[r].items():
+            slot_load[slot_of[r][g]] = f
+    gpu_load = _fbincount(gpu_of_slot, slot_load, G)
+    t = float(model.time(gpu_load).max())
+    if t > even_time:
+        return Split(even_slot, even_gpu, even_time, min(T, even_time))
+    return Split(slot_load, gpu_load, t, T)
+
+
+def _fbincount(index: IntArray, weights: FloatArray, size: int) -> FloatArray:
+    return np.asarray(np.bincount(index, weights=weights, minlength=size), dtype=np.float64)
+
+
+def _augment(
+    supply: list[float],
+    out: list[float],
+    nbr: list[list[int]],
+    flow: list[dict[int, float]],
+    gin: list[float],
+    capv: list[float],
+    users: list[set[int]],
+    tol: float,
+) -> tuple[set[int], set[int]]:
+    """Augment along shortest paths until none is left; return the experts and GPUs still
+    reachable from the source (the source side of a min cut)."""
+    while True:
+        prev_g: dict[int, int] = {}  # gpu -> expert it was reached from
+        prev_r: dict[int, int] = {}  # expert -> gpu it was reached from (reverse edge)
+        starts = [r for r in range(len(supply)) if supply[r] - out[r] > tol]
+        seen_r = set(starts)
+        queue = list(starts)
+        end = -1
+        qi = 0
+        while qi < len(queue) and end < 0:
+            r = queue[qi]
+            qi += 1
+            for g in nbr[r]:
+                if g in prev_g:
+                    continue
+                prev_g[g] = r
+                if capv[g] - gin[g] > tol:
+                    end = g
+                    break
+                for r2 in users[g]:
+                    if r2 not in seen_r and flow[r2][g] > tol:
+                        seen_r.add(r2)
+                        prev_r[r2] = g
+                        queue.append(r2)
+        if end < 0:
+            return seen_r, set(prev_g)
+        # bottleneck
+        delta = capv[end] - gin[end]
+        g = end
+        r = prev_g[g]
+        while r in prev_r:
+            g2 = prev_r[r]
+            delta = min(delta, flow[r][g2])
+            g = g2
+            r = prev_g[g]
+        delta = min(delta, supply[r] - out[r])
+        # apply
+        g = end
+        gin[g] += delta
+        r = prev_g[g]
+        while True:
+            flow[r][g] += delta
+            users[g].add(r)
+            if r not in prev_r:
+                out[r] += delta
+                break
+            g2 = prev_r[r]
+            flow[r][g2] -= delta
+            if flow[r][g2] <= tol:
+                users[g2].discard(r)
+            g = g2
+            r = prev_g[g]

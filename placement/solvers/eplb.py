@@ -1,0 +1,201 @@
+"""DeepSeek's EPLB, written from its published description (docs/anchors.md), in numpy.
+
+Greedy in three steps, per layer:
+
+1. pack the E/num_groups-expert groups onto nodes: groups sorted by load, heaviest first,
+   each to the lightest node that still has room (every node gets num_groups/num_nodes);
+2. within each node, add replicas one at a time to the expert with the largest load per copy
+   until the node has P/num_nodes physical experts;
+3. within each node, pack the physical experts onto its GPUs the same way as step 1, each copy
+   weighing load/copies (every GPU gets P/G slots).
+
+``num_groups % num_nodes != 0`` falls back to the global policy (one group, one node). Ties are
+broken by the lowest index (stable sorts), which reproduces the published worked example.
+
+Shapes: weight [L, E]; phy2log [L, P] (slot s on GPU s // (P/G)); log2phy [L, E, P-E+1]
+(-1 padded, copies in rank order); logcnt [L, E].
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from placement.evaluate import evaluate, fluid_bound
+from placement.model import FloatArray, IntArray, Placement
+from placement.problem import Problem
+from placement.solvers.base import Solution, SolveOptions, register
+
+
+def balanced_packing(weight: FloatArray, num_packs: int) -> tuple[IntArray, IntArray]:
+    """[X, n] item weights -> (pack [X, n], rank in pack [X, n]); n/num_packs items per pack,
+    heaviest item first onto the lightest pack that has room."""
+    X, n = weight.shape
+    per_pack = n // num_packs
+    pack = np.zeros((X, n), dtype=np.int64)
+    rank = np.zeros((X, n), dtype=np.int64)
+    if per_pack == 1:
+        pack[:] = np.arange(n)
+        return pack, rank
+    for x in range(X):
+        load = np.zeros(num_packs)
+        count = np.zeros(num_packs, dtype=np.int64)
+        for item in np.argsort(-weight[x], kind="stable"):
+            room = np.flatnonzero(count < per_pack)
+            p = int(room[np.argmin(load[room])])
+            pack[x, item] = p
+            rank[x, item] = count[p]
+            load[p] += weight[x, item]
+            count[p] += 1
+    return pack, rank
+
+
+def replicate_experts(weight: FloatArray, num_phy: int) -> tuple[IntArray, IntArray, IntArray]:
+    """[X, n] loads -> (phy2log [X, num_phy], replica rank [X, num_phy], count [X, n]): the
+    first n physical experts are the logical ones, each further one copies the expert with the
+    largest load per copy."""
+    X, n = weight.shape
+    phy2log = np.zeros((X, num_phy), dtype=np.int64)
+    rank = np.zeros((X, num_phy), dtype=np.int64)
+    count = np.ones((X, n), dtype=np.int64)
+    phy2log[:, :n] = np.arange(n)
+    rows = np.arange(X)
+    for i in range(n, num_phy):
+        hot = np.argmax(weight / count, axis=-1)
+        phy2log[:, i] = hot
+        rank[:, i] = count[rows, hot]
+        count[rows, hot] += 1
+    return phy2log, rank, count
+
+
+def _inverse(perm: IntArray) -> IntArray:
+    inv = np.empty_like(perm)
+    rows = np.arange(perm.shape[0])[:, None]
+    inv[rows, perm] = np.arange(perm.shape[1])
+    return inv
+
+
+def _hierarchical(
+    weight: FloatArray, num_phy: int, num_groups: int, num_nodes: int, num_gpus: int
+) -> tuple[IntArray, IntArray, IntArray]:
+    """Returns (phy2log [L, P], replica rank [L, P], logcnt [L, E])."""
+    L, E = weight.shape
+    group_size = E // num_groups
+    groups_per_node = num_groups // num_nodes
+    per_gpu = num_phy // num_gpus
+    E_node, P_node = E // num_nodes, num_phy // num_nodes
+    # step 1: groups -> nodes; "mlog" numbers experts node by node
+    group_load = weight.reshape(L, num_groups, group_size).sum(-1)
+    gpack, grank = balanced_packing(group_load, num_nodes)
+    first = (gpack * groups_per_node + grank) * group_size  # [L, groups]
+    log2mlog = (first[:, :, None] + np.arange(group_size)).reshape(L, E)
+    mlog2log = _inverse(log2mlog)
+    # step 2: replicas within each node
+    mlog_load = np.take_along_axis(weight, mlog2log, -1).reshape(L * num_nodes, E_node)
+    phy2mlog, phyrank, mlogcnt = replicate_experts(mlog_load, P_node)
+    # step 3: physical experts -> GPUs of the node
+    per_copy = np.take_along_axis(mlog_load / mlogcnt, phy2mlog, -1)
+    pack, rank = balanced_packing(per_copy, num_gpus // num_nodes)
+    phy2pphy = pack * per_gpu + rank
+    pphy2phy = _inverse(phy2pphy)
+    pphy2mlog = np.take_along_axis(phy2mlog, pphy2phy, -1)
+    offset = (np.arange(num_nodes) * E_node)[None, :, None]
+    pphy2mlog = (pphy2mlog.reshape(L, num_nodes, P_node) + offset).reshape(L, num_phy)
+    pphy2log = np.take_along_axis(mlog2log, pphy2mlog, -1)
+    pphyrank = np.take_along_axis(phyrank, pphy2phy, -1).reshape(L, num_phy)
+    logcnt = np.take_along_axis(mlogcnt.reshape(L, E), log2mlog, -1)
+    return pphy2log, pphyrank, logcnt
+
+
+def rebalance_experts(
+    weight: FloatArray, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int
+) -> tuple[IntArray, IntArray, IntArray]:
+    """EPLB: weight [L, E] -> (phy2log [L, P], log2phy [L, E, P-E+1] -1 padded, logcnt [L, E])
+    with P = ``num_replicas``. Hierarchical when ``num_groups % num_nodes == 0``, else global."""
+    w = np.asarray(weight, dtype=np.float64)
+    L, E = w.shape
+    if num_replicas < E or num_replicas % num_gpus or num_gpus % num_nodes:
+        raise ValueError(
+            f"need E={E} <= P={num_replicas}, P % gpus == 0 and gpus % nodes == 0 "
+            f"(gpus={num_gpus}, nodes={num_nodes})"
+        )
+    if num_groups % num_nodes == 0 and E % num_groups == 0:
+        phy2log, rank, logcnt = _hierarchical(w, num_replicas, num_groups, num_nodes, num_gpus)
+    else:
+        phy2log, rank, logcnt = _hierarchical(w, num_replicas, 1, 1, num_gpus)
+    maxcnt = num_replicas - E + 1
+    log2phy = np.full((L, E * maxcnt), -1, dtype=np.int64)
+    rows = np.arange(L)[:, None]
+    log2phy[rows, phy2log * maxcnt + rank] = np.arange(num_replicas)
+    return phy2log, log2phy.reshape(L, E, maxcnt), logcnt
+
+
+def repair_duplicates(table: IntArray, num_gpus: int, load: FloatArray) -> tuple[IntArray, int]:
+    """Swap slots so that no GPU holds two copies of one expert; returns (table, swaps).
+
+    ``table`` [L, P], ``load`` [L, E]. A duplicate copy of e on GPU g is swapped with a slot
+    holding x on another GPU h where e is absent from h and x from g; among those, the one whose
+    per-copy load is closest to e's (the GPUs' loads change least).
+    """
+    out = table.copy()
+    L, P = out.shape
+    S = P // num_gpus
+    swaps = 0
+    for layer in range(L):
+        row = out[layer]
+        cnt = np.bincount(row, minlength=load.shape[1])
+        per_copy = load[layer] / np.maximum(cnt, 1)
+        for g in range(num_gpus):
+            for s in range(g * S, g * S + S):
+                e = row[s]
+                on_g = row[g * S : g * S + S]
+                if (on_g == e).sum() < 2:
+                    continue
+                best, best_cost = -1, np.inf
+                for t in range(P):
+                    h = t // S
+                    x = row[t]
+                    if h == g or e in row[h * S : h * S + S] or x in on_g:
+                        continue
+                    cost = abs(per_copy[x] - per_copy[e])
+                    if cost < best_cost:
+                        best, best_cost = t, cost
+                if best < 0:
+                    raise RuntimeError(f"layer {layer}: no swap removes a duplicate on GPU {g}")
+                row[s], row[best] = row[best], row[s]
+                swaps += 1
+    return out, swaps
+
+
+def _node_layout(problem: Problem) -> int:
+    """Number of nodes if GPUs come in equal, contiguous blocks per node, else 1."""
+    node = problem.cluster.node_of_gpu
+    n = len(problem.cluster.nodes)
+    G = problem.cluster.size
+    if G % n or problem.num_slots % n:
+        return 1
+    blocks = np.repeat(np.arange(n), G // n)
+    return n if np.array_equal(node, blocks) else 1
+
+
+@register("eplb")
+def solve_eplb(problem: Problem, options: SolveOptions) -> Solution:
+    """EPLB on the problem's mean load; groups = nodes when the experts divide, else global.
+    Duplicates on one GPU (which EPLB can produce) are repaired by swaps."""
+    start = time.perf_counter()
+    E, G = problem.model.experts, problem.cluster.size
+    nodes = _node_layout(problem)
+    groups = nodes if E % nodes == 0 else 1
+    phy2log, _, _ = rebalance_experts(problem.load, problem.num_slots, groups, nodes, G)
+    table, swaps = repair_duplicates(phy2log, G, problem.load)
+    placement = Placement.from_table(table, problem.model, G, "eplb")
+    ev = evaluate(placement, problem.cluster, problem.load)
+    return Solution(
+        placement=placement,
+        objective=ev.straggler,
+        bound=float(fluid_bound(problem.cluster, problem.load).sum()),
+        wall_s=time.perf_counter() - start,
+        status="HEURISTIC",
+        details={"duplicate_repairs": float(swaps), "nodes": float(nodes), "groups": float(groups)},
+    )
