@@ -131,17 +131,22 @@ def rebalance_experts(
     return phy2log, log2phy.reshape(L, E, maxcnt), logcnt
 
 
-def repair_duplicates(table: IntArray, num_gpus: int, load: FloatArray) -> tuple[IntArray, int]:
-    """Swap slots so that no GPU holds two copies of one expert; returns (table, swaps).
+def repair_duplicates(
+    table: IntArray, num_gpus: int, load: FloatArray
+) -> tuple[IntArray, int, int]:
+    """Swap slots so that no GPU holds two copies of one expert; returns (table, swaps,
+    replacements).
 
     ``table`` [L, P], ``load`` [L, E]. A duplicate copy of e on GPU g is swapped with a slot
     holding x on another GPU h where e is absent from h and x from g; among those, the one whose
-    per-copy load is closest to e's (the GPUs' loads change least).
+    per-copy load is closest to e's (the GPUs' loads change least). When no swap exists (e has
+    more copies than GPUs can hold apart), the duplicate slot is given to the expert with the
+    largest per-copy load that g does not hold (a replacement: copy counts change).
     """
     out = table.copy()
     L, P = out.shape
     S = P // num_gpus
-    swaps = 0
+    swaps = replaced = 0
     for layer in range(L):
         row = out[layer]
         cnt = np.bincount(row, minlength=load.shape[1])
@@ -162,10 +167,19 @@ def repair_duplicates(table: IntArray, num_gpus: int, load: FloatArray) -> tuple
                     if cost < best_cost:
                         best, best_cost = t, cost
                 if best < 0:
-                    raise RuntimeError(f"layer {layer}: no swap removes a duplicate on GPU {g}")
+                    # e has more copies than any swap can spread (EPLB does not cap copies at
+                    # G): give the slot to the expert with the largest per-copy load not on g
+                    cand = np.where(np.isin(np.arange(cnt.size), on_g), -np.inf, per_copy)
+                    x = int(np.argmax(cand))
+                    cnt[e] -= 1
+                    cnt[x] += 1
+                    per_copy = load[layer] / np.maximum(cnt, 1)
+                    row[s] = x
+                    replaced += 1
+                    continue
                 row[s], row[best] = row[best], row[s]
                 swaps += 1
-    return out, swaps
+    return out, swaps, replaced
 
 
 def _node_layout(problem: Problem) -> int:
@@ -188,7 +202,7 @@ def solve_eplb(problem: Problem, options: SolveOptions) -> Solution:
     nodes = _node_layout(problem)
     groups = nodes if E % nodes == 0 else 1
     phy2log, _, _ = rebalance_experts(problem.load, problem.num_slots, groups, nodes, G)
-    table, swaps = repair_duplicates(phy2log, G, problem.load)
+    table, swaps, replaced = repair_duplicates(phy2log, G, problem.load)
     placement = Placement.from_table(table, problem.model, G, "eplb")
     ev = evaluate(placement, problem.cluster, problem.load)
     return Solution(
@@ -197,5 +211,10 @@ def solve_eplb(problem: Problem, options: SolveOptions) -> Solution:
         bound=float(fluid_bound(problem.cluster, problem.load).sum()),
         wall_s=time.perf_counter() - start,
         status="HEURISTIC",
-        details={"duplicate_repairs": float(swaps), "nodes": float(nodes), "groups": float(groups)},
+        details={
+            "duplicate_repairs": float(swaps),
+            "duplicate_replacements": float(replaced),
+            "nodes": float(nodes),
+            "groups": float(groups),
+        },
     )

@@ -1,0 +1,172 @@
+"""Load model: expert token counts from files, windows of prompts, decay smoothing, samples.
+
+Shapes: N prompts, K windows (samples), L MoE layers, E experts.
+
+- :func:`read_counts_csv`: ``moe_layer_index,expert_id,count`` rows -> [L, E] (layer ids mapped
+  to 0..L-1 in sorted order);
+- :func:`read_per_prompt`: npz with ``counts`` [N, L, E];
+- :func:`windows`: consecutive windows of ``size`` prompts -> [K, L, E] per-window token counts;
+- :func:`estimate`: a long history of windows -> :class:`LoadEstimate` (decayed mean [L, E],
+  samples [K, L, E], and how sure it is). Re-solving on the last small window chases noise;
+  a long history with exponential decay (``half_life`` in windows) tracks drift while keeping
+  the noise down;
+- :func:`read_transitions`: ``layer_transition_counts.npy`` [L-1, E, E].
+
+Everything is a pure function of its inputs; files are read only by the ``read_*`` helpers.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from placement.model import FloatArray
+
+
+class LoadFileError(ValueError):
+    """A load file that cannot be used; the message names the file and the problem."""
+
+
+def read_counts_csv(path: str | Path, experts: int | None = None) -> tuple[FloatArray, list[int]]:
+    """Read ``moe_layer_index,expert_id,count`` -> (load [L, E], sorted original layer ids).
+
+    ``experts`` defaults to the largest expert id + 1. Missing (layer, expert) pairs count 0;
+    duplicates, negative counts and ids outside ``0..experts-1`` are errors.
+    """
+    p = Path(path)
+    with p.open(newline="") as f:
+        reader = csv.DictReader(f)
+        need = {"moe_layer_index", "expert_id", "count"}
+        if reader.fieldnames is None or not need <= set(reader.fieldnames):
+            raise LoadFileError(f"{p}: need columns {sorted(need)}, got {reader.fieldnames}")
+        rows: list[tuple[int, int, float]] = []
+        for i, r in enumerate(reader, start=2):
+            try:
+                rows.append((int(r["moe_layer_index"]), int(r["expert_id"]), float(r["count"])))
+            except (TypeError, ValueError) as exc:
+                raise LoadFileError(f"{p}:{i}: {exc}") from exc
+    if not rows:
+        raise LoadFileError(f"{p}: no rows")
+    layer_ids = sorted({r[0] for r in rows})
+    E = experts if experts is not None else max(r[1] for r in rows) + 1
+    index = {lid: i for i, lid in enumerate(layer_ids)}
+    load = np.zeros((len(layer_ids), E))
+    seen = np.zeros((len(layer_ids), E), dtype=bool)
+    for lid, e, c in rows:
+        if not 0 <= e < E:
+            raise LoadFileError(f"{p}: expert id {e} outside 0..{E - 1}")
+        if c < 0 or not np.isfinite(c):
+            raise LoadFileError(f"{p}: count {c} for layer {lid} expert {e} is not >= 0")
+        if seen[index[lid], e]:
+            raise LoadFileError(f"{p}: layer {lid} expert {e} appears twice")
+        seen[index[lid], e] = True
+        load[index[lid], e] = c
+    return load, layer_ids
+
+
+def read_per_prompt(path: str | Path, key: str = "counts") -> FloatArray:
+    """npz with ``counts`` [N, L, E] per prompt (or batch) -> float array [N, L, E]."""
+    p = Path(path)
+    with np.load(p) as data:
+        if key not in data:
+            raise LoadFileError(f"{p}: no array {key!r} (has {sorted(data.files)})")
+        arr = np.asarray(data[key], dtype=np.float64)
+    if arr.ndim != 3:
+        raise LoadFileError(f"{p}: {key} has shape {arr.shape}, expected [N, L, E]")
+    return arr
+
+
+def read_transitions(path: str | Path) -> FloatArray:
+    """``layer_transition_counts.npy`` -> [L-1, E, E] tokens with expert i in layer l and j in
+    layer l+1."""
+    p = Path(path)
+    arr = np.asarray(np.load(p), dtype=np.float64)
+    if arr.ndim != 3 or arr.shape[1] != arr.shape[2]:
+        raise LoadFileError(f"{p}: shape {arr.shape}, expected [L-1, E, E]")
+    return arr
+
+
+def windows(counts: FloatArray, size: int, start: int = 0, stop: int | None = None) -> FloatArray:
+    """[N, L, E] per-prompt counts -> [K, L, E] sums over consecutive windows of ``size``
+    prompts taken from ``counts[start:stop]``; an incomplete last window is dropped."""
+    if size <= 0:
+        raise ValueError("window size must be positive")
+    part = np.asarray(counts, dtype=np.float64)[start:stop]
+    K = part.shape[0] // size
+    if K == 0:
+        raise ValueError(f"{part.shape[0]} prompts make no window of {size}")
+    return np.asarray(part[: K * size].reshape(K, size, *part.shape[1:]).sum(1), dtype=np.float64)
+
+
+def decay_weights(num_windows: int, half_life: float | None) -> FloatArray:
+    """[K] weights of windows ordered oldest to newest: ``0.5 ** (age / half_life)`` with age
+    0 for the newest; all ones without a half-life. Normalised to sum 1."""
+    age = np.arange(num_windows - 1, -1, -1, dtype=np.float64)
+    w = np.ones(num_windows) if half_life is None else 0.5 ** (age / half_life)
+    return np.asarray(w / w.sum(), dtype=np.float64)
+
+
+class LoadModelConfig(BaseModel):
+    """How a history of windows becomes a load estimate."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    half_life: float | None = Field(default=None, gt=0, description="in windows; None: no decay")
+    max_samples: int | None = Field(default=None, gt=0, description="newest windows kept")
+
+
+@dataclass(frozen=True)
+class LoadEstimate:
+    """``mean`` [L, E] expected tokens per window; ``samples`` [K, L, E] the newest windows
+    (what a robust or expected objective hedges over); ``weights`` [K] their decay weights;
+    ``rel_stderr`` [L, E] standard error of ``mean`` relative to it (inf where mean is 0);
+    ``effective_windows`` Kish's effective number of windows behind the mean."""
+
+    mean: FloatArray
+    samples: FloatArray
+    weights: FloatArray
+    rel_stderr: FloatArray
+    effective_windows: float
+
+    @property
+    def uncertainty(self) -> float:
+        """Token-weighted mean relative standard error of the mean (smaller is surer)."""
+        w = self.mean / max(float(self.mean.sum()), 1e-300)
+        finite = np.isfinite(self.rel_stderr)
+        return float((w * np.where(finite, self.rel_stderr, 0.0)).sum())
+
+
+def estimate(history: FloatArray, config: LoadModelConfig | None = None) -> LoadEstimate:
+    """[K, L, E] per-window counts, oldest first -> :class:`LoadEstimate`.
+
+    The mean is the decay-weighted mean over all windows; its standard error is the
+    window-to-window standard deviation (unweighted, over the whole history) divided by the
+    square root of the effective number of windows: a short half-life tracks drift but is
+    less sure.
+    """
+    cfg = config or LoadModelConfig()
+    h = np.asarray(history, dtype=np.float64)
+    if h.ndim != 3 or h.shape[0] == 0:
+        raise ValueError(f"history has shape {h.shape}, expected [K, L, E] with K >= 1")
+    K = h.shape[0]
+    w = decay_weights(K, cfg.half_life)
+    mean = np.tensordot(w, h, axes=1)
+    # window-to-window noise from the whole history (it is a property of the window size);
+    # unknown (inf) with a single window
+    var = h.var(0, ddof=1) if K > 1 else np.full(h.shape[1:], np.inf)
+    neff = float(1.0 / (w**2).sum())
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(mean > 0, np.sqrt(var / neff) / mean, np.inf)
+    keep = h.shape[0] if cfg.max_samples is None else min(cfg.max_samples, h.shape[0])
+    ws = w[-keep:] / w[-keep:].sum()
+    return LoadEstimate(
+        mean=np.asarray(mean, dtype=np.float64),
+        samples=h[-keep:].copy(),
+        weights=np.asarray(ws, dtype=np.float64),
+        rel_stderr=np.asarray(rel, dtype=np.float64),
+        effective_windows=neff,
+    )

@@ -1,0 +1,172 @@
+"""Evaluator: hand-computed numbers, and the bounds never exceed any placement's time."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from placement_strategies import problems, random_placement
+
+from placement.dispatch import TimeModel, best_split
+from placement.evaluate import evaluate, fluid_bound, moved_copies, replica_bound
+from placement.model import GPU, Cluster, LatencyCurve, MoEModelShape, Placement
+
+FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _placement(rows: list[list[int]], experts: int, gpus: int) -> Placement:
+    model = MoEModelShape(moe_layers=len(rows), experts=experts)
+    return Placement.from_table(rows, model, gpus, "test")
+
+
+def test_single_copies_with_speeds() -> None:
+    cluster = Cluster.uniform(2, speeds=[1.0, 2.0])
+    p = _placement([[0, 1]], 2, 2)
+    ev = evaluate(p, cluster, np.array([[30.0, 60.0]]))
+    assert ev.gpu_load.tolist() == [[[30.0, 60.0]]]
+    assert ev.gpu_time.tolist() == [[[30.0, 30.0]]]
+    assert ev.straggler == pytest.approx(30.0)
+    assert ev.fluid_bound == pytest.approx(30.0)
+    assert ev.ratio == pytest.approx(1.0)
+    assert ev.balancedness == pytest.approx(0.75)
+    assert math.isnan(ev.traffic_share) and ev.moved == 0
+
+
+def test_even_and_best_split_by_hand() -> None:
+    # GPU0 holds experts 0, 1; GPU1 holds 2, 0. Loads 40, 10, 20.
+    cluster = Cluster.uniform(2)
+    p = _placement([[0, 1, 2, 0]], 3, 2)
+    load = np.array([[40.0, 10.0, 20.0]])
+    even = evaluate(p, cluster, load)
+    assert even.slot_load.tolist() == [[[20.0, 10.0, 20.0, 20.0]]]
+    assert even.gpu_load.tolist() == [[[30.0, 40.0]]]
+    assert even.straggler == pytest.approx(40.0)
+    assert even.fluid_bound == pytest.approx(35.0)
+    assert even.replica_bound == pytest.approx(20.0)
+    assert even.balancedness == pytest.approx(35.0 / 40.0)
+    best = evaluate(p, cluster, load, dispatch="best")
+    # 10 + x = 20 + (40 - x): x = 25 tokens of expert 0 on GPU0
+    assert best.slot_load[0, 0].tolist() == pytest.approx([25.0, 10.0, 20.0, 15.0])
+    assert best.straggler == pytest.approx(35.0)
+    assert best.ratio == pytest.approx(1.0)
+
+
+def test_samples_average_over_batches() -> None:
+    cluster = Cluster.uniform(2)
+    p = _placement([[0, 1], [1, 0]], 2, 2)
+    load = np.array([[[10.0, 0.0], [4.0, 4.0]], [[2.0, 2.0], [0.0, 6.0]]])  # [K=2, L=2, E=2]
+    ev = evaluate(p, cluster, load)
+    assert ev.layer_time.tolist() == [[10.0, 4.0], [2.0, 6.0]]
+    assert ev.straggler == pytest.approx((14.0 + 8.0) / 2)
+    assert ev.fluid_bound == pytest.approx((5.0 + 4.0 + 2.0 + 3.0) / 2)
+
+
+def test_traffic_share_and_moved() -> None:
+    cluster = Cluster.uniform(2)
+    p = _placement([[0, 1], [1, 0]], 2, 2)  # layer 0: e0 on GPU0; layer 1: e0 on GPU1
+    trans = np.array([[[3.0, 1.0], [0.0, 4.0]]])  # 0->0: 3 (changes), 0->1: 1 (stays), 1->1: 4
+    ev = evaluate(p, cluster, np.ones((2, 2)), transitions=trans)
+    assert ev.traffic_share == pytest.approx(7.0 / 8.0)
+    prev = _placement([[0, 1], [0, 1]], 2, 2)
+    assert moved_copies(p, prev) == 2
+    assert moved_copies(p, p) == 0
+    # a copy changing slot within its GPU does not move
+    q = _placement([[0, 1, 2, 3]], 4, 2)
+    r = _placement([[1, 0, 2, 3]], 4, 2)
+    assert moved_copies(q, r) == 0
+
+
+def test_replicated_traffic_uses_copy_shares() -> None:
+    cluster = Cluster.uniform(2)
+    p = _placement([[0, 1, 0, 2], [0, 1, 2, 1]], 3, 2)  # layer 0: e0 on both GPUs
+    trans = np.zeros((1, 3, 3))
+    trans[0, 0, 1] = 10.0  # e0 (half on each GPU) -> e1 (GPU0 in layer 1)
+    ev = evaluate(p, cluster, np.ones((2, 3)), transitions=trans)
+    # layer 1 e1 is on GPU0 and GPU1: stay probability 1/2*1/2 + 1/2*1/2 = 1/2
+    assert ev.traffic_share == pytest.approx(0.5)
+
+
+def test_curve_fluid_bound_by_hand() -> None:
+    # linear curves 1 µs/token and 0.5 µs/token: fluid bound of 30 tokens is 10 µs
+    fast = LatencyCurve(tokens=[0, 100], micros=[0.0, 50.0])
+    slow = LatencyCurve(tokens=[0, 100], micros=[0.0, 100.0])
+    cluster = Cluster(gpus=[GPU(node="a", curve=slow), GPU(node="a", curve=fast)])
+    assert fluid_bound(cluster, np.array([[10.0, 20.0]]))[0] == pytest.approx(10.0)
+    # flat-then-rising curve: 20 µs for up to 128 tokens
+    flat = LatencyCurve(tokens=[1, 128, 256], micros=[20.0, 20.0, 40.0])
+    c2 = Cluster(gpus=[GPU(node="a", curve=flat), GPU(node="a", curve=flat)])
+    assert fluid_bound(c2, np.array([[200.0]]))[0] == pytest.approx(20.0)
+    assert fluid_bound(c2, np.array([[320.0]]))[0] == pytest.approx(25.0)
+    # 160 tokens per copy: 20 + 32/128 * 20 = 25 µs on the fastest GPU
+    counts = np.array([[2, 1]])
+    assert replica_bound(c2, np.array([[320.0, 0.0]]), counts)[0] == pytest.approx(25.0)
+
+
+def test_non_monotone_curve_hull() -> None:
+    # 56 µs at 192 tokens but 50 at 256: 200 tokens can be done in 50 µs (hull), not less
+    dip = LatencyCurve(tokens=[1, 128, 192, 256, 512], micros=[38.0, 38.0, 56.0, 50.0, 90.0])
+    model = TimeModel(Cluster(gpus=[GPU(node="a", curve=dip)]))
+    assert model.hull_time(np.array([[200.0]]))[0, 0] == pytest.approx(50.0)
+    assert model.time(np.array([[200.0]]))[0, 0] > 50.0
+    assert model.capacity(np.array(50.0))[0] == pytest.approx(256.0)
+    assert model.capacity(np.array(38.0))[0] == pytest.approx(128.0)
+    assert model.capacity(np.array(44.0))[0] == pytest.approx(128.0 + 6.0 / 18.0 * 64.0)
+    assert model.capacity(np.array(37.0))[0] == 0.0
+
+
+@FAST
+@given(problems(), st.integers(0, 2**31), st.sampled_from(["even", "best"]))
+def test_bounds_never_exceed_time(problem, seed, dispatch) -> None:  # type: ignore[no-untyped-def]
+    p = random_placement(problem, seed)
+    load = problem.samples if problem.samples is not None else problem.load
+    ev = evaluate(p, problem.cluster, load, dispatch=dispatch)
+    tol = 1e-9 * (1.0 + ev.layer_time)
+    assert (ev.layer_fluid <= ev.layer_time + tol).all()
+    assert (ev.layer_replica <= ev.layer_time + tol).all()
+    # every token is dispatched
+    batches = load if load.ndim == 3 else load[None]
+    assert np.allclose(ev.gpu_load.sum(-1), batches.sum(-1))
+
+
+@FAST
+@given(problems(), st.integers(0, 2**31))
+def test_best_split_never_loses_to_even(problem, seed) -> None:  # type: ignore[no-untyped-def]
+    p = random_placement(problem, seed)
+    even = evaluate(p, problem.cluster, problem.load)
+    best = evaluate(p, problem.cluster, problem.load, dispatch="best")
+    assert (best.layer_time <= even.layer_time * (1 + 1e-9) + 1e-12).all()
+    # each expert's tokens are conserved over its copies
+    table = p.table
+    for layer in range(table.shape[0]):
+        per_expert = np.bincount(
+            table[layer], weights=best.slot_load[0, layer], minlength=problem.model.experts
+        )
+        assert np.allclose(per_expert, problem.load[layer], atol=1e-6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(problems(with_curves=False), st.integers(0, 2**31))
+def test_best_split_is_optimal_with_speeds(problem, seed) -> None:  # type: ignore[no-untyped-def]
+    """Against GLOP's LP optimum: min T s.t. the split covers each expert and GPU g's tokens
+    <= speed_g * T."""
+    from ortools.linear_solver import pywraplp
+
+    p = random_placement(problem, seed)
+    model = TimeModel(problem.cluster)
+    S = p.slots_per_gpu
+    for layer in range(p.table.shape[0]):
+        row, w = p.table[layer], problem.load[layer]
+        split = best_split(row, w, model, S)
+        lp = pywraplp.Solver.CreateSolver("GLOP")
+        T = lp.NumVar(0, lp.infinity(), "T")
+        f = [lp.NumVar(0, lp.infinity(), "") for _ in row]
+        for e in range(w.size):
+            lp.Add(sum(f[s] for s in range(row.size) if row[s] == e) == float(w[e]))
+        for g, gpu in enumerate(problem.cluster.gpus):
+            lp.Add(sum(f[s] for s in range(g * S, g * S + S)) <= gpu.speed * T)
+        lp.Minimize(T)
+        assert lp.Solve() == pywraplp.Solver.OPTIMAL
+        assert split.time == pytest.approx(T.solution_value(), rel=1e-6, abs=1e-9)

@@ -1,0 +1,108 @@
+"""Every solver returns a valid placement on random shapes, loads and speeds; greedy and the
+baselines behave as documented."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from placement_strategies import problems
+
+from placement.evaluate import evaluate
+from placement.model import Cluster, MoEModelShape
+from placement.problem import Problem
+from placement.solvers import SolveOptions, solve
+from placement.solvers.baselines import linear_table, round_robin_table
+from placement.solvers.greedy import greedy_table, replica_counts
+from placement.validate import validate
+
+HEURISTICS = ["linear", "round-robin", "eplb", "greedy"]
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems(), st.sampled_from(HEURISTICS))
+def test_every_solver_returns_a_valid_placement(problem: Problem, strategy: str) -> None:
+    sol = solve(problem, strategy, SolveOptions(time_limit_s=2.0))
+    validate(sol.placement, problem.model)  # solve() checks too; be explicit
+    assert sol.placement.num_gpus == problem.cluster.size
+    assert sol.placement.slots_per_gpu == problem.slots_per_gpu
+    assert sol.bound <= sol.objective * (1 + 1e-9) + 1e-9
+    assert sol.placement.strategy == strategy
+
+
+def test_replica_counts_follow_per_copy_load() -> None:
+    counts = replica_counts(np.array([100.0, 10.0, 40.0, 0.0]), 7, 4)
+    # e0 -> 2 copies (50 each), 50 > 40: e0 -> 3 copies (33.3), then 40 > 33.3: e2 -> 2 copies
+    assert counts.tolist() == [3, 1, 2, 1]
+
+
+def test_replica_counts_capped_by_gpus() -> None:
+    counts = replica_counts(np.array([1000.0, 1.0, 1.0]), 9, 3)
+    assert counts.tolist() == [3, 3, 3]
+
+
+def test_linear_and_round_robin_layouts() -> None:
+    model = MoEModelShape(moe_layers=1, experts=6)
+    load = np.array([[1.0, 9.0, 2.0, 8.0, 3.0, 7.0]])
+    problem = Problem.build(model, Cluster.uniform(4), load, redundant=2)
+    lin = linear_table(problem)
+    assert lin[0, :6].tolist() == [0, 1, 2, 3, 4, 5]
+    assert lin[0, 6:].tolist() == [1, 3]  # hottest two experts, not on GPU 3 already
+    rr = round_robin_table(problem)
+    # GPU g holds experts g, g+4 first; GPUs 2 and 3 get one hot extra each
+    assert rr[0].tolist() == [0, 4, 1, 5, 2, 1, 3, 5]
+
+
+def test_greedy_prefers_fast_gpus() -> None:
+    """Two experts, hot one on the fast GPU."""
+    model = MoEModelShape(moe_layers=1, experts=2)
+    cluster = Cluster.uniform(2, speeds=[1.0, 3.0])
+    problem = Problem(model, cluster, 1, np.array([[90.0, 30.0]]))
+    assert greedy_table(problem).tolist() == [[1, 0]]
+
+
+def test_greedy_beats_eplb_with_speed_spread() -> None:
+    rng = np.random.default_rng(3)
+    L, E, G = 4, 32, 8
+    load = rng.pareto(1.0, (L, E)) * 100 + 10
+    cluster = Cluster.uniform(G, 4, speeds=np.linspace(0.8, 1.2, G).tolist())
+    problem = Problem.build(MoEModelShape(moe_layers=L, experts=E), cluster, load, redundant=8)
+    g = evaluate(solve(problem, "greedy").placement, cluster, load)
+    e = evaluate(solve(problem, "eplb").placement, cluster, load)
+    assert g.straggler < e.straggler
+    assert g.ratio < 1.1
+
+
+@pytest.mark.parametrize("strategy", HEURISTICS)
+def test_uses_samples_and_curves(strategy: str) -> None:
+    from placement.model import GPU, LatencyCurve
+
+    curve = LatencyCurve(tokens=[1, 64, 256, 1024], micros=[20.0, 22.0, 40.0, 120.0])
+    slow = LatencyCurve(tokens=[1, 64, 256, 1024], micros=[25.0, 28.0, 52.0, 160.0])
+    cluster = Cluster(
+        gpus=[GPU(node=f"n{g // 2}", curve=curve if g % 2 else slow) for g in range(4)]
+    )
+    rng = np.random.default_rng(0)
+    load = rng.pareto(1.0, (3, 16)) * 50
+    samples = load[None] * rng.uniform(0.5, 1.5, (5, 3, 16))
+    problem = Problem.build(
+        MoEModelShape(moe_layers=3, experts=16), cluster, load, redundant=4, samples=samples
+    )
+    sol = solve(problem, strategy)
+    assert sol.objective > 0
+
+
+def test_greedy_deepseek_v3_shape_is_fast() -> None:
+    import time
+
+    rng = np.random.default_rng(0)
+    L, E, G = 58, 256, 64
+    ranks = rng.permuted(np.tile(np.arange(1, E + 1), (L, 1)), axis=1)
+    load = 1e5 / ranks**1.0  # Zipf-skewed
+    cluster = Cluster.uniform(G, 8, speeds=rng.uniform(0.9, 1.1, G).tolist())
+    problem = Problem.build(MoEModelShape(moe_layers=L, experts=E), cluster, load, redundant=64)
+    start = time.perf_counter()
+    table = greedy_table(problem)
+    assert time.perf_counter() - start < 10.0
+    assert table.shape == (L, E + 64)
