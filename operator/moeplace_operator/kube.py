@@ -1,0 +1,107 @@
+"""Thin typed wrappers over the Kubernetes API calls the reconciler makes. Synchronous (the
+official client is): the reconciler runs them in worker threads. API faults are turned into
+``TransientApiError`` (retry soon) so the handlers can map them to ``kopf.TemporaryError``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from moeplace_operator.spec import GROUP, PLURAL, VERSION, TargetKind
+
+Body = dict[str, Any]
+T = TypeVar("T")
+
+TEMPLATE_PATH = {TargetKind.DEPLOYMENT: "deployments", TargetKind.STATEFUL_SET: "statefulsets"}
+
+
+class TransientApiError(Exception):
+    """A fault worth retrying: conflict, throttling, server error, connection trouble."""
+
+
+class MissingObjectError(Exception):
+    """A referenced object (ConfigMap, workload) does not exist."""
+
+
+def load_config() -> None:
+    """In-cluster service account when there is one, else the kubeconfig (local runs, tests)."""
+    try:
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except config.ConfigException:
+        config.load_kube_config()  # type: ignore[no-untyped-call]
+
+
+def _call(fn: Callable[[], T]) -> T:
+    try:
+        return fn()
+    except ApiException as error:
+        if error.status == 404:
+            raise MissingObjectError(error.reason) from error
+        if error.status in (409, 429) or (error.status or 0) >= 500:
+            raise TransientApiError(f"{error.status} {error.reason}") from error
+        raise
+    except OSError as error:  # connection refused/reset, TLS, timeouts
+        raise TransientApiError(str(error)) from error
+
+
+class Kube:
+    def __init__(self, api_client: client.ApiClient | None = None) -> None:
+        self.api = api_client or client.ApiClient()
+        self.core = client.CoreV1Api(self.api)
+        self.custom = client.CustomObjectsApi(self.api)
+
+    def read_configmap(self, namespace: str, name: str) -> Body | None:
+        try:
+            found = _call(lambda: self.core.read_namespaced_config_map(name, namespace))
+        except MissingObjectError:
+            return None
+        result: Body = self.api.sanitize_for_serialization(found)  # type: ignore[no-untyped-call]
+        return result
+
+    def write_configmap(self, body: Body) -> None:
+        """One create (no resourceVersion) or one replace (with it): the object is either the
+        old or the new one, never a mix; a concurrent writer gets a 409 (TransientApiError)."""
+        meta = body["metadata"]
+        typed = client.V1ConfigMap.from_dict(body)
+        assert typed is not None
+        if meta.get("resourceVersion"):
+            _call(
+                lambda: self.core.replace_namespaced_config_map(
+                    meta["name"], meta["namespace"], typed
+                )
+            )
+        else:
+            _call(lambda: self.core.create_namespaced_config_map(meta["namespace"], typed))
+
+    def patch_status(self, namespace: str, name: str, patch: Body) -> None:
+        _call(
+            lambda: self.custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, namespace, PLURAL, name, patch
+            )
+        )
+
+    def patch_target(self, namespace: str, kind: TargetKind, name: str, patch: Body) -> None:
+        """Merge-patch an apps/v1 workload (the pod-template annotation that rolls it)."""
+        _call(
+            lambda: self.custom.patch_namespaced_custom_object(
+                "apps", "v1", namespace, TEMPLATE_PATH[kind], name, patch
+            )
+        )
+
+    def read_target_hash(self, namespace: str, kind: TargetKind, name: str) -> str | None:
+        """The placement hash annotation on a workload's pod template (None when unset)."""
+        found = cast(
+            Body,
+            _call(
+                lambda: self.custom.get_namespaced_custom_object(
+                    "apps", "v1", namespace, TEMPLATE_PATH[kind], name
+                )
+            ),
+        )
+        template = found.get("spec", {}).get("template", {})
+        annotations = template.get("metadata", {}).get("annotations") or {}
+        value = annotations.get(f"{GROUP}/placement-hash")
+        return str(value) if value is not None else None

@@ -1,0 +1,38 @@
+"""The operator's own Prometheus metrics, served on ``/metrics`` by the entry point. Labels
+stay bounded: strategy, outcome, reason; per-object gauges carry namespace and name only."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+SOLVES = Counter(
+    "moeplace_solves_total",
+    "Placement solves by strategy and solver status.",
+    ["strategy", "status"],
+)
+SOLVE_SECONDS = Histogram(
+    "moeplace_solve_duration_seconds",
+    "Wall time of one plan (solve + EPLB baseline + scoring).",
+    ["strategy"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
+RECONCILE_SECONDS = Histogram(
+    "moeplace_reconcile_duration_seconds",
+    "Wall time of one reconcile, queueing for the solver pool included.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
+PREDICTED_GAIN = Gauge(
+    "moeplace_predicted_gain_percent",
+    "Predicted straggler-time gain of the last solve over the placement in service.",
+    ["namespace", "name"],
+)
+GAIN_OVER_EPLB = Gauge(
+    "moeplace_predicted_gain_over_eplb_percent",
+    "Predicted straggler-time gain of the last solve over DeepSeek EPLB.",
+    ["namespace", "name"],
+)
+ROLLOUTS = Counter("moeplace_rollouts_total", "Placements rolled out, by reason.", ["reason"])
+REFUSALS = Counter("moeplace_rollouts_refused_total", "Rollouts refused, by reason.", ["reason"])
+ERRORS = Counter(
+    "moeplace_reconcile_errors_total", "Reconciles that ended degraded or failed.", ["reason"]
+)

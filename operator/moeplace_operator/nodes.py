@@ -1,0 +1,127 @@
+"""Nodes as the operator sees them: GPU speeds from labels, latency curves from an annotation,
+and the EP group a MoEDeployment's nodeSelector picks out of them."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from moeplace_operator.spec import GPUSpec
+from placement.model import GPU, Cluster, LatencyCurve
+
+SPEED_LABEL_PREFIX = "gpu.moeplace.io/speed-"
+CURVES_ANNOTATION = "gpu.moeplace.io/latency-curves"
+_SPEED_LABEL = re.compile(re.escape(SPEED_LABEL_PREFIX) + r"(\d+)$")
+
+
+class NodeGPUs(BaseModel):
+    """What the operator keeps of a Node: its labels and the per-GPU measurements."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    labels: dict[str, str]
+    speeds: dict[int, float]
+    curves: dict[int, LatencyCurve] = {}
+
+    def fingerprint(self) -> str:
+        """Changes exactly when what placement depends on changes (not on heartbeats)."""
+        return self.model_dump_json()
+
+
+def has_gpu_labels(labels: Mapping[str, str]) -> bool:
+    return any(_SPEED_LABEL.match(key) for key in labels)
+
+
+def parse_speeds(labels: Mapping[str, str]) -> dict[int, float]:
+    """GPU index -> relative speed from ``gpu.moeplace.io/speed-<index>`` labels; unparsable or
+    non-positive values are skipped (that GPU then counts as unprofiled)."""
+    speeds: dict[int, float] = {}
+    for key, value in labels.items():
+        match = _SPEED_LABEL.match(key)
+        if not match:
+            continue
+        try:
+            speed = float(value)
+        except ValueError:
+            continue
+        if speed > 0:
+            speeds[int(match.group(1))] = speed
+    return speeds
+
+
+def parse_curves(annotation: str | None) -> dict[int, LatencyCurve]:
+    """``{"<gpu index>": {"tokens": [...], "micros": [...]}}``; malformed input yields none
+    (falling back to speed labels beats failing the whole EP group)."""
+    if not annotation:
+        return {}
+    try:
+        raw = json.loads(annotation)
+        return {int(k): LatencyCurve.model_validate(v) for k, v in raw.items()}
+    except (ValueError, TypeError, AttributeError, ValidationError):
+        return {}
+
+
+def node_gpus(name: str, labels: Mapping[str, str], annotations: Mapping[str, str]) -> NodeGPUs:
+    return NodeGPUs(
+        name=name,
+        labels=dict(labels),
+        speeds=parse_speeds(labels),
+        curves=parse_curves(annotations.get(CURVES_ANNOTATION)),
+    )
+
+
+class NodesUnavailableError(Exception):
+    """The EP group cannot be formed now; ``reason`` is a condition reason."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class GPUGroup:
+    cluster: Cluster
+    nodes: list[str]
+    unprofiled: list[str]  # "node/gpu" without a speed label
+
+    @property
+    def profiled(self) -> bool:
+        return not self.unprofiled
+
+
+def selects(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
+    return all(labels.get(key) == value for key, value in selector.items())
+
+
+def build_gpu_group(nodes: Iterable[NodeGPUs], spec: GPUSpec) -> GPUGroup:
+    """The first ``nodeCount`` selected nodes by name, ``gpusPerNode`` GPUs each, in slot order.
+
+    Latency curves are used only when every GPU has one (a Cluster never mixes units)."""
+    chosen = sorted(
+        (n for n in nodes if selects(spec.node_selector, n.labels)), key=lambda n: n.name
+    )
+    if len(chosen) < spec.node_count:
+        raise NodesUnavailableError(
+            "NotEnoughNodes",
+            f"{len(chosen)} node(s) match nodeSelector {spec.node_selector}, "
+            f"need {spec.node_count}",
+        )
+    chosen = chosen[: spec.node_count]
+    indices = range(spec.gpus_per_node)
+    use_curves = all(i in n.curves for n in chosen for i in indices)
+    gpus = [
+        GPU(
+            node=n.name,
+            speed=n.speeds.get(i, 1.0),
+            curve=n.curves[i] if use_curves else None,
+        )
+        for n in chosen
+        for i in indices
+    ]
+    unprofiled = [f"{n.name}/{i}" for n in chosen for i in indices if i not in n.speeds]
+    return GPUGroup(Cluster(gpus=gpus), [n.name for n in chosen], unprofiled)

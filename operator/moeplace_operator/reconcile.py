@@ -1,0 +1,401 @@
+"""One level-based reconcile of a MoEDeployment: observe (ConfigMaps, nodes, load), plan (in
+the solver pool), decide (pure, ``build.decide_rollout``), act (one atomic ConfigMap write, the
+target's pod-template annotation, Events), report (status). Every blocking call runs in a
+worker thread; the event loop only awaits."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import kopf
+
+from moeplace_operator import metrics
+from moeplace_operator.build import (
+    ConditionUpdate,
+    Decision,
+    Published,
+    configmap_body,
+    decide_rollout,
+    degraded_updates,
+    false,
+    merge_conditions,
+    percent_text,
+    placement_configmap_name,
+    proposal_configmap_name,
+    ratio_text,
+    read_published,
+    rfc3339,
+    status_patch,
+    target_patch,
+    true,
+)
+from moeplace_operator.kube import Kube, MissingObjectError
+from moeplace_operator.loadsource import (
+    LoadData,
+    MetricsUnavailableError,
+    fetch_prometheus,
+    parse_duration,
+    parse_load_csv,
+)
+from moeplace_operator.nodes import GPUGroup, NodeGPUs, NodesUnavailableError, build_gpu_group
+from moeplace_operator.planning import Plan, fitting, plan, score_pinned
+from moeplace_operator.spec import (
+    ConditionType,
+    MoEDeploymentSpec,
+    MoEDeploymentStatus,
+    PlacementSummary,
+    RolloutMode,
+)
+from placement.evaluate import Evaluation
+from placement.model import Placement
+from placement.validate import InvalidPlacementError
+
+T = TypeVar("T")
+REFUSALS_WORTH_AN_EVENT = {"CooldownActive", "TooManyMoves", "GainBelowThreshold"}
+
+
+@dataclass
+class Runtime:
+    """What all reconciles share: the API wrapper and the bounded solver pool."""
+
+    kube: Kube
+    solver_pool: ThreadPoolExecutor
+    solver_threads: int
+    io_pool: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(8, "moeplace-io")
+    )
+
+    async def io(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.io_pool, fn, *args)
+
+    async def solve(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.solver_pool, fn, *args)
+
+
+class DegradedError(Exception):
+    """Inputs are missing: keep the placement in service, report why."""
+
+    def __init__(self, reason: str, message: str, updates: list[ConditionUpdate]) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.updates = updates
+
+
+@dataclass
+class Reconcile:
+    """State of one reconcile pass; methods are the steps, ``run`` the order."""
+
+    runtime: Runtime
+    body: kopf.Body
+    nodes: list[NodeGPUs]
+    logger: logging.Logger | logging.LoggerAdapter[Any]
+    last_refused: dict[str, str]
+    now: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    @property
+    def name(self) -> str:
+        return str(self.body["metadata"]["name"])
+
+    @property
+    def namespace(self) -> str:
+        return str(self.body["metadata"]["namespace"])
+
+    @property
+    def generation(self) -> int:
+        return int(self.body["metadata"].get("generation", 0))
+
+    async def run(self) -> None:
+        spec = MoEDeploymentSpec.model_validate(self.body["spec"])
+        status = MoEDeploymentStatus.model_validate(self.body.get("status") or {})
+        kube = self.runtime.kube
+        in_service = read_published(
+            await self.runtime.io(
+                kube.read_configmap, self.namespace, placement_configmap_name(self.name)
+            )
+        )
+        summary = status.placement or PlacementSummary()
+        try:
+            updates, summary = await self.converge(spec, in_service, summary)
+        except DegradedError as degraded:
+            metrics.ERRORS.labels(degraded.reason).inc()
+            self.logger.info("degraded: %s", degraded)  # info: warnings become Events each tick
+            self.announce_degradation(status, degraded)
+            kept = in_service.hash if in_service else None
+            updates = [*degraded.updates, *degraded_updates(degraded.reason, str(degraded), kept)]
+        conditions = merge_conditions(status.conditions, updates, self.generation, self.now)
+        patch = status_patch(generation=self.generation, conditions=conditions, summary=summary)
+        await self.runtime.io(kube.patch_status, self.namespace, self.name, patch)
+
+    def announce_degradation(self, status: MoEDeploymentStatus, degraded: DegradedError) -> None:
+        """A Warning Event when the object becomes degraded or the reason changes."""
+        before = next((c for c in status.conditions if c.type == ConditionType.DEGRADED), None)
+        if before and before.status == "True" and before.reason == degraded.reason:
+            return
+        kopf.event(self.body, type="Warning", reason=degraded.reason, message=str(degraded))
+
+    async def converge(
+        self, spec: MoEDeploymentSpec, in_service: Published | None, summary: PlacementSummary
+    ) -> tuple[list[ConditionUpdate], PlacementSummary]:
+        group, gpu_update = self.gpu_group(spec)
+        load, metrics_update = await self.load(spec)
+        pinned = (
+            await self.pinned(spec, group, load)
+            if spec.rollout.mode is RolloutMode.PINNED
+            else None
+        )
+        current = in_service.placement if in_service else None
+        result = await self.plan(spec, group, load, current)
+        candidate = pinned[0] if pinned else result.solution.placement
+        candidate_eval = pinned[1] if pinned else result.proposal
+        in_service_fits = in_service is not None and fitting(current, spec, group) is not None
+        decision = decide_rollout(
+            rollout=spec.rollout,
+            cooldown=parse_duration(spec.rollout.cooldown),
+            current_hash=in_service.hash if in_service and in_service_fits else None,
+            proposed_hash=candidate.content_hash(),
+            gain=result.gain_over_current,
+            moved=result.proposal.moved,
+            last_rollout=in_service.rolled_out_at if in_service else None,
+            now=self.now,
+        )
+        if spec.rollout.mode is not RolloutMode.AUTO:
+            proposal = result.solution.placement
+            await self.publish(proposal_configmap_name(self.name), "proposal", proposal)
+        if decision.roll:
+            in_service = await self.roll_out(candidate, decision)
+        else:
+            self.note_refusal(decision, candidate.content_hash())
+        if spec.rollout.target and in_service:
+            await self.sync_target(spec, in_service.hash)
+        serving_eval = candidate_eval if decision.roll else result.current
+        summary = self.summary(spec, result, in_service, serving_eval, load, candidate)
+        updates = [
+            gpu_update,
+            metrics_update,
+            self.solved_update(result),
+            self.rolled_out_update(in_service, decision),
+            false(ConditionType.DEGRADED, "AsExpected"),
+            self.ready_update(spec, in_service, decision),
+        ]
+        return updates, summary
+
+    def gpu_group(self, spec: MoEDeploymentSpec) -> tuple[GPUGroup, ConditionUpdate]:
+        try:
+            group = build_gpu_group(self.nodes, spec.gpus)
+        except NodesUnavailableError as error:
+            update = false(ConditionType.GPUS_PROFILED, error.reason, str(error))
+            raise DegradedError(error.reason, str(error), [update]) from error
+        if group.profiled:
+            source = "LatencyCurves" if group.cluster.has_curves else "SpeedLabels"
+            return group, true(
+                ConditionType.GPUS_PROFILED,
+                source,
+                f"{group.cluster.size} GPUs on {len(group.nodes)} nodes",
+            )
+        missing = ", ".join(group.unprofiled[:4]) + (" ..." if len(group.unprofiled) > 4 else "")
+        return group, false(
+            ConditionType.GPUS_PROFILED, "SpeedLabelsMissing", f"assuming speed 1.0 for {missing}"
+        )
+
+    async def load(self, spec: MoEDeploymentSpec) -> tuple[LoadData, ConditionUpdate]:
+        try:
+            if spec.load.prometheus is not None:
+                data = await self.runtime.io(
+                    fetch_prometheus, spec.load.prometheus, spec.model, self.now
+                )
+                return data, true(ConditionType.METRICS_AVAILABLE, "Prometheus", data.window)
+            assert spec.load.static is not None  # the CRD's CEL rule: exactly one source
+            ref = spec.load.static
+            found = await self.runtime.io(
+                self.runtime.kube.read_configmap, self.namespace, ref.config_map_name
+            )
+            text = ((found or {}).get("data") or {}).get(ref.key)
+            if text is None:
+                raise MetricsUnavailableError(
+                    "LoadConfigMapMissing",
+                    f"ConfigMap {ref.config_map_name} key {ref.key} not found",
+                )
+            load = parse_load_csv(text, spec.model)
+            window = f"static ConfigMap {ref.config_map_name}"
+            return LoadData(load, None, window), true(
+                ConditionType.METRICS_AVAILABLE, "StaticConfigMap", window
+            )
+        except MetricsUnavailableError as error:
+            update = false(ConditionType.METRICS_AVAILABLE, error.reason, str(error))
+            raise DegradedError(error.reason, str(error), [update]) from error
+
+    async def pinned(
+        self, spec: MoEDeploymentSpec, group: GPUGroup, load: LoadData
+    ) -> tuple[Placement, Evaluation]:
+        assert spec.rollout.pinned is not None  # the CRD's CEL rule for Pinned mode
+        ref = spec.rollout.pinned
+        found = await self.runtime.io(
+            self.runtime.kube.read_configmap, self.namespace, ref.config_map_name
+        )
+        text = ((found or {}).get("data") or {}).get(ref.key)
+        try:
+            if text is None:
+                raise ValueError(f"ConfigMap {ref.config_map_name} key {ref.key} not found")
+            placement = Placement.model_validate_json(text)
+            return placement, score_pinned(placement, spec, group, load)
+        except (ValueError, InvalidPlacementError) as error:
+            message = f"pinned placement rejected: {error}"
+            raise DegradedError("PinnedInvalid", message, []) from error
+
+    async def plan(
+        self, spec: MoEDeploymentSpec, group: GPUGroup, load: LoadData, current: Placement | None
+    ) -> Plan:
+        strategy = spec.placement.strategy.value
+        started = time.monotonic()
+        try:
+            result = await self.runtime.solve(
+                plan, spec, group, load, current, self.runtime.solver_threads
+            )
+        except Exception as error:  # a solver bug must not take the operator down
+            self.logger.exception("solve failed")
+            metrics.SOLVES.labels(strategy, "ERROR").inc()
+            update = false(ConditionType.PLACEMENT_SOLVED, "SolveFailed", str(error))
+            raise DegradedError("SolveFailed", f"{strategy}: {error}", [update]) from error
+        metrics.SOLVES.labels(strategy, result.solution.status).inc()
+        metrics.SOLVE_SECONDS.labels(strategy).observe(time.monotonic() - started)
+        metrics.PREDICTED_GAIN.labels(self.namespace, self.name).set(result.gain_over_current)
+        metrics.GAIN_OVER_EPLB.labels(self.namespace, self.name).set(result.gain_over_eplb)
+        return result
+
+    async def publish(self, name: str, role: str, placement: Placement) -> Published:
+        """Write ``placement`` to ConfigMap ``name`` unless it already holds it; an unreadable
+        map is replaced in the same single call (guarded by its resourceVersion)."""
+        kube = self.runtime.kube
+        raw = await self.runtime.io(kube.read_configmap, self.namespace, name)
+        existing = read_published(raw)
+        if existing and existing.hash == placement.content_hash():
+            return existing
+        version = existing.version + 1 if existing else 1
+        body = configmap_body(
+            name=name,
+            namespace=self.namespace,
+            role=role,
+            owner=self.body,
+            placement=placement,
+            version=version,
+            rolled_out_at=self.now,
+            resource_version=raw["metadata"].get("resourceVersion") if raw else None,
+        )
+        await self.runtime.io(kube.write_configmap, body)
+        return Published(placement, placement.content_hash(), version, self.now, None)
+
+    async def roll_out(self, placement: Placement, decision: Decision) -> Published:
+        published = await self.publish(placement_configmap_name(self.name), "placement", placement)
+        metrics.ROLLOUTS.labels(decision.reason).inc()
+        message = f"v{published.version}: {decision.message}"
+        kopf.event(self.body, type="Normal", reason="RolledOut", message=message)
+        return published
+
+    def note_refusal(self, decision: Decision, proposed_hash: str) -> None:
+        """One Event per refused proposal, not one per tick."""
+        if decision.reason not in REFUSALS_WORTH_AN_EVENT:
+            return
+        metrics.REFUSALS.labels(decision.reason).inc()
+        if self.last_refused.get(decision.reason) == proposed_hash:
+            return
+        self.last_refused[decision.reason] = proposed_hash
+        kopf.event(self.body, type="Normal", reason="RolloutRefused", message=decision.message)
+
+    async def sync_target(self, spec: MoEDeploymentSpec, content_hash: str) -> None:
+        """Level-based: the workload's pod template carries the hash in service, whatever
+        happened before (a restart between ConfigMap write and this patch included)."""
+        target = spec.rollout.target
+        assert target is not None
+        kube = self.runtime.kube
+        try:
+            current = await self.runtime.io(
+                kube.read_target_hash, self.namespace, target.kind, target.name
+            )
+            if current != content_hash:
+                patch = target_patch(["spec", "template"], content_hash)
+                await self.runtime.io(
+                    kube.patch_target, self.namespace, target.kind, target.name, patch
+                )
+                kopf.event(
+                    self.body,
+                    type="Normal",
+                    reason="TargetRolled",
+                    message=f"{target.kind}/{target.name} pods roll to placement {content_hash}",
+                )
+        except MissingObjectError as error:
+            message = f"{target.kind}/{target.name} not found"
+            raise DegradedError(
+                "TargetMissing",
+                message,
+                [false(ConditionType.ROLLED_OUT, "TargetMissing", message)],
+            ) from error
+
+    def summary(
+        self,
+        spec: MoEDeploymentSpec,
+        result: Plan,
+        in_service: Published | None,
+        serving: Evaluation | None,
+        load: LoadData,
+        candidate: Placement,
+    ) -> PlacementSummary:
+        solution = result.solution
+        return PlacementSummary(
+            config_map=placement_configmap_name(self.name) if in_service else None,
+            hash=in_service.hash if in_service else None,
+            version=in_service.version if in_service else None,
+            strategy=in_service.placement.strategy if in_service else None,
+            straggler=round(serving.straggler, 3) if serving else None,
+            fluid_bound=round(serving.fluid_bound, 3) if serving else None,
+            straggler_over_bound=ratio_text(serving.ratio) if serving else None,
+            gain_percent=percent_text(result.gain_over_current),
+            gain_over_eplb_percent=percent_text(result.gain_over_eplb),
+            moved_experts=result.proposal.moved,
+            proposed_hash=candidate.content_hash(),
+            solver_gap=percent_text(100 * solution.gap),
+            solved_at=rfc3339(self.now),
+            rolled_out_at=rfc3339(in_service.rolled_out_at)
+            if in_service and in_service.rolled_out_at
+            else None,
+            load_window=load.window,
+            gpus=len(result.eplb.gpu_load[0, 0]),
+        )
+
+    def solved_update(self, result: Plan) -> ConditionUpdate:
+        s = result.solution
+        message = (
+            f"{s.placement.strategy} {s.status} in {s.wall_s:.2f}s, gap {100 * s.gap:.2f}%, "
+            f"straggler/bound {result.proposal.ratio:.3f}, {result.gain_over_eplb:.1f}% over EPLB"
+        )
+        return true(ConditionType.PLACEMENT_SOLVED, "Solved", message)
+
+    def rolled_out_update(
+        self, in_service: Published | None, decision: Decision
+    ) -> ConditionUpdate:
+        if in_service is None:
+            return false(ConditionType.ROLLED_OUT, decision.reason, decision.message)
+        return true(ConditionType.ROLLED_OUT, decision.reason, decision.message)
+
+    def ready_update(
+        self, spec: MoEDeploymentSpec, in_service: Published | None, decision: Decision
+    ) -> ConditionUpdate:
+        if spec.rollout.mode is RolloutMode.PROPOSE:
+            return true(ConditionType.READY, "ProposalPublished", decision.message)
+        if in_service is None:
+            return false(ConditionType.READY, decision.reason, decision.message)
+        return true(
+            ConditionType.READY,
+            "PlacementInService",
+            f"placement {in_service.hash} v{in_service.version}",
+        )
+
+
+def gpu_nodes(index: Mapping[Any, Iterable[NodeGPUs]]) -> list[NodeGPUs]:
+    return list(index.get(None, []))

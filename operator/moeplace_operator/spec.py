@@ -1,0 +1,385 @@
+"""The MoEDeployment API (moeplace.io/v1alpha1) as pydantic models: the single source of truth
+for the CRD schema (``crd.py`` generates ``crds/`` from them) and the typed view the operator
+reads. Field descriptions become ``kubectl explain`` text; CEL rules live next to the fields."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+GROUP = "moeplace.io"
+VERSION = "v1alpha1"
+KIND = "MoEDeployment"
+PLURAL = "moedeployments"
+SINGULAR = "moedeployment"
+SHORT_NAMES = ["moed"]
+
+DURATION_PATTERN = r"^([0-9]+(ms|s|m|h|d))+$"
+Duration = Annotated[str, Field(pattern=DURATION_PATTERN, max_length=32)]
+DNSName = Annotated[
+    str, Field(min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+]
+
+
+def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
+    """One ``x-kubernetes-validations`` entry."""
+    entry = {"rule": rule, "message": message}
+    if field_path:
+        entry["fieldPath"] = field_path
+    return entry
+
+
+def validations(*rules: dict[str, str]) -> dict[str, Any]:
+    return {"x-kubernetes-validations": list(rules)}
+
+
+class Camel(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True
+    )
+
+
+class ModelSpec(Camel):
+    """The MoE model served: its metric label and its shape."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel("self == oldSelf", "model shape is immutable: create a new MoEDeployment"),
+            cel(
+                "self.topK <= self.expertsPerLayer",
+                "topK must not exceed expertsPerLayer",
+                ".topK",
+            ),
+        )
+    )
+
+    name: str = Field(
+        min_length=1,
+        max_length=128,
+        description="Model name: the `model` label of moe_expert_tokens_total in Prometheus.",
+    )
+    moe_layers: int = Field(ge=1, le=512, description="Number of MoE layers (rows of the map).")
+    experts_per_layer: int = Field(
+        ge=1, le=4096, description="Routed (logical) experts per MoE layer."
+    )
+    top_k: int = Field(default=1, ge=1, le=64, description="Experts each token is routed to.")
+    dense_layers_before: int = Field(
+        default=0,
+        ge=0,
+        le=512,
+        description="Dense hidden layers before the first MoE layer: rows padded in SGLang's "
+        "--init-expert-location map (1 for DeepSeek-V2-Lite, 3 for DeepSeek-V3).",
+    )
+    expert_bytes: int = Field(
+        default=0, ge=0, description="Bytes of one expert's weights (migration cost estimate)."
+    )
+
+
+class GPUSpec(Camel):
+    """The GPUs of the expert-parallel group: which nodes, how many GPUs each."""
+
+    node_selector: dict[str, str] = Field(
+        min_length=1,
+        description="Labels selecting the nodes of the EP group (matchLabels semantics). "
+        "Nodes are ordered by name; GPU speeds come from their gpu.moeplace.io/speed-<index> "
+        "labels.",
+    )
+    node_count: int = Field(
+        ge=1,
+        le=1024,
+        description="Nodes in the EP group. The first nodeCount selected nodes (by name) are "
+        "used; fewer makes the MoEDeployment Degraded and keeps the last placement.",
+    )
+    gpus_per_node: int = Field(default=8, ge=1, le=64, description="GPUs per node in the group.")
+
+
+class Strategy(StrEnum):
+    CPSAT = "cpsat"
+    GREEDY = "greedy"
+    EPLB = "eplb"
+    ROUND_ROBIN = "round-robin"
+
+
+class Hedge(StrEnum):
+    EXPECTED = "expected"
+    ROBUST = "robust"
+
+
+class PlacementSpec(Camel):
+    """How to compute the placement."""
+
+    strategy: Strategy = Field(
+        default=Strategy.CPSAT,
+        description="Solver: cpsat (optimal or with a proven gap), greedy, eplb "
+        "(DeepSeek's speed-blind baseline) or round-robin.",
+    )
+    redundant_experts: int = Field(
+        default=0,
+        ge=0,
+        le=4096,
+        description="Extra physical slots for replicas of hot experts "
+        "(SGLang --ep-num-redundant-experts).",
+    )
+    time_limit_seconds: float = Field(
+        default=10.0, gt=0, le=600, description="Solver wall-clock limit per solve."
+    )
+    hedge: Hedge = Field(
+        default=Hedge.EXPECTED,
+        description="expected: minimise the mean straggler time over load samples; robust: "
+        "the worst sample.",
+    )
+    traffic_weight: float = Field(
+        default=0.0,
+        ge=0,
+        description="Cost of one token changing GPU between consecutive layers, in straggler "
+        "time units (0 ignores traffic).",
+    )
+    migration_weight: float = Field(
+        default=0.0,
+        ge=0,
+        description="Cost of moving one expert copy, in straggler time units (0: replan freely).",
+    )
+    seed: int = Field(default=0, ge=0, description="Solver random seed (reproducible plans).")
+
+
+class PrometheusLoad(Camel):
+    """Read per-expert token counts from Prometheus."""
+
+    url: str = Field(
+        min_length=1,
+        pattern=r"^https?://",
+        description="Prometheus base URL, e.g. http://prometheus.monitoring:9090.",
+    )
+    query: str | None = Field(
+        default=None,
+        description="PromQL returning one series per (layer, expert) with labels `layer` and "
+        "`expert`; `$window` is replaced by the sub-window length. Default: "
+        'sum by (layer, expert) (increase(moe_expert_tokens_total{model="<name>"}[$window])).',
+    )
+    window: Duration = Field(
+        default="1h",
+        description="History to calibrate on. Long windows are better than eager re-solving "
+        "on the last few minutes.",
+    )
+    samples: int = Field(
+        default=6,
+        ge=1,
+        le=60,
+        description="Sub-windows the window is split into: the load samples of the robust "
+        "objective.",
+    )
+    half_life: Duration | None = Field(
+        default=None,
+        description="Exponential decay half-life weighting recent sub-windows; unset: equal "
+        "weights.",
+    )
+    layer_offset: int = Field(
+        default=0,
+        ge=0,
+        description="Value of the `layer` label of the first MoE layer (1 when layers are "
+        "numbered by hidden layer after one dense layer).",
+    )
+
+
+class StaticLoad(Camel):
+    """A load CSV (moe_layer_index,expert_id,count) kept in a ConfigMap, for clusters without
+    metrics."""
+
+    config_map_name: DNSName = Field(description="ConfigMap in the MoEDeployment's namespace.")
+    key: str = Field(default="load.csv", min_length=1, description="Key holding the CSV.")
+
+
+class LoadSpec(Camel):
+    """Where the per-expert load comes from: exactly one of prometheus or static."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "has(self.prometheus) != has(self.static)",
+                "set exactly one of load.prometheus and load.static",
+            )
+        )
+    )
+
+    prometheus: PrometheusLoad | None = Field(default=None, description="Load from Prometheus.")
+    static: StaticLoad | None = Field(default=None, description="Load from a ConfigMap CSV.")
+
+
+class RolloutMode(StrEnum):
+    AUTO = "Auto"
+    PROPOSE = "Propose"
+    PINNED = "Pinned"
+
+
+class TargetKind(StrEnum):
+    DEPLOYMENT = "Deployment"
+    STATEFUL_SET = "StatefulSet"
+
+
+class TargetRef(Camel):
+    """A serving workload that reads the placement only at start: rolled by setting the
+    pod-template annotation moeplace.io/placement-hash."""
+
+    kind: TargetKind = Field(description="Deployment or StatefulSet (apps/v1).")
+    name: DNSName = Field(description="Workload name in the MoEDeployment's namespace.")
+
+
+class PinnedRef(Camel):
+    """The placement git holds, in a ConfigMap (see `moeplace export`)."""
+
+    config_map_name: DNSName = Field(description="ConfigMap in the MoEDeployment's namespace.")
+    key: str = Field(
+        default="placement.json", min_length=1, description="Key holding the placement JSON."
+    )
+
+
+class RolloutSpec(Camel):
+    """When and how a new placement reaches serving."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "self.mode != 'Pinned' || has(self.pinned)",
+                "rollout.pinned is required when rollout.mode is Pinned",
+            )
+        )
+    )
+
+    mode: RolloutMode = Field(
+        default=RolloutMode.AUTO,
+        description="Auto: solve and roll out. Propose: solve and publish <name>-proposal, "
+        "change nothing. Pinned: roll out the placement in rollout.pinned and report its "
+        "distance from the best proposal.",
+    )
+    min_improvement_percent: float = Field(
+        default=5.0,
+        ge=0,
+        le=100,
+        description="Roll out only when the predicted straggler time improves by more than "
+        "this (hysteresis against churn).",
+    )
+    cooldown: Duration = Field(default="10m", description="Minimum time between two rollouts.")
+    max_moved_experts: int | None = Field(
+        default=None,
+        ge=0,
+        description="Refuse a rollout that moves more expert copies than this (unset: no "
+        "limit). The first placement is never refused.",
+    )
+    pinned: PinnedRef | None = Field(default=None, description="Pinned mode's placement.")
+    target: TargetRef | None = Field(
+        default=None, description="Serving workload to roll when the placement changes."
+    )
+
+
+class MoEDeploymentSpec(Camel):
+    """Desired state of a MoEDeployment: model, GPUs, solver, load source, rollout policy."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "(self.model.expertsPerLayer + self.placement.redundantExperts) % "
+                "(self.gpus.nodeCount * self.gpus.gpusPerNode) == 0",
+                "expertsPerLayer + placement.redundantExperts must be divisible by "
+                "gpus.nodeCount * gpus.gpusPerNode (every GPU holds the same slot count)",
+            ),
+            cel(
+                "self.model.expertsPerLayer + self.placement.redundantExperts <= "
+                "self.model.expertsPerLayer * self.gpus.nodeCount * self.gpus.gpusPerNode",
+                "more slots per GPU than experts: a GPU would hold two copies of one expert",
+            ),
+        )
+    )
+
+    model: ModelSpec = Field(description="The MoE model served.")
+    gpus: GPUSpec = Field(description="The GPUs of the expert-parallel group.")
+    placement: PlacementSpec = Field(
+        default_factory=PlacementSpec, description="How to compute the placement."
+    )
+    load: LoadSpec = Field(description="Where the per-expert load comes from.")
+    rollout: RolloutSpec = Field(
+        default_factory=RolloutSpec, description="When and how placements reach serving."
+    )
+    reconcile_interval_seconds: int = Field(
+        default=60,
+        ge=5,
+        le=86400,
+        description="Level-based re-check period (spec and node changes also trigger one).",
+    )
+
+
+class ConditionStatus(StrEnum):
+    TRUE = "True"
+    FALSE = "False"
+    UNKNOWN = "Unknown"
+
+
+class ConditionType(StrEnum):
+    READY = "Ready"
+    PLACEMENT_SOLVED = "PlacementSolved"
+    ROLLED_OUT = "RolledOut"
+    METRICS_AVAILABLE = "MetricsAvailable"
+    GPUS_PROFILED = "GPUsProfiled"
+    DEGRADED = "Degraded"
+
+
+class Condition(Camel):
+    """Standard Kubernetes condition."""
+
+    type: str = Field(description="Condition type.")
+    status: ConditionStatus = Field(description="True, False or Unknown.")
+    reason: str = Field(description="CamelCase reason.")
+    message: str = Field(default="", description="Human-readable detail.")
+    last_transition_time: str = Field(description="When status last changed (RFC 3339).")
+    observed_generation: int = Field(default=0, description="Generation this was computed for.")
+
+
+class PlacementSummary(Camel):
+    """Summary of the placement in service and of the last solve; the table itself lives in
+    the ConfigMap."""
+
+    config_map: str | None = Field(default=None, description="ConfigMap holding it.")
+    hash: str | None = Field(default=None, description="Content hash of the placement in service.")
+    version: int | None = Field(default=None, description="Rollout counter of the ConfigMap.")
+    strategy: str | None = Field(default=None, description="Solver that produced it.")
+    straggler: float | None = Field(
+        default=None, description="Predicted sum over layers of the slowest GPU's time."
+    )
+    fluid_bound: float | None = Field(
+        default=None, description="Lower bound: perfectly balanced time per layer, summed."
+    )
+    straggler_over_bound: str | None = Field(
+        default=None, description="straggler / fluidBound (1.00 is perfect)."
+    )
+    gain_percent: str | None = Field(
+        default=None,
+        description="Predicted improvement of the last solve over the placement in service.",
+    )
+    gain_over_eplb_percent: str | None = Field(
+        default=None, description="Predicted improvement over DeepSeek EPLB on the same load."
+    )
+    moved_experts: int | None = Field(
+        default=None, description="Expert copies the last solve would move."
+    )
+    proposed_hash: str | None = Field(default=None, description="Hash of the last solve's plan.")
+    solver_gap: str | None = Field(default=None, description="Solver's relative optimality gap.")
+    solved_at: str | None = Field(default=None, description="When the last solve finished.")
+    rolled_out_at: str | None = Field(default=None, description="When it was rolled out.")
+    load_window: str | None = Field(default=None, description="Load the last solve used.")
+    gpus: int | None = Field(default=None, description="GPUs in the EP group.")
+
+
+class MoEDeploymentStatus(Camel):
+    """Observed state, written only by the operator."""
+
+    observed_generation: int | None = Field(
+        default=None, description="The spec generation the status describes."
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        description="Ready, PlacementSolved, RolledOut, MetricsAvailable, GPUsProfiled, Degraded.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    placement: PlacementSummary | None = Field(default=None, description="Placement summary.")

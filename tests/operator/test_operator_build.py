@@ -1,0 +1,126 @@
+"""Pure decisions and manifests."""
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from moeplace_operator.build import (
+    HASH_ANNOTATION,
+    PLACEMENT_KEY,
+    SGLANG_KEY,
+    configmap_body,
+    decide_rollout,
+    false,
+    merge_conditions,
+    read_published,
+    sglang_location,
+    target_patch,
+    true,
+)
+from moeplace_operator.spec import ConditionType, RolloutMode, RolloutSpec
+
+from placement.model import MoEModelShape, Placement
+
+NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+OWNER = {"metadata": {"name": "demo", "namespace": "ns", "uid": "u-1"}}
+
+
+def placement(rows: list[list[int]], dense: int = 0) -> Placement:
+    shape = MoEModelShape(name="m", moe_layers=len(rows), experts=4, dense_layers_before=dense)
+    return Placement.from_table(rows, shape, num_gpus=2, strategy="test")
+
+
+def decide(**overrides):
+    args = {
+        "rollout": RolloutSpec(min_improvement_percent=5, cooldown="10m"),
+        "cooldown": timedelta(minutes=10),
+        "current_hash": "old",
+        "proposed_hash": "new",
+        "gain": 10.0,
+        "moved": 3,
+        "last_rollout": NOW - timedelta(hours=1),
+        "now": NOW,
+    }
+    return decide_rollout(**{**args, **overrides})
+
+
+def test_rolls_out_a_clear_gain() -> None:
+    assert decide().roll and decide().reason == "GainAboveThreshold"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        ({"gain": 4.9}, "GainBelowThreshold"),
+        ({"last_rollout": NOW - timedelta(minutes=2)}, "CooldownActive"),
+        ({"rollout": RolloutSpec(max_moved_experts=2)}, "TooManyMoves"),
+        ({"proposed_hash": "old"}, "UpToDate"),
+        ({"rollout": RolloutSpec(mode=RolloutMode.PROPOSE)}, "ProposeMode"),
+    ],
+)
+def test_refusals(overrides: dict, reason: str) -> None:
+    decision = decide(**overrides)
+    assert not decision.roll and decision.reason == reason
+
+
+def test_first_placement_ignores_thresholds() -> None:
+    decision = decide(current_hash=None, gain=0.0, rollout=RolloutSpec(max_moved_experts=0))
+    assert decision.roll and decision.reason == "InitialPlacement"
+
+
+def test_pinned_rolls_whenever_it_differs() -> None:
+    decision = decide(gain=-30.0, rollout=RolloutSpec(mode=RolloutMode.PINNED))
+    assert decision.roll and decision.reason == "PinnedChanged"
+
+
+def test_conditions_keep_transition_time_while_status_is_unchanged() -> None:
+    first = merge_conditions([], [true(ConditionType.READY, "A")], 1, NOW)
+    later = NOW + timedelta(minutes=5)
+    same = merge_conditions(first, [true(ConditionType.READY, "B", "m")], 2, later)
+    assert same[0].last_transition_time == first[0].last_transition_time
+    assert same[0].reason == "B" and same[0].observed_generation == 2
+    flipped = merge_conditions(same, [false(ConditionType.READY, "C")], 2, later)
+    assert flipped[0].last_transition_time == "2026-01-01T12:05:00Z"
+
+
+def test_conditions_are_ordered_and_untouched_types_kept() -> None:
+    conditions = merge_conditions(
+        [], [true(ConditionType.DEGRADED, "X"), true(ConditionType.READY, "Y")], 1, NOW
+    )
+    conditions = merge_conditions(conditions, [false(ConditionType.DEGRADED, "Z")], 1, NOW)
+    assert [c.type for c in conditions] == ["Ready", "Degraded"]
+
+
+def test_configmap_round_trip() -> None:
+    plan = placement([[0, 1, 2, 3], [3, 2, 1, 0]])
+    body = configmap_body(
+        name="demo-placement",
+        namespace="ns",
+        role="placement",
+        owner=OWNER,
+        placement=plan,
+        version=7,
+        rolled_out_at=NOW,
+        resource_version="42",
+    )
+    assert body["metadata"]["ownerReferences"][0]["uid"] == "u-1"
+    assert body["metadata"]["annotations"][HASH_ANNOTATION] == plan.content_hash()
+    assert set(body["data"]) == {PLACEMENT_KEY, SGLANG_KEY, "hash", "version"}
+    published = read_published(body)
+    assert published is not None
+    assert published.placement == plan and published.version == 7
+    assert published.rolled_out_at == NOW and published.resource_version == "42"
+
+
+@pytest.mark.parametrize("data", [None, {}, {PLACEMENT_KEY: "{not json"}])
+def test_unreadable_configmap_is_no_placement(data: dict | None) -> None:
+    assert read_published({"metadata": {}, "data": data} if data is not None else None) is None
+
+
+def test_sglang_map_pads_dense_layers() -> None:
+    rows = sglang_location(placement([[0, 1, 2, 3]], dense=2))["physical_to_logical_map"]
+    assert len(rows) == 3 and rows[2] == [0, 1, 2, 3]
+
+
+def test_target_patch_sets_pod_template_annotation() -> None:
+    patch = target_patch(["spec", "template"], "abc")
+    assert patch == {"spec": {"template": {"metadata": {"annotations": {HASH_ANNOTATION: "abc"}}}}}

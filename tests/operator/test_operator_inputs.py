@@ -1,0 +1,116 @@
+"""Load and node parsing."""
+
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+from moeplace_operator.loadsource import (
+    MetricsUnavailableError,
+    decay_weights,
+    default_query,
+    format_duration,
+    parse_duration,
+    parse_load_csv,
+    parse_range_result,
+)
+from moeplace_operator.nodes import (
+    CURVES_ANNOTATION,
+    NodeGPUs,
+    NodesUnavailableError,
+    build_gpu_group,
+    node_gpus,
+    parse_speeds,
+)
+from moeplace_operator.spec import GPUSpec, ModelSpec
+
+MODEL = ModelSpec(name="m", moe_layers=2, experts_per_layer=3)
+REAL_CSV = (
+    Path(__file__).resolve().parents[3]
+    / "shared/data/routing/deepseek-v2-lite-chat/expert_counts.csv"
+)
+
+
+def test_durations() -> None:
+    assert parse_duration("1h30m") == timedelta(minutes=90)
+    assert format_duration(timedelta(minutes=10)) == "10m"
+    assert format_duration(timedelta(seconds=90)) == "90s"
+    with pytest.raises(ValueError):
+        parse_duration("10 minutes")
+
+
+def test_decay_weights_favour_recent_windows() -> None:
+    flat = decay_weights(4, timedelta(minutes=10), None)
+    assert np.allclose(flat, 0.25)
+    decayed = decay_weights(3, timedelta(minutes=10), timedelta(minutes=10))
+    assert np.allclose(decayed, np.array([0.25, 0.5, 1.0]) / 1.75)
+
+
+def test_default_query_escapes_model_name() -> None:
+    assert 'model="a\\"b"' in default_query('a"b')
+
+
+def test_range_result_to_samples() -> None:
+    series = [
+        {"metric": {"layer": "1", "expert": "2"}, "values": [[0, "5"], [1, "7"]]},
+        {"metric": {"layer": "2", "expert": "0"}, "values": [[1, "3"]]},
+        {"metric": {"layer": "9", "expert": "0"}, "values": [[1, "3"]]},  # outside the shape
+        {"metric": {"expert": "0"}, "values": [[1, "3"]]},  # no layer label
+    ]
+    samples = parse_range_result(series, MODEL, layer_offset=1, samples=2)
+    assert samples.shape == (2, 2, 3)
+    assert samples[:, 0, 2].tolist() == [5, 7] and samples[:, 1, 0].tolist() == [0, 3]
+    assert samples.sum() == 15
+
+
+def test_load_csv() -> None:
+    text = "moe_layer_index,expert_id,count\n1,0,4\n1,2,1\n2,1,9\n"
+    assert parse_load_csv(text, MODEL).tolist() == [[4, 0, 1], [0, 9, 0]]
+    with pytest.raises(MetricsUnavailableError, match="outside the model shape"):
+        parse_load_csv("moe_layer_index,expert_id,count\n1,5,1\n", MODEL)
+    with pytest.raises(MetricsUnavailableError, match="columns"):
+        parse_load_csv("layer,expert\n1,2\n", MODEL)
+
+
+@pytest.mark.skipif(not REAL_CSV.exists(), reason="../shared/data absent")
+def test_real_routing_csv() -> None:
+    load = parse_load_csv(
+        REAL_CSV.read_text(), ModelSpec(name="v2", moe_layers=26, experts_per_layer=64)
+    )
+    assert load.shape == (26, 64) and (load > 0).all()
+
+
+def test_speed_labels() -> None:
+    labels = {"gpu.moeplace.io/speed-0": "1.05", "gpu.moeplace.io/speed-1": "x", "other": "1"}
+    assert parse_speeds(labels) == {0: 1.05}
+
+
+def _node(name: str, pool: str, speeds: list[float], curves: str = "") -> NodeGPUs:
+    labels = {"pool": pool} | {f"gpu.moeplace.io/speed-{i}": str(s) for i, s in enumerate(speeds)}
+    return node_gpus(name, labels, {CURVES_ANNOTATION: curves} if curves else {})
+
+
+def test_gpu_group_orders_nodes_and_takes_node_count() -> None:
+    nodes = [_node("n-b", "a", [0.9, 1.1]), _node("n-a", "a", [1.0]), _node("n-c", "x", [1, 1])]
+    group = build_gpu_group(
+        nodes, GPUSpec(node_selector={"pool": "a"}, node_count=2, gpus_per_node=2)
+    )
+    assert group.nodes == ["n-a", "n-b"]
+    assert group.cluster.speeds.tolist() == [1.0, 1.0, 0.9, 1.1]
+    assert group.unprofiled == ["n-a/1"] and not group.profiled
+
+
+def test_gpu_group_needs_enough_nodes() -> None:
+    with pytest.raises(NodesUnavailableError) as error:
+        build_gpu_group([], GPUSpec(node_selector={"pool": "a"}, node_count=2))
+    assert error.value.reason == "NotEnoughNodes"
+
+
+def test_curves_used_only_when_complete() -> None:
+    one = '{"tokens": [0, 100], "micros": [0, 50]}'
+    curve = f'{{"0": {one}, "1": {one}}}'
+    spec = GPUSpec(node_selector={"pool": "a"}, node_count=1, gpus_per_node=2)
+    assert build_gpu_group([_node("n", "a", [1, 1], curve)], spec).cluster.has_curves
+    partial = f'{{"0": {one}}}'
+    assert not build_gpu_group([_node("n", "a", [1, 1], partial)], spec).cluster.has_curves
+    assert not build_gpu_group([_node("n", "a", [1, 1], "garbage")], spec).cluster.has_curves
