@@ -1,0 +1,1 @@
+"""``moeplace``: the command line over the placement library (solve, evaluate, compare)."""

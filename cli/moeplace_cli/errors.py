@@ -1,0 +1,59 @@
+"""Errors the command line reports as one line on stderr with exit code 2 (bad input)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import ParamSpec, TypeVar
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+
+USAGE_EXIT_CODE = 2
+P = ParamSpec("P")
+R = TypeVar("R")
+err_console = Console(stderr=True)
+
+
+class CliError(Exception):
+    """Bad input: reported as ``moeplace: error: <message>``, exit code 2, no traceback."""
+
+
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, ValidationError):
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        text = f"{where}: {first['msg']}" if where else str(first["msg"])
+    elif isinstance(err, OSError) and err.filename is not None:
+        text = f"{err.filename}: {err.strerror}"
+    else:
+        text = str(err)
+    return " ".join(text.split())
+
+
+@contextmanager
+def bad_input(what: str) -> Iterator[None]:
+    """Turn the library's input errors (ValueError, OSError, KeyError) into a :class:`CliError`
+    prefixed with ``what``."""
+    try:
+        yield
+    except CliError:
+        raise
+    except (ValueError, OSError, KeyError) as err:
+        raise CliError(f"{what}: {_one_line(err)}") from err
+
+
+def reports_errors(fn: Callable[P, R]) -> Callable[P, R]:
+    """Bad input -> ``moeplace: error: ...`` on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except CliError as err:
+            typer.echo(f"moeplace: error: {err}", err=True)
+            raise typer.Exit(USAGE_EXIT_CODE) from None
+
+    return wrapper
