@@ -21,6 +21,7 @@ from moeplace_operator.spec import (
     RolloutMode,
     RolloutSpec,
 )
+from placement.formats import parse_canonical, to_sglang
 from placement.model import MoEModelShape, Placement
 
 Body = dict[str, Any]
@@ -75,14 +76,6 @@ def owner_reference(owner: Mapping[str, Any]) -> Body:
     }
 
 
-def sglang_location(placement: Placement) -> Body:
-    """SGLang ``--init-expert-location``: one physical->logical row per hidden layer; dense
-    layers before the first MoE layer get the first MoE layer's row (SGLang never reads it)."""
-    rows = placement.phy2log
-    padding = [rows[0]] * placement.model.dense_layers_before
-    return {"physical_to_logical_map": padding + rows}
-
-
 @dataclass(frozen=True)
 class Published:
     """What a placement ConfigMap holds, as read back."""
@@ -132,7 +125,7 @@ def configmap_body(
         "metadata": metadata,
         "data": {
             PLACEMENT_KEY: placement.to_json(),
-            SGLANG_KEY: json.dumps(sglang_location(placement), separators=(",", ":")),
+            SGLANG_KEY: json.dumps(to_sglang(placement), separators=(",", ":")),
             "hash": content_hash,
             "version": str(version),
         },
@@ -147,7 +140,7 @@ def read_published(configmap: Mapping[str, Any] | None) -> Published | None:
     data = configmap.get("data") or {}
     annotations = configmap.get("metadata", {}).get("annotations") or {}
     try:
-        placement = Placement.model_validate_json(data[PLACEMENT_KEY])
+        placement = parse_canonical(data[PLACEMENT_KEY])
         version = int(data.get("version", annotations.get(VERSION_ANNOTATION, "0")))
         stamp = annotations.get(ROLLED_OUT_AT_ANNOTATION)
         rolled_out_at = parse_rfc3339(stamp.replace("Z", "+0000")) if stamp else None

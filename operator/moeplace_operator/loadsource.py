@@ -18,6 +18,7 @@ from prometheus_api_client import PrometheusConnect
 from urllib3.util.retry import Retry
 
 from moeplace_operator.spec import ModelSpec, PrometheusLoad
+from placement.load import LoadModelConfig, estimate
 from placement.model import FloatArray
 
 METRIC = "moe_expert_tokens_total"
@@ -60,13 +61,6 @@ def format_duration(delta: timedelta) -> str:
 def default_query(model_name: str) -> str:
     escaped = model_name.replace("\\", "\\\\").replace('"', '\\"')
     return f'sum by (layer, expert) (increase({METRIC}{{model="{escaped}"}}[$window]))'
-
-
-def decay_weights(count: int, step: timedelta, half_life: timedelta | None) -> FloatArray:
-    """Weights of ``count`` consecutive sub-windows, oldest first, summing to 1."""
-    ages = np.arange(count - 1, -1, -1, dtype=np.float64) * step.total_seconds()
-    weights = np.ones(count) if half_life is None else 0.5 ** (ages / half_life.total_seconds())
-    return np.asarray(weights / weights.sum(), dtype=np.float64)
 
 
 def parse_range_result(
@@ -112,10 +106,9 @@ def fetch_prometheus(spec: PrometheusLoad, model: ModelSpec, now: datetime) -> L
         raise MetricsUnavailableError(
             "NoTraffic", f"no {METRIC} increase for model {model.name!r} in the last {spec.window}"
         )
-    half_life = parse_duration(spec.half_life) if spec.half_life else None
-    weights = decay_weights(spec.samples, step, half_life)
-    load = np.tensordot(weights, samples, axes=1)
-    return LoadData(load, samples, f"{spec.window} in {spec.samples} samples")
+    half_life = parse_duration(spec.half_life) / step if spec.half_life else None
+    smoothed = estimate(samples, LoadModelConfig(half_life=half_life))
+    return LoadData(smoothed.mean, smoothed.samples, f"{spec.window} in {spec.samples} samples")
 
 
 def parse_load_csv(text: str, model: ModelSpec) -> FloatArray:

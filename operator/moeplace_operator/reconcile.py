@@ -54,6 +54,7 @@ from moeplace_operator.spec import (
     RolloutMode,
 )
 from placement.evaluate import Evaluation
+from placement.formats import parse_canonical
 from placement.model import Placement
 from placement.validate import InvalidPlacementError
 
@@ -243,7 +244,7 @@ class Reconcile:
         try:
             if text is None:
                 raise ValueError(f"ConfigMap {ref.config_map_name} key {ref.key} not found")
-            placement = Placement.model_validate_json(text)
+            placement = parse_canonical(text)
             return placement, score_pinned(placement, spec, group, load)
         except (ValueError, InvalidPlacementError) as error:
             message = f"pinned placement rejected: {error}"

@@ -1,5 +1,6 @@
 """Pure decisions and manifests."""
 
+import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -12,7 +13,6 @@ from moeplace_operator.build import (
     false,
     merge_conditions,
     read_published,
-    sglang_location,
     target_patch,
     true,
 )
@@ -117,7 +117,17 @@ def test_unreadable_configmap_is_no_placement(data: dict | None) -> None:
 
 
 def test_sglang_map_pads_dense_layers() -> None:
-    rows = sglang_location(placement([[0, 1, 2, 3]], dense=2))["physical_to_logical_map"]
+    body = configmap_body(
+        name="x",
+        namespace="ns",
+        role="placement",
+        owner=OWNER,
+        placement=placement([[0, 1, 2, 3]], dense=2),
+        version=1,
+        rolled_out_at=NOW,
+        resource_version=None,
+    )
+    rows = json.loads(body["data"][SGLANG_KEY])["physical_to_logical_map"]
     assert len(rows) == 3 and rows[2] == [0, 1, 2, 3]
 
 

@@ -3,11 +3,9 @@
 from datetime import timedelta
 from pathlib import Path
 
-import numpy as np
 import pytest
 from moeplace_operator.loadsource import (
     MetricsUnavailableError,
-    decay_weights,
     default_query,
     format_duration,
     parse_duration,
@@ -37,13 +35,6 @@ def test_durations() -> None:
     assert format_duration(timedelta(seconds=90)) == "90s"
     with pytest.raises(ValueError):
         parse_duration("10 minutes")
-
-
-def test_decay_weights_favour_recent_windows() -> None:
-    flat = decay_weights(4, timedelta(minutes=10), None)
-    assert np.allclose(flat, 0.25)
-    decayed = decay_weights(3, timedelta(minutes=10), timedelta(minutes=10))
-    assert np.allclose(decayed, np.array([0.25, 0.5, 1.0]) / 1.75)
 
 
 def test_default_query_escapes_model_name() -> None:
