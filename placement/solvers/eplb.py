@@ -193,17 +193,12 @@ def _node_layout(problem: Problem) -> int:
     return n if np.array_equal(node, blocks) else 1
 
 
-@register("eplb")
-def solve_eplb(problem: Problem, options: SolveOptions) -> Solution:
-    """EPLB on the problem's mean load; groups = nodes when the experts divide, else global.
-    Duplicates on one GPU (which EPLB can produce) are repaired by swaps."""
+def _solve(problem: Problem, groups: int, nodes: int, name: str) -> Solution:
     start = time.perf_counter()
-    E, G = problem.model.experts, problem.cluster.size
-    nodes = _node_layout(problem)
-    groups = nodes if E % nodes == 0 else 1
+    G = problem.cluster.size
     phy2log, _, _ = rebalance_experts(problem.load, problem.num_slots, groups, nodes, G)
     table, swaps, replaced = repair_duplicates(phy2log, G, problem.load)
-    placement = Placement.from_table(table, problem.model, G, "eplb")
+    placement = Placement.from_table(table, problem.model, G, name)
     ev = evaluate(placement, problem.cluster, problem.load)
     return Solution(
         placement=placement,
@@ -218,3 +213,20 @@ def solve_eplb(problem: Problem, options: SolveOptions) -> Solution:
             "groups": float(groups),
         },
     )
+
+
+@register("eplb")
+def solve_eplb(problem: Problem, options: SolveOptions) -> Solution:
+    """EPLB on the problem's mean load, hierarchical with groups = nodes when the experts
+    divide (else global). Duplicates on one GPU (which EPLB can produce) are repaired by swaps;
+    ``details`` counts them."""
+    nodes = _node_layout(problem)
+    groups = nodes if problem.model.experts % nodes == 0 else 1
+    return _solve(problem, groups, nodes, "eplb")
+
+
+@register("eplb-global")
+def solve_eplb_global(problem: Problem, options: SolveOptions) -> Solution:
+    """EPLB's global policy (one group, one node): what vLLM and SGLang run for models without
+    expert groups (DeepSeek-V2-Lite, Qwen3-MoE, Mixtral). Same duplicate repair as ``eplb``."""
+    return _solve(problem, 1, 1, "eplb-global")

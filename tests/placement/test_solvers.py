@@ -17,7 +17,7 @@ from placement.solvers.baselines import linear_table, round_robin_table
 from placement.solvers.greedy import greedy_table, replica_counts
 from placement.validate import validate
 
-HEURISTICS = ["linear", "round-robin", "eplb", "greedy"]
+HEURISTICS = ["linear", "round-robin", "eplb", "eplb-global", "greedy"]
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
