@@ -3,8 +3,10 @@
 SHELL := /bin/bash
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+CLUSTER := e2e/cluster
 
-.PHONY: demo test venv lint unit
+.PHONY: demo test venv lint unit tools go-tools prometheus cluster-up cluster-down cluster-status
 
 $(VENV_STAMP): pyproject.toml
 	python3 -m venv .venv
@@ -13,6 +15,28 @@ $(VENV_STAMP): pyproject.toml
 	touch $@
 
 venv: $(VENV_STAMP)
+
+# Local-cluster parts: Go-built binaries (per-user cache, see tools/build.sh) and Debian's
+# Prometheus and openssl (installed when missing; run as our own process, never its service).
+go-tools:
+	tools/build.sh
+
+prometheus:
+	@if [ ! -x /usr/bin/prometheus ] || ! command -v openssl >/dev/null; then \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq prometheus openssl; \
+	fi
+
+tools: venv go-tools prometheus
+
+cluster-up: tools
+	$(CLUSTER) up
+
+cluster-down:
+	$(CLUSTER) down
+
+cluster-status:
+	$(CLUSTER) status
 
 lint: venv
 	.venv/bin/ruff check .
@@ -23,8 +47,12 @@ lint: venv
 unit: venv
 	.venv/bin/pytest -m "not e2e" tests
 
-test: lint
+# Unit + e2e. The e2e fixture starts the cluster when none runs and stops it at the end.
+# pytest exits 5 when it collects no test: make fails on it like on any other failure.
+test: tools lint
 	.venv/bin/pytest
 
-demo: venv
-	@echo "demo: not yet wired"
+demo: cluster-up
+	$(CLUSTER) nodes --count 8 --gpus-per-node 4 --speeds pal --pool demo --prefix demo
+	@echo "demo: local cluster up with 8 kwok nodes x 4 GPUs at PAL-measured speeds;" \
+	  "placement step not yet wired (see README)"

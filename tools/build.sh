@@ -82,6 +82,20 @@ for name in etcd kubectl kwok helm kube-controller-manager kube-scheduler kube-a
     failed+=("$name")
   fi
 done
+# kwok's own stage files (node initialise + lease heartbeat, pod ready/complete/delete), from
+# the pinned kwok module: `kwok` refuses to start without stages.
+stages="$BIN/kwok-stages.yaml"
+if [[ ! -s "$stages" ]]; then
+  kdir="$("$GO" mod download -json "sigs.k8s.io/kwok@$KWOK" | sed -n 's/.*"Dir": "\(.*\)",*/\1/p')"
+  for f in node/fast/node-initialize.yaml node/heartbeat-with-lease/node-heartbeat-with-lease.yaml \
+    pod/fast/pod-ready.yaml pod/fast/pod-complete.yaml pod/fast/pod-delete.yaml; do
+    echo "---"
+    cat "$kdir/kustomize/stage/$f"
+  done >"$stages.tmp" && mv "$stages.tmp" "$stages" || {
+    echo "  kwok-stages.yaml: FAILED (stage files of sigs.k8s.io/kwok@$KWOK not found)" >&2
+    failed+=(kwok-stages.yaml)
+  }
+fi
 if ((${#failed[@]})); then
   echo "tools/build.sh: could not build: ${failed[*]}" >&2
   exit 1
