@@ -76,6 +76,14 @@ class Kube:
         else:
             _call(lambda: self.core.create_namespaced_config_map(meta["namespace"], typed))
 
+    def read_moedeployment(self, namespace: str, name: str) -> Body:
+        found = _call(
+            lambda: self.custom.get_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, name
+            )
+        )
+        return cast(Body, found)
+
     def patch_status(self, namespace: str, name: str, patch: Body) -> None:
         _call(
             lambda: self.custom.patch_namespaced_custom_object_status(

@@ -1,0 +1,54 @@
+{{- define "moeplace.name" -}}
+{{- .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "moeplace.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "moeplace.labels" -}}
+app.kubernetes.io/name: {{ include "moeplace.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "moeplace.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "moeplace.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "moeplace.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "moeplace.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Rights on the objects the operator reconciles, in the namespaces it watches. */}}
+{{- define "moeplace.namespacedRules" -}}
+- apiGroups: ["moeplace.io"]
+  resources: ["moedeployments"]
+  verbs: ["get", "list", "watch", "patch"]  # patch: kopf's annotations and finalizer only
+- apiGroups: ["moeplace.io"]
+  resources: ["moedeployments/status"]
+  verbs: ["get", "patch"]
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["get", "create", "update"]  # placement/proposal maps; load and pinned maps are read
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create"]
+- apiGroups: ["events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create"]
+- apiGroups: ["apps"]
+  resources: ["deployments", "statefulsets"]
+  verbs: ["get", "patch"]  # the rollout.target pod-template annotation
+{{- end -}}
