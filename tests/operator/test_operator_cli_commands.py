@@ -1,8 +1,8 @@
 """Text produced by `moeplace export` / `moeplace status`."""
 
 import yaml
-
 from moeplace_operator.cli_commands import format_status, pinned_manifest
+
 from placement.formats import parse_canonical
 from placement.model import MoEModelShape, Placement
 
