@@ -72,10 +72,9 @@ class Dispatcher:
             out[:, layer, :] = self.assign(layer, flat).reshape(T, k)
         return out
 
-    def predicted_times(self, topk_ids: npt.NDArray[np.integer]) -> FloatArray:
-        """[L] slowest GPU's modelled time per layer for this batch under this rule (the time
-        model's unit: token-times for speed factors, µs for curves)."""
-        slots = self.route(topk_ids)
+    def layer_times(self, slots: IntArray) -> FloatArray:
+        """[L] slowest GPU's modelled time per layer for pairs routed to ``slots`` [T, L, k] (the
+        time model's unit: token-times for speed factors, µs for curves)."""
         L, G = self.table.shape[0], self.placement.num_gpus
         gpu = slots // self.placement.slots_per_gpu + (np.arange(L) * G)[None, :, None]
         loads = np.bincount(gpu.reshape(-1), minlength=L * G).reshape(L, G)

@@ -66,7 +66,7 @@ def test_speed_aware_beats_even_and_timing() -> None:
         for _ in range(3):
             dispatcher.route(ids)
         per_layer_us = (time.process_time() - start) / (3 * L) * 1e6
-        result[mode] = float(dispatcher.predicted_times(ids).sum())
+        result[mode] = float(dispatcher.layer_times(dispatcher.route(ids)).sum())
         print(
             f"\n{mode} dispatch: {per_layer_us:.0f} µs CPU/layer (512 tokens x top-6, 8 GPUs x 16)"
         )
