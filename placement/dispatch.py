@@ -74,18 +74,25 @@ class TimeModel:
 
     def time(self, loads: FloatArray) -> FloatArray:
         """[..., G] tokens per GPU -> [..., G] time (µs with curves, token-times otherwise)."""
+        return self.time_on(loads, np.arange(self.num_gpus))
+
+    def time_on(self, loads: FloatArray, gpu: IntArray) -> FloatArray:
+        """Time of ``loads`` [...] tokens on GPUs ``gpu`` (int array broadcast to ``loads``)."""
         x = np.asarray(loads, dtype=np.float64)
+        gi = np.broadcast_to(np.asarray(gpu), x.shape)
         if not self.curves:
-            return x / self.speeds
-        xs, ys, last = self._xs, self._ys, self._npts - 1
-        G = np.arange(self.num_gpus)
-        j = (xs <= x[..., None]).sum(-1) - 1  # [..., G] last sample <= x, -1 if left of all
+            return np.asarray(x / self.speeds[gi], dtype=np.float64)
+        xs, ys, last = self._xs[gi], self._ys[gi], self._npts[gi] - 1  # [..., n], [...]
+        j = (xs <= x[..., None]).sum(-1) - 1  # last sample <= x, -1 if left of all
+
+        def at(a: FloatArray, i: IntArray) -> FloatArray:
+            return np.asarray(np.take_along_axis(a, i[..., None], -1)[..., 0], dtype=np.float64)
+
         jc = np.clip(j, 0, last - 1)
-        x0, x1 = xs[G, jc], xs[G, jc + 1]
-        y0, y1 = ys[G, jc], ys[G, jc + 1]
+        x0, x1, y0, y1 = at(xs, jc), at(xs, jc + 1), at(ys, jc), at(ys, jc + 1)
         inner = y0 + (np.clip(x, x0, None) - x0) * (y1 - y0) / (x1 - x0)
-        right = ys[G, last] + (x - xs[G, last]) * self._slope
-        t = np.where(j < 0, ys[:, 0], np.where(j >= last, right, inner))
+        right = at(ys, last) + (x - at(xs, last)) * self._slope[gi]
+        t = np.where(j < 0, ys[..., 0], np.where(j >= last, right, inner))
         return np.asarray(np.where(x <= 0, 0.0, t), dtype=np.float64)
 
     def hull_time(self, loads: FloatArray) -> FloatArray:

@@ -10,7 +10,11 @@
    Only GPUs with a free slot and without a copy of the expert are candidates; if none is left,
    a copy already placed elsewhere is moved into a free slot to make room.
 
-Every GPU ends with exactly S = P/G slots. Deterministic. Cost: O(L * P * K * G) numpy work.
+3. Local search (:func:`refine_layer`): best-improvement swaps of two copies on different
+   GPUs while the expected slowest-GPU time drops.
+
+Every GPU ends with exactly S = P/G slots. Deterministic. Cost: O(L * P * K * G) numpy work
+for the greedy, O(L * swaps * S * P * K) for the local search (at most 2P swaps per layer).
 """
 
 from __future__ import annotations
@@ -101,15 +105,83 @@ def _make_room(
     gpu_load[:, g] += per_copy[:, x]
 
 
-def greedy_table(problem: Problem) -> IntArray:
-    """[L, P] speed-aware greedy placement of ``problem`` (samples used when present)."""
+def refine_layer(
+    row: IntArray,
+    loads: FloatArray,
+    model: TimeModel,
+    slots_per_gpu: int,
+    max_swaps: int,
+    min_gain: float = 1e-9,
+) -> IntArray:
+    """Best-improvement swaps of two copies on different GPUs, while the expected (mean over
+    the K samples) slowest-GPU time of the layer drops by more than ``min_gain`` (relative).
+    ``row`` [P], ``loads`` [K, E].
+
+    Only swaps touching a bottleneck GPU (the slowest in some sample) can help; each round
+    scores all of them at once (bottleneck slots x all slots x K) and applies the best.
+    Copy counts never change, no GPU gets two copies of one expert.
+    """
+    out = row.copy()
+    K, E = loads.shape
+    G, S = model.num_gpus, slots_per_gpu
+    P = out.size
+    gpu_of = np.arange(P) // S
+    counts = np.bincount(out, minlength=E)
+    per_copy = loads / np.maximum(counts, 1)  # [K, E]
+    for _ in range(max_swaps):
+        v = per_copy[:, out]  # [K, P]
+        gload = v.reshape(K, G, S).sum(-1)
+        times = model.time(gload)  # [K, G]
+        current = float(times.max(-1).mean())
+        if current <= 0:
+            break
+        top = np.argsort(-times, axis=-1)[:, :3]  # [K, <=3]
+        top_t = np.take_along_axis(times, top, -1)
+        hot = np.unique(top[:, 0])
+        src = (hot[:, None] * S + np.arange(S)).ravel()  # [A] slots on bottleneck GPUs
+        a, b = gpu_of[src][:, None], gpu_of[None, :]  # [A, 1], [1, P]
+        ea, eb = out[src][:, None], out[None, :]
+        has = np.zeros((G, E), dtype=bool)
+        has[gpu_of, out] = True
+        ok = (a != b) & (ea != eb) & ~has[b, ea] & ~has[a, eb]
+        if not ok.any():
+            break
+        ia, jb = np.nonzero(ok)
+        sa, sb = src[ia], jb
+        ga, gb = gpu_of[sa], gpu_of[sb]
+        d = v[:, sb] - v[:, sa]  # [K, M] tokens moved onto ga
+        ta = model.time_on(gload[:, ga] + d, ga[None, :])
+        tb = model.time_on(gload[:, gb] - d, gb[None, :])
+        # slowest GPU other than ga, gb per sample: first of the top 3 not in {ga, gb}
+        rest = np.zeros_like(ta)
+        found = np.zeros(ta.shape, dtype=bool)
+        for r in range(top.shape[1]):
+            idx = top[:, r : r + 1]
+            use = ~found & (idx != ga[None, :]) & (idx != gb[None, :])
+            rest = np.where(use, top_t[:, r : r + 1], rest)
+            found |= use
+        score = np.maximum(np.maximum(ta, tb), rest).mean(0)
+        best = int(np.argmin(score))
+        if score[best] >= current * (1 - min_gain):
+            break
+        i, j = int(sa[best]), int(sb[best])
+        out[i], out[j] = out[j], out[i]
+    return out
+
+
+def greedy_table(problem: Problem, refine: bool = True) -> IntArray:
+    """[L, P] speed-aware greedy placement of ``problem`` (samples used when present),
+    improved by :func:`refine_layer` swaps unless ``refine`` is False."""
     model = TimeModel(problem.cluster)
     L, P, G = problem.model.moe_layers, problem.num_slots, problem.cluster.size
     samples = problem.samples if problem.samples is not None else problem.load[None]
     table = np.zeros((L, P), dtype=np.int64)
     for layer in range(L):
         counts = replica_counts(problem.load[layer], P, G)
-        table[layer] = _place_layer(counts, samples[:, layer], model, problem.slots_per_gpu)
+        row = _place_layer(counts, samples[:, layer], model, problem.slots_per_gpu)
+        if refine:
+            row = refine_layer(row, samples[:, layer], model, problem.slots_per_gpu, 2 * P, 1e-6)
+        table[layer] = row
     return table
 
 
