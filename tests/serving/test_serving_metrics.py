@@ -54,10 +54,10 @@ def test_routing_overhead_per_step() -> None:
     ids = np.random.default_rng(1).integers(0, 64, size=(512, 26, 6), dtype=np.uint8)
     metrics.observe_routing(ids)
     rounds = 200
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time: robust to other work on the machine
     for _ in range(rounds):
         metrics.observe_routing(ids)
-    per_step_us = (time.perf_counter() - start) / rounds * 1e6
-    print(f"\nrouting metrics overhead: {per_step_us:.0f} µs/step (26x64, 512 tokens, top-6)")
+    per_step_us = (time.process_time() - start) / rounds * 1e6
+    print(f"\nrouting metrics overhead: {per_step_us:.0f} µs CPU/step (26x64, 512 tokens, top-6)")
     assert metrics.expert_tokens().sum() == (rounds + 1) * 512 * 26 * 6
     assert per_step_us < 5000
