@@ -1,8 +1,9 @@
 """``moeplace export`` and ``moeplace status``: read a placement back from the cluster.
 
-They live in the operator package (``moeplace_operator.cli_commands``), which needs
-``kubernetes``; it is imported only when one of these commands runs, so solving, evaluating
-and comparing never touch Kubernetes.
+They live in the operator package (``moeplace_operator.cli_commands``: ``export(name,
+namespace=...) -> str`` and ``status(name, namespace=...) -> str``, raising ``LookupError`` when
+the objects are missing), which needs ``kubernetes``; it is imported only when one of these
+commands runs, so solving, evaluating and comparing never touch Kubernetes.
 """
 
 from __future__ import annotations
@@ -29,3 +30,17 @@ def operator_command(name: str) -> Callable[..., Any]:
     if not callable(fn):
         raise CliError(f"'moeplace {name}' is not provided by {OPERATOR_MODULE}")
     return fn  # type: ignore[no-any-return]
+
+
+def run_operator_command(name: str, resource: str, namespace: str | None) -> str:
+    """Text of ``moeplace <name> <resource>``. A missing object is bad input (exit 2); a
+    cluster that cannot be reached or refuses is reported on one line with exit code 1."""
+    fn = operator_command(name)
+    kwargs = {} if namespace is None else {"namespace": namespace}
+    try:
+        text = fn(resource, **kwargs)
+    except LookupError as err:
+        raise CliError(str(err).strip("'\"")) from err
+    except Exception as err:
+        raise CliError(f"{type(err).__name__}: {' '.join(str(err).split())}", 1) from err
+    return str(text)

@@ -18,7 +18,12 @@ err_console = Console(stderr=True)
 
 
 class CliError(Exception):
-    """Bad input: reported as ``moeplace: error: <message>``, exit code 2, no traceback."""
+    """Reported as ``moeplace: error: <message>``, no traceback; exit code 2 (bad input)
+    unless another is given."""
+
+    def __init__(self, message: str, exit_code: int = USAGE_EXIT_CODE) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def _one_line(err: BaseException) -> str:
@@ -54,6 +59,6 @@ def reports_errors(fn: Callable[P, R]) -> Callable[P, R]:
             return fn(*args, **kwargs)
         except CliError as err:
             typer.echo(f"moeplace: error: {err}", err=True)
-            raise typer.Exit(USAGE_EXIT_CODE) from None
+            raise typer.Exit(err.exit_code) from None
 
     return wrapper

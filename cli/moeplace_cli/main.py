@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
 from moeplace_cli import inputs, report
-from moeplace_cli.errors import CliError, err_console, reports_errors
+from moeplace_cli.errors import CliError, bad_input, err_console, reports_errors
 from moeplace_cli.gpus_cmd import gpus_app
 from placement.evaluate import Evaluation, evaluate
 from placement.model import FloatArray, Placement
@@ -315,7 +315,7 @@ def _scenario_title(problem: Problem, dispatch: DispatchRule) -> str:
     )
 
 
-NameArg = Annotated[str, typer.Argument(help="Name of the ExpertPlacement object.")]
+NameArg = Annotated[str, typer.Argument(help="Name of the MoEDeployment object.")]
 NamespaceOpt = Annotated[
     str | None, typer.Option("--namespace", "-n", help="Namespace; default: the context's.")
 ]
@@ -326,24 +326,29 @@ NamespaceOpt = Annotated[
 def export(
     name: NameArg,
     namespace: NamespaceOpt = None,
-    fmt: Annotated[
-        OutputFormat, typer.Option("--format", help="Placement file format.")
-    ] = OutputFormat.canonical,
     out: Annotated[Path | None, typer.Option("--out", help="File; default: stdout.")] = None,
 ) -> None:
-    """Write the placement a cluster object currently serves (needs the operator package)."""
-    from moeplace_cli.cluster_cmd import operator_command
+    """Print the MoEDeployment's current proposal (else the placement in service) as a
+    ConfigMap manifest for Pinned mode (needs the operator package and a cluster)."""
+    from moeplace_cli.cluster_cmd import run_operator_command
 
-    operator_command("export")(name, namespace=namespace, fmt=fmt.value, out=out)
+    text = run_operator_command("export", name, namespace)
+    if out is None:
+        typer.echo(text)
+        return
+    with bad_input("out"):
+        out.write_text(text if text.endswith("\n") else text + "\n")
+    err_console.print(f"wrote {out}")
 
 
 @app.command()
 @reports_errors
-def status(name: NameArg, namespace: NamespaceOpt = None, as_json: JsonOpt = False) -> None:
-    """Show a cluster object's placement status (needs the operator package)."""
-    from moeplace_cli.cluster_cmd import operator_command
+def status(name: NameArg, namespace: NamespaceOpt = None) -> None:
+    """Show a MoEDeployment's mode, placement figures and conditions (needs the operator
+    package and a cluster)."""
+    from moeplace_cli.cluster_cmd import run_operator_command
 
-    operator_command("status")(name, namespace=namespace, as_json=as_json)
+    typer.echo(run_operator_command("status", name, namespace))
 
 
 app.add_typer(gpus_app, name="gpus")

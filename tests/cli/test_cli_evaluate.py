@@ -1,0 +1,63 @@
+"""``moeplace evaluate``: format detection, dispatch rules, moved copies, traffic share."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from cli_helpers import LAYERS, Scenario, run
+
+
+def _solve(scenario: Scenario, strategy: str = "eplb", fmt: str = "canonical") -> Path:
+    out = scenario.tmp / f"{strategy}.{fmt}.json"
+    ran = run("solve", "--load", scenario.load, "--gpus", scenario.gpus, "--redundant", 4,
+              "--strategy", strategy, "--format", fmt, "--out", out)  # fmt: skip
+    assert ran.exit_code == 0, ran.stderr
+    return out
+
+
+def _evaluate(scenario: Scenario, placement: Path, *extra: str | Path) -> dict[str, object]:
+    ran = run("evaluate", "--placement", placement, "--load", scenario.load, "--gpus",
+              scenario.gpus, "--json", *extra)  # fmt: skip
+    assert ran.exit_code == 0, ran.stderr
+    return ran.json()
+
+
+def test_best_dispatch_is_no_worse_than_even(scenario: Scenario) -> None:
+    placement = _solve(scenario)
+    even = _evaluate(scenario, placement)
+    best = _evaluate(scenario, placement, "--dispatch", "best")
+    assert best["dispatch"] == "best"
+    assert float(best["straggler"]) <= float(even["straggler"]) * (1 + 1e-9)  # type: ignore[arg-type]
+    assert float(best["straggler"]) >= float(best["fluidBound"]) * (1 - 1e-9)  # type: ignore[arg-type]
+
+
+def test_per_layer_times_and_bounds(scenario: Scenario) -> None:
+    summary = _evaluate(scenario, _solve(scenario))
+    times, fluid = summary["layerTime"], summary["layerFluid"]
+    assert isinstance(times, list) and isinstance(fluid, list)
+    assert len(times) == len(fluid) == LAYERS
+    assert all(t >= f * (1 - 1e-9) for t, f in zip(times, fluid, strict=True))
+    assert sum(times) == pytest.approx(summary["straggler"])
+
+
+def test_moved_copies_against_previous(scenario: Scenario) -> None:
+    eplb, greedy = _solve(scenario, "eplb"), _solve(scenario, "greedy", "vllm")
+    assert _evaluate(scenario, eplb, "--previous", eplb)["moved"] == 0
+    moved = _evaluate(scenario, greedy, "--previous", eplb)["moved"]
+    assert isinstance(moved, int) and moved >= 0
+    assert "moved" not in _evaluate(scenario, eplb)
+
+
+def test_traffic_share_with_transitions(scenario: Scenario) -> None:
+    summary = _evaluate(scenario, _solve(scenario), "--transitions", scenario.transitions)
+    share = summary["trafficShare"]
+    assert isinstance(share, float) and 0 <= share <= 1
+    assert _evaluate(scenario, _solve(scenario))["trafficShare"] is None
+
+
+def test_table_output(scenario: Scenario) -> None:
+    ran = run("evaluate", "--placement", _solve(scenario, fmt="sglang"), "--load", scenario.load,
+              "--gpus", scenario.gpus)  # fmt: skip
+    assert ran.exit_code == 0, ran.stderr
+    assert "straggler / fluid bound" in ran.stdout

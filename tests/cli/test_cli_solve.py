@@ -1,0 +1,113 @@
+"""``moeplace solve``: every strategy and format, JSON and table output."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import moeplace_cli.main as cli_main
+import pytest
+from cli_helpers import EXPERTS, FIRST_LAYER, GPUS, LAYERS, Scenario, run
+from rich.console import Console
+
+from placement.formats import FORMATS
+from placement.model import Placement
+from placement.solvers import strategies
+from placement.validate import validate
+
+FAST = ("--time-limit", "0.5", "--threads", "1")
+
+
+@pytest.mark.parametrize("strategy", strategies())
+def test_solve_every_strategy(scenario: Scenario, strategy: str) -> None:
+    out = scenario.tmp / f"{strategy}.json"
+    ran = run("solve", "--load", scenario.load, "--gpus", scenario.gpus, "--redundant", 4,
+              "--strategy", strategy, *FAST, "--out", out, "--json")  # fmt: skip
+    assert ran.exit_code == 0, ran.stderr
+    summary = ran.json()
+    placement = Placement.model_validate_json(out.read_text())
+    validate(placement)
+    assert placement.table.shape == (LAYERS, EXPERTS + 4)
+    assert placement.num_gpus == GPUS
+    assert placement.model.dense_layers_before == FIRST_LAYER
+    assert summary["strategy"] == strategy
+    assert summary["contentHash"] == placement.content_hash()
+    assert summary["straggler"] >= summary["fluidBound"] * (1 - 1e-9)
+    assert 0 < summary["balancedness"] <= 1
+    assert summary["slotsPerGpu"] == 3 and summary["timeUnit"] == "token-time"
+
+
+def test_solve_table_output(scenario: Scenario) -> None:
+    out = scenario.tmp / "p.json"
+    ran = run("solve", "--load", scenario.load, "--gpus", scenario.gpus, "--strategy", "greedy",
+              "--out", out)  # fmt: skip
+    assert ran.exit_code == 0, ran.stderr
+    assert "straggler" in ran.stdout and "fluid bound" in ran.stdout
+    assert out.is_file()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_formats_round_trip_through_evaluate(scenario: Scenario, fmt: str) -> None:
+    out = scenario.tmp / f"p.{fmt}.json"
+    solved = run("solve", "--load", scenario.load, "--gpus", scenario.gpus, "--redundant", 4,
+                 "--strategy", "greedy", "--format", fmt, "--out", out, "--json")  # fmt: skip
+    assert solved.exit_code == 0, solved.stderr
+    json.loads(out.read_text())
+    scored = run("evaluate", "--placement", out, "--load", scenario.load, "--gpus",
+                 scenario.gpus, "--json")  # fmt: skip
+    assert scored.exit_code == 0, scored.stderr
+    assert scored.json()["straggler"] == pytest.approx(solved.json()["straggler"])
+    assert scored.json()["contentHash"] == solved.json()["contentHash"]
+
+
+def test_sglang_rows_include_dense_layers(scenario: Scenario) -> None:
+    out = scenario.tmp / "sglang.json"
+    ran = run("solve", "--load", scenario.load, "--gpus", scenario.gpus, "--strategy", "eplb",
+              "--format", "sglang", "--dense-layers", 3, "--out", out)  # fmt: skip
+    assert ran.exit_code == 0, ran.stderr
+    assert len(json.loads(out.read_text())["physical_to_logical_map"]) == 3 + LAYERS
+
+
+def test_solve_with_curves_and_transitions(scenario: Scenario) -> None:
+    out = scenario.tmp / "p.json"
+    ran = run("solve", "--load", scenario.load, "--gpus", scenario.profile, "--redundant", 4,
+              "--transitions", scenario.transitions, "--traffic-weight", 0.01, *FAST,
+              "--out", out, "--json")  # fmt: skip
+    assert ran.exit_code == 0, ran.stderr
+    summary = ran.json()
+    assert summary["timeUnit"] == "us"
+    assert 0 <= summary["trafficShare"] <= 1
+    assert summary["gap"] >= 0
+
+
+def test_progress_bar_on_a_terminal(scenario: Scenario, monkeypatch: pytest.MonkeyPatch) -> None:
+    sink = io.StringIO()
+    terminal = Console(file=sink, force_terminal=True, width=100)
+    monkeypatch.setattr(cli_main, "err_console", terminal)
+    out = scenario.tmp / "p.json"
+    ran = run("solve", "--load", scenario.load, "--gpus", scenario.gpus, "--strategy", "cpsat",
+              *FAST, "--out", out)  # fmt: skip
+    assert ran.exit_code == 0, ran.stderr
+    assert "cpsat" in sink.getvalue()
+
+
+def test_progress_bar_reports_fractions(monkeypatch: pytest.MonkeyPatch) -> None:
+    terminal = Console(file=io.StringIO(), force_terminal=True, width=100)
+    monkeypatch.setattr(cli_main, "err_console", terminal)
+    with cli_main.progress_bar("x", enabled=True) as progress:
+        assert progress is not None
+        progress(0.5)
+        progress(1.0)
+    with cli_main.progress_bar("x", enabled=False) as progress:
+        assert progress is None
+
+
+def test_seed_is_reproducible(scenario: Scenario, tmp_path: Path) -> None:
+    hashes = set()
+    for i in range(2):
+        ran = run("solve", "--load", scenario.load, "--gpus", scenario.gpus, "--redundant", 4,
+                  "--strategy", "greedy", "--seed", 3, "--out", tmp_path / f"{i}.json",
+                  "--json")  # fmt: skip
+        hashes.add(ran.json()["contentHash"])
+    assert len(hashes) == 1
