@@ -1,0 +1,810 @@
+"""``cpsat``: expert placement with OR-Tools CP-SAT (the product solver).
+
+Notation: L layers, E experts, G GPUs, S slots per GPU, P = G * S slots, K load samples.
+
+The model, per MoE layer (layers are coupled only by the traffic term, see below):
+
+Variables
+    ``y[e, r]`` (bool): expert ``e`` gets ``r`` copies, for ``r`` in a small candidate set
+    ``R_e`` (at most 3 values: greedy's count and the floor/ceiling of the proportional rule
+    ``r*_e = P * w_e / sum(w)``, clipped to 1..G). Exactly one ``y[e, r]`` per expert.
+    ``c[e, g, r]`` (bool): ``e`` has ``r`` copies and one of them is on GPU ``g``.
+    ``x[e, g] = sum_r c[e, g, r]`` is the copy indicator of the task statement.
+
+Constraints
+    ``sum_r y[e, r] == 1`` (every expert has >= 1 copy since every candidate r >= 1);
+    ``sum_g c[e, g, r] == r * y[e, r]`` (the copies exist);
+    ``sum_r c[e, g, r] <= 1`` (at most one copy of an expert per GPU);
+    ``sum_{e, r} c[e, g, r] == S`` (exact slot count per GPU).
+
+GPU load (even-split dispatch, what vLLM and SGLang do)
+    ``load[k, g] = sum_{e, r} c[e, g, r] * w[k, e] / r``. The non-linear ``w / r_e`` is
+    linearised by the (e, r) booleans: each ``c[e, g, r]`` carries the constant per-copy load
+    ``w[k, e] / r``, integer-scaled.
+
+GPU time
+    Speed factors: ``time[k, g] = load[k, g] / speed_g`` (linear, coefficients
+    ``round(scale * w[k, e] / (r * speed_g))``).
+    Latency curves: exact piecewise-linear, one boolean per curve segment (the segment
+    ``[t_s, t_{s+1}]`` that contains the load, the first one from 0 and the last one extended
+    past the last sample) with ``time >= curve_s(load)`` enforced only for the chosen segment
+    (``OnlyEnforceIf``). Exact for non-convex, non-monotone curves; no convex hull.
+
+Objective (integer; one unit = ``1 / scale`` of the problem's time unit, i.e. of a token-time
+with speed factors or of a µs with curves; ``scale`` is chosen so that the fluid bound of a
+layer is about 10^5 units)
+    ``sum_layers hedge_k(max_g time[k, g])``: per-sample maximum variables ``T[k] >= time[k, g]``,
+    hedged over the K samples (``problem.samples``; the mean ``problem.load`` when none):
+    ``hedge="expected"`` minimises the mean of the per-sample maxima, ``"robust"`` the
+    maximum over samples (``T >= T[k]``);
+    ``+ weights.migration * #(copies (e, g) not in problem.current)``;
+    ``+ weights.traffic * tokens that change GPU between consecutive layers`` (MoETuner):
+    with even split a token with expert i in layer l and j in l+1 stays on its GPU with
+    probability ``sum_g x_l[i, g] x_{l+1}[j, g] / (r_i r_j)``. Only the heaviest transition
+    pairs get co-location booleans ``z[i, j, g] <= x_l[i, g], z <= x_{l+1}[j, g]``; in this
+    coupled mode the replica counts are fixed to the warm start's, so ``1 / (r_i r_j)`` is a
+    constant.
+
+Solving
+    Without traffic coupling (``weights.traffic == 0`` or no transitions) every layer is its own
+    model, solved in a thread pool; the time budget is split evenly over the layers (a layer
+    that finishes early leaves its time to the rest). Each model is warm-started
+    (``AddHint``) from :func:`placement.solvers.greedy.greedy_table`, stops at a relative gap of
+    1e-4, and its answer is kept only if it is better than the warm start under the exact
+    (float) objective, so ``cpsat`` is never worse than ``greedy``.
+    The reported bound is, per layer, ``max(CP-SAT's bound, fluid bound)`` summed over layers
+    (traffic and migration terms have bound 0 in that sum).
+
+Determinism
+    The search uses ``interleave_search`` (CP-SAT's deterministic portfolio: the same result for
+    any number of worker threads), ``random_seed = options.seed`` and a deterministic-time
+    limit equal to the wall-clock one. Results are reproducible for a fixed seed and time limit
+    as long as the deterministic limit or the gap limit stops the search before the wall-clock
+    cap (``max_time_in_seconds``) does, which holds except on a heavily loaded machine.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+from ortools.sat.python import cp_model
+
+from placement.model import Cluster, FloatArray, IntArray, Placement
+from placement.problem import Problem
+from placement.solvers.base import Solution, SolveOptions, register
+
+_TARGET_UNITS = 1e5  # integer units per layer fluid bound
+_GAP_LIMIT = 1e-4
+_MAX_PAIRS_PER_BOUNDARY = 64
+_POLISH_SHARE = 0.4  # of a layer's budget for the local search before CP-SAT
+_FREE_COUNTS_MAX = 20000  # E * G up to which CP-SAT may change replica counts
+_BUILD_S_PER_TERM = 2e-6  # rough cost of building the CP-SAT model, seconds per term
+_MIN_SOLVE_S = 0.05
+
+
+# --------------------------------------------------------------------------------------------
+# Exact (float) objective of a table, shared by the solver and the tests
+# --------------------------------------------------------------------------------------------
+
+
+def scenarios(problem: Problem) -> FloatArray:
+    """[K, L, E] the load samples the objective hedges over (``[load]`` when none)."""
+    if problem.samples is not None and problem.samples.shape[0] > 0:
+        return np.asarray(problem.samples, dtype=np.float64)
+    return np.asarray(problem.load[None, :, :], dtype=np.float64)
+
+
+def copy_matrix(table: IntArray, experts: int, num_gpus: int) -> IntArray:
+    """[L, E, G] copy indicators x[l, e, g] of a [L, P] slot table."""
+    L, P = table.shape
+    S = P // num_gpus
+    x = np.zeros((L, experts, num_gpus), dtype=np.int64)
+    gpu = np.arange(P) // S
+    for layer in range(L):
+        x[layer, table[layer], gpu] = 1
+    return x
+
+
+def even_straggler(table: IntArray, problem: Problem, loads: FloatArray) -> FloatArray:
+    """[K, L] slowest GPU's time per sample and layer, tokens split evenly over copies.
+
+    ``loads`` is [K, L, E]."""
+    x = copy_matrix(table, problem.model.experts, problem.cluster.size).astype(np.float64)
+    r = np.maximum(x.sum(axis=2), 1.0)  # [L, E]
+    share = x / r[:, :, None]  # [L, E, G]
+    gpu_load = np.einsum("kle,leg->klg", loads, share)
+    return np.asarray(problem.cluster.times(gpu_load).max(axis=2), dtype=np.float64)
+
+
+def traffic_tokens(table: IntArray, problem: Problem) -> FloatArray:
+    """[L-1] tokens that change GPU between layer l and l+1 (even split); zeros if no
+    transitions."""
+    L = problem.model.moe_layers
+    if problem.transitions is None or L < 2:
+        return np.zeros(max(L - 1, 0), dtype=np.float64)
+    x = copy_matrix(table, problem.model.experts, problem.cluster.size).astype(np.float64)
+    share = x / np.maximum(x.sum(axis=2, keepdims=True), 1.0)
+    trans = problem.transitions
+    stay = np.einsum("lij,lig,ljg->l", trans, share[:-1], share[1:])
+    return np.asarray(trans.sum(axis=(1, 2)) - stay, dtype=np.float64)
+
+
+def moved_copies(table: IntArray, problem: Problem) -> IntArray:
+    """[L] copies (e, g) present in ``table`` but not in ``problem.current`` (zeros if none)."""
+    L = problem.model.moe_layers
+    if problem.current is None:
+        return np.zeros(L, dtype=np.int64)
+    E, G = problem.model.experts, problem.cluster.size
+    new = copy_matrix(table, E, G)
+    old = copy_matrix(problem.current.table, E, G)
+    return np.asarray(((new == 1) & (old == 0)).sum(axis=(1, 2)), dtype=np.int64)
+
+
+def layer_objective(table: IntArray, problem: Problem, hedge: str) -> FloatArray:
+    """[L] per-layer objective: hedged straggler time + migration term (no traffic)."""
+    strag = even_straggler(table, problem, scenarios(problem))
+    hedged = strag.max(axis=0) if hedge == "robust" else strag.mean(axis=0)
+    return np.asarray(hedged + problem.weights.migration * moved_copies(table, problem))
+
+
+def objective(table: IntArray, problem: Problem, hedge: str = "expected") -> float:
+    """The cpsat objective of a [L, P] table in the problem's time unit."""
+    total = float(layer_objective(table, problem, hedge).sum())
+    if problem.weights.traffic > 0:
+        total += problem.weights.traffic * float(traffic_tokens(table, problem).sum())
+    return total
+
+
+def _fluid(cluster: Cluster, loads: FloatArray) -> FloatArray:
+    """[...] fluid lower bound on the straggler time for loads [..., E]."""
+    from placement.evaluate import fluid_bound
+
+    return np.asarray(fluid_bound(cluster, loads), dtype=np.float64)
+
+
+def _hedged_fluid(problem: Problem, hedge: str) -> FloatArray:
+    """[L] lower bound on the hedged straggler term of each layer."""
+    f = _fluid(problem.cluster, scenarios(problem))  # [K, L]
+    return np.asarray(f.max(axis=0) if hedge == "robust" else f.mean(axis=0))
+
+
+# --------------------------------------------------------------------------------------------
+# Model construction
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _LayerVars:
+    """CP-SAT variables of one layer: c[(e, g, r)], y[(e, r)], the straggler term."""
+
+    c: dict[tuple[int, int, int], cp_model.IntVar] = field(default_factory=dict)
+    y: dict[tuple[int, int], cp_model.IntVar] = field(default_factory=dict)
+    cands: list[list[int]] = field(default_factory=list)
+    straggler: list[cp_model.IntVar] = field(default_factory=list)  # per sample T[k]
+    straggler_max: int = 1  # upper bound of the T[k] domains
+    objective_terms: list[cp_model.LinearExprT] = field(default_factory=list)
+
+    def x(self, e: int, g: int) -> cp_model.LinearExprT:
+        return cp_model.LinearExpr.sum([self.c[(e, g, r)] for r in self.cands[e]])
+
+
+def _candidates(
+    w: FloatArray, hint_counts: IntArray, P: int, G: int, free: bool
+) -> list[list[int]]:
+    """Replica-count candidates per expert: greedy's, and floor/ceil of the proportional rule."""
+    E = w.shape[0]
+    if not free:
+        return [[int(hint_counts[e])] for e in range(E)]
+    total = float(w.sum())
+    ideal = (w / total * P) if total > 0 else np.full(E, P / E)
+    out = []
+    for e in range(E):
+        cand = {int(hint_counts[e]), math.floor(ideal[e]), math.ceil(ideal[e])}
+        out.append(sorted({min(max(r, 1), G) for r in cand}))
+    return out
+
+
+def _add_layer(
+    m: cp_model.CpModel,
+    problem: Problem,
+    w: FloatArray,
+    hint_row: IntArray,
+    current_row: IntArray | None,
+    scale: float,
+    hedge: str,
+    free_counts: bool,
+) -> _LayerVars:
+    """Add one layer's variables and constraints; w is [K, E] (this layer's samples)."""
+    K, E = w.shape
+    G, S = problem.cluster.size, problem.slots_per_gpu
+    P = G * S
+    hint_counts = np.bincount(hint_row, minlength=E)
+    hint_gpus = [set((np.nonzero(hint_row == e)[0] // S).tolist()) for e in range(E)]
+    v = _LayerVars()
+    v.cands = _candidates(w.mean(axis=0), hint_counts, P, G, free_counts)
+
+    for e in range(E):
+        for r in v.cands[e]:
+            yv = m.new_bool_var("")
+            v.y[(e, r)] = yv
+            m.add_hint(yv, r == hint_counts[e])
+            for g in range(G):
+                cv = m.new_bool_var("")
+                v.c[(e, g, r)] = cv
+                m.add_hint(cv, r == hint_counts[e] and g in hint_gpus[e])
+            m.add(cp_model.LinearExpr.sum([v.c[(e, g, r)] for g in range(G)]) == r * yv)
+        m.add_exactly_one(v.y[(e, r)] for r in v.cands[e])
+        for g in range(G):
+            if len(v.cands[e]) > 1:
+                m.add_at_most_one(v.c[(e, g, r)] for r in v.cands[e])
+    for g in range(G):
+        m.add(cp_model.LinearExpr.sum([v.c[(e, g, r)] for e in range(E) for r in v.cands[e]]) == S)
+    m.add(sum(r * v.y[(e, r)] for e in range(E) for r in v.cands[e]) == P)
+
+    cluster = problem.cluster
+    speeds = cluster.speeds
+    hint_share = np.zeros((E, G))
+    for e in range(E):
+        for g in hint_gpus[e]:
+            hint_share[e, g] = 1.0 / hint_counts[e]
+    hint_loads = w @ hint_share  # [K, G]
+    for k in range(K):
+        hint_times = cluster.times(hint_loads[k])
+        t_max = math.ceil(float(hint_times.max()) * scale * 4 + 10)
+        tk = m.new_int_var(0, max(t_max, 1), "")
+        v.straggler_max = max(v.straggler_max, t_max)
+        v.straggler.append(tk)
+        if not cluster.has_curves:
+            keys = [(e, r) for e in range(E) for r in v.cands[e] if w[k, e] > 0]
+            per_copy = np.array([w[k, e] / r for e, r in keys])
+            for g in range(G):
+                coefs = np.round(per_copy / speeds[g] * scale).astype(np.int64).tolist()
+                expr = cp_model.LinearExpr.weighted_sum([v.c[(e, g, r)] for e, r in keys], coefs)
+                m.add(tk >= expr)
+        else:
+            for g in range(G):
+                _add_curve_time(m, problem, g, w[k], v, tk, scale, t_max)
+        m.add_hint(tk, round(float(hint_times.max()) * scale))
+    if current_row is not None and problem.weights.migration > 0:
+        cur = set(zip(current_row.tolist(), (np.arange(P) // S).tolist(), strict=True))
+        moved = cp_model.LinearExpr.sum(
+            [v.x(e, g) for e in range(E) for g in range(G) if (e, g) not in cur]
+        )
+        mig = round(problem.weights.migration * scale)
+        v.objective_terms.append(mig * (K if hedge != "robust" else 1) * moved)
+    return v
+
+
+def _add_curve_time(
+    m: cp_model.CpModel,
+    problem: Problem,
+    g: int,
+    wk: FloatArray,
+    v: _LayerVars,
+    tk: cp_model.IntVar,
+    scale: float,
+    t_max: int,
+) -> None:
+    """time_g >= curve_g(load_g), exact piecewise-linear with one boolean per segment.
+
+    Load is in tokens (integer-rounded per copy), time in units of ``1/scale`` µs."""
+    curve = problem.cluster.gpus[g].curve
+    assert curve is not None
+    E = wk.shape[0]
+    terms = [(round(wk[e] / r), v.c[(e, g, r)]) for e in range(E) for r in v.cands[e] if wk[e] > 0]
+    max_load = sum(coef for coef, _ in terms)
+    load = m.new_int_var(0, max(max_load, 1), "")
+    m.add(load == sum(coef * var for coef, var in terms))
+    xs = [0, *curve.tokens]
+    ys = [curve.micros[0], *curve.micros]
+    last_slope = (curve.micros[-1] - curve.micros[-2]) / (curve.tokens[-1] - curve.tokens[-2])
+    segs: list[tuple[int, int, float, float]] = []  # lo, hi, y_lo, slope
+    for s in range(len(xs) - 1):
+        lo, hi = xs[s], xs[s + 1]
+        if lo > max_load:
+            break
+        slope = (ys[s + 1] - ys[s]) / (hi - lo) if s > 0 else 0.0
+        segs.append((lo, hi, ys[s], slope))
+    if xs[-1] < max_load:
+        segs.append((xs[-1], max_load, ys[-1], last_slope))
+    q = 1000
+    bools = []
+    for lo, hi, y_lo, slope in segs:
+        b = m.new_bool_var("")
+        bools.append(b)
+        m.add(load >= lo).only_enforce_if(b)
+        m.add(load <= hi).only_enforce_if(b)
+        # q * t >= q*scale*(y_lo + slope*(load - lo)), coefficients rounded up (safe side)
+        p = math.ceil(slope * scale * q)
+        const = math.ceil(q * scale * y_lo) - p * lo
+        m.add(q * tk >= p * load + const).only_enforce_if(b)
+    m.add_exactly_one(bools)
+    del t_max
+
+
+# --------------------------------------------------------------------------------------------
+# Local search (polishes the warm start before CP-SAT)
+# --------------------------------------------------------------------------------------------
+
+
+def _polish(
+    w: FloatArray,
+    row: IntArray,
+    cluster: Cluster,
+    S: int,
+    hedge: str,
+    current_row: IntArray | None,
+    migration: float,
+    deadline: float = math.inf,
+    relocate: bool = True,
+) -> IntArray:
+    """Local search on one layer's [P] slot row; ``w`` is [K, E] (this layer's samples).
+
+    Two neighbourhoods, best improvement, until ``deadline`` (``time.monotonic()``):
+    swaps of two copies on different GPUs (among swaps that touch a GPU that is the slowest
+    in some sample), and, when no swap helps, relocations (a redundant copy of one expert
+    becomes a copy of another expert, which changes both experts' per-copy loads). A move is
+    taken when it lowers (hedged straggler time + migration term, sum of squared GPU times)
+    lexicographically, so plateaus are crossed and the search terminates."""
+    state = _LocalState(w, row, cluster, S, hedge, current_row, migration)
+    while time.monotonic() < deadline:
+        while time.monotonic() < deadline and state.best_swap():
+            pass
+        if not relocate or time.monotonic() >= deadline or not state.best_relocation():
+            break
+    return state.row
+
+
+class _LocalState:
+    """Incremental state of :func:`_polish`: slot row, copy counts, per-GPU loads and times."""
+
+    def __init__(
+        self,
+        w: FloatArray,
+        row: IntArray,
+        cluster: Cluster,
+        S: int,
+        hedge: str,
+        current_row: IntArray | None,
+        migration: float,
+    ) -> None:
+        self.w, self.cluster, self.S, self.hedge = w, cluster, S, hedge
+        self.K, self.E = w.shape
+        self.P = row.size
+        self.G = self.P // S
+        self.row = row.copy()
+        self.gpu_of = np.arange(self.P) // S
+        cur = np.zeros((self.E, self.G), dtype=bool)
+        if current_row is not None:
+            cur[current_row, self.gpu_of] = True
+        self.notcur = (~cur).astype(np.float64) * migration  # cost of holding (e, g)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self.counts = np.bincount(self.row, minlength=self.E).astype(np.float64)
+        self.per_copy = self.w / np.maximum(self.counts, 1.0)  # [K, E]
+        self.held = np.zeros((self.E, self.G), dtype=bool)
+        self.held[self.row, self.gpu_of] = True
+        self.loads = self.per_copy[:, self.row].reshape(self.K, self.G, self.S).sum(-1)
+        self.times = self.cluster.times(self.loads)
+
+    def _hedge(self, per_sample_max: FloatArray, axis: int) -> FloatArray:
+        if self.hedge == "robust":
+            return np.asarray(per_sample_max.max(axis), dtype=np.float64)
+        return np.asarray(per_sample_max.mean(axis), dtype=np.float64)
+
+    def best_swap(self) -> bool:
+        """Apply the best improving swap; False if there is none."""
+        K, P, _G = self.K, self.P, self.G
+        times, row, gpu_of, held = self.times, self.row, self.gpu_of, self.held
+        padded = np.concatenate([times, np.full((K, 3), -np.inf)], axis=1)
+        order = np.argsort(-padded, axis=1)[:, :3]  # [K, 3] (index >= G: padding)
+        top_v = np.take_along_axis(padded, order, axis=1)
+        bottleneck = np.unique(order[:, 0])
+        a = np.nonzero(np.isin(gpu_of, bottleneck))[0]  # slots on bottleneck GPUs
+        aa, bb = (m.ravel() for m in np.meshgrid(a, np.arange(P), indexing="ij"))
+        ga, gb = gpu_of[aa], gpu_of[bb]
+        ea, eb = row[aa], row[bb]
+        ok = (ga != gb) & (ea != eb) & ~held[ea, gb] & ~held[eb, ga]
+        aa, bb, ga, gb, ea, eb = aa[ok], bb[ok], ga[ok], gb[ok], ea[ok], eb[ok]
+        if aa.size == 0:
+            return False
+        d = self.per_copy[:, eb] - self.per_copy[:, ea]  # [K, N] load change on ga
+        ta = _time_at(self.cluster, self.loads[:, ga] + d, ga)
+        tb = _time_at(self.cluster, self.loads[:, gb] - d, gb)
+        # slowest time among the other GPUs, per sample and candidate, from the top three
+        hit1 = (order[:, 0][:, None] == ga) | (order[:, 0][:, None] == gb)  # [K, N]
+        hit2 = (order[:, 1][:, None] == ga) | (order[:, 1][:, None] == gb)
+        rest = np.where(hit1, np.where(hit2, top_v[:, 2:3], top_v[:, 1:2]), top_v[:, 0:1])
+        strag = self._hedge(np.maximum(rest, np.maximum(ta, tb)), 0)
+        nc = self.notcur
+        strag = strag + (nc[ea, gb] + nc[eb, ga] - nc[ea, ga] - nc[eb, gb])
+        base = float(self._hedge(top_v[:, 0], 0))
+        dsq = ((ta**2 + tb**2) - (times[:, ga] ** 2 + times[:, gb] ** 2)).sum(0)
+        best = _pick(strag, dsq, base)
+        if best < 0:
+            return False
+        i, j = int(aa[best]), int(bb[best])
+        gi, gj, ei, ej = int(ga[best]), int(gb[best]), int(ea[best]), int(eb[best])
+        row[i], row[j] = ej, ei
+        held[ei, gi] = held[ej, gj] = False
+        held[ei, gj] = held[ej, gi] = True
+        self.loads[:, gi] += d[:, best]
+        self.loads[:, gj] -= d[:, best]
+        times[:, gi] = self.cluster.gpus[gi].time(self.loads[:, gi])
+        times[:, gj] = self.cluster.gpus[gj].time(self.loads[:, gj])
+        return True
+
+    def best_relocation(self) -> bool:
+        """Apply the best improving relocation of a redundant copy; False if there is none."""
+        K, E, G = self.K, self.E, self.G
+        slots = np.nonzero(self.counts[self.row] >= 2)[0]
+        if slots.size == 0:
+            return False
+        ss, bb = (m.ravel() for m in np.meshgrid(slots, np.arange(E), indexing="ij"))
+        gs, ea = self.gpu_of[ss], self.row[ss]
+        ok = ~self.held[bb, gs] & (self.counts[bb] < G)
+        ss, bb, gs, ea = ss[ok], bb[ok], gs[ok], ea[ok]
+        if ss.size == 0:
+            return False
+        base = float(self._hedge(self.times.max(1), 0))
+        base_sq = float((self.times**2).sum())
+        best_val, best_sq, best_n = math.inf, math.inf, -1
+        chunk = max(1, 2**21 // (K * G))
+        ra, rb = self.counts[ea], self.counts[bb]
+        for lo in range(0, ss.size, chunk):
+            sl = slice(lo, lo + chunk)
+            n = ss[sl].size
+            wa, wb = self.w[:, ea[sl]].T, self.w[:, bb[sl]].T  # [n, K]
+            on_g = np.zeros((n, G), dtype=bool)
+            on_g[np.arange(n), gs[sl]] = True
+            ha = self.held[ea[sl]] & ~on_g  # other GPUs holding a
+            hb = self.held[bb[sl]]
+            da = wa * (1.0 / (ra[sl] - 1) - 1.0 / ra[sl])[:, None]  # [n, K]
+            db = wb * (1.0 / (rb[sl] + 1) - 1.0 / rb[sl])[:, None]
+            dg = wb / (rb[sl] + 1)[:, None] - wa / ra[sl][:, None]
+            delta = (
+                ha[:, None, :] * da[:, :, None]
+                + hb[:, None, :] * db[:, :, None]
+                + on_g[:, None, :] * dg[:, :, None]
+            )  # [n, K, G]
+            t = self.cluster.times(self.loads[None] + delta)
+            strag = self._hedge(t.max(2), 1)
+            strag = strag + self.notcur[bb[sl], gs[sl]] - self.notcur[ea[sl], gs[sl]]
+            sq = (t**2).sum((1, 2)) - base_sq
+            k = _pick(strag, sq, base)
+            if k >= 0 and (strag[k], sq[k]) < (best_val, best_sq):
+                best_val, best_sq, best_n = float(strag[k]), float(sq[k]), lo + k
+        if best_n < 0:
+            return False
+        self.row[ss[best_n]] = bb[best_n]
+        self._refresh()
+        return True
+
+
+def _pick(value: FloatArray, dsq: FloatArray, base: float) -> int:
+    """Index of the best candidate that lowers (value, dsq) against (base, 0), or -1."""
+    tol = 1e-12 * max(abs(base), 1.0)
+    better = (value < base - tol) | ((value <= base + tol) & (dsq < -tol * abs(base)))
+    if not better.any():
+        return -1
+    cand = np.nonzero(better)[0]
+    return int(cand[np.lexsort((dsq[cand], value[cand]))[0]])
+
+
+def _time_at(cluster: Cluster, loads: FloatArray, gpus: IntArray) -> FloatArray:
+    """Time of GPU ``gpus[n]`` at load ``loads[k, n]``: [K, N] -> [K, N]."""
+    if not cluster.has_curves:
+        return np.asarray(loads / cluster.speeds[gpus][None, :], dtype=np.float64)
+    out = np.empty_like(loads)
+    for g in np.unique(gpus):
+        sel = gpus == g
+        out[:, sel] = cluster.gpus[int(g)].time(loads[:, sel])
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Solving
+# --------------------------------------------------------------------------------------------
+
+
+def _params(options: SolveOptions, time_s: float, workers: int) -> cp_model.CpSolver:
+    solver = cp_model.CpSolver()
+    p = solver.parameters
+    p.max_time_in_seconds = max(time_s, 0.01)
+    p.max_deterministic_time = max(time_s, 0.01)
+    p.num_workers = max(workers, 1)
+    p.interleave_search = False
+    p.random_seed = options.seed
+    p.relative_gap_limit = _GAP_LIMIT
+    p.log_search_progress = False
+    return solver
+
+
+def _threads(options: SolveOptions) -> int:
+    return options.threads if options.threads > 0 else (os.cpu_count() or 1)
+
+
+def _layer_scale(problem: Problem, loads: FloatArray) -> float:
+    """Integer units per time unit so that a layer's fluid bound is about 1e5 units."""
+    f = float(np.max(_fluid(problem.cluster, loads)))
+    return _TARGET_UNITS / f if f > 0 else 1.0
+
+
+@dataclass
+class _LayerResult:
+    row: IntArray
+    bound: float  # lower bound on the layer's objective (problem units)
+    optimal: bool
+    improved: bool
+
+
+def _table_from_vars(solver: cp_model.CpSolver, v: _LayerVars, E: int, G: int, S: int) -> IntArray:
+    """[P] slot row from a solved layer."""
+    row = np.empty(G * S, dtype=np.int64)
+    fill = [0] * G
+    for e in range(E):
+        for g in range(G):
+            if any(solver.value(v.c[(e, g, r)]) for r in v.cands[e]):
+                row[g * S + fill[g]] = e
+                fill[g] += 1
+    return row
+
+
+def _keep_slots(row: IntArray, previous: IntArray | None, S: int) -> IntArray:
+    """Reorder slots within each GPU so that copies already there keep their slot."""
+    if previous is None:
+        return row
+    out = row.copy()
+    for g in range(row.size // S):
+        new = list(row[g * S : (g + 1) * S])
+        old = list(previous[g * S : (g + 1) * S])
+        slots: list[int | None] = [e if e in new else None for e in old]
+        rest = [e for e in new if e not in old]
+        out[g * S : (g + 1) * S] = [e if e is not None else rest.pop(0) for e in slots]
+    return out
+
+
+def _layer_problem(problem: Problem, layer: int) -> Problem:
+    """The one-layer sub-problem of ``layer`` (no transitions)."""
+    shape = problem.model.model_copy(update={"moe_layers": 1})
+    current = None
+    if problem.current is not None:
+        current = Placement.from_table(
+            problem.current.table[layer : layer + 1], shape, problem.cluster.size, "current"
+        )
+    return Problem(
+        shape,
+        problem.cluster,
+        problem.slots_per_gpu,
+        problem.load[layer : layer + 1],
+        samples=None if problem.samples is None else problem.samples[:, layer : layer + 1],
+        current=current,
+        weights=problem.weights,
+    )
+
+
+def _solve_layer(
+    problem: Problem,
+    options: SolveOptions,
+    layer: int,
+    hint_row: IntArray,
+    budget_s: float,
+    workers: int,
+) -> _LayerResult:
+    """Polish the warm start, then CP-SAT on the layer; ``budget_s`` wall seconds in all."""
+    start = time.monotonic()
+    E, G, S = problem.model.experts, problem.cluster.size, problem.slots_per_gpu
+    loads = scenarios(problem)[:, layer, :]  # [K, E]
+    K = loads.shape[0]
+    hedge = options.hedge
+    sub = _layer_problem(problem, layer)
+    current = problem.current.table[layer] if problem.current is not None else None
+    fluid = float(_hedged_fluid(sub, hedge)[0])
+    greedy_obj = float(layer_objective(hint_row[None, :], sub, hedge)[0])
+    row = _polish(
+        loads,
+        hint_row,
+        problem.cluster,
+        S,
+        hedge,
+        current,
+        problem.weights.migration,
+        deadline=start + _POLISH_SHARE * budget_s,
+    )
+    obj = float(layer_objective(row[None, :], sub, hedge)[0])
+    if obj > greedy_obj:  # cannot happen (the search only accepts improvements); be safe
+        row, obj = hint_row.copy(), greedy_obj
+    improved = obj < greedy_obj - 1e-9 * max(greedy_obj, 1.0)
+    if obj <= fluid * (1.0 + _GAP_LIMIT):  # provably optimal already
+        return _LayerResult(row, min(fluid, obj), True, improved)
+    # CP-SAT, if the model can be built and searched in what is left of the budget
+    free = E * G <= _FREE_COUNTS_MAX
+    terms = K * G * E * (3 if free else 1)
+    left = budget_s - (time.monotonic() - start)
+    if terms * _BUILD_S_PER_TERM > 0.5 * left:
+        return _LayerResult(row, min(fluid, obj), False, improved)
+    scale = _layer_scale(problem, loads)
+    m = cp_model.CpModel()
+    v = _add_layer(m, problem, loads, row, current, scale, hedge, free)
+    if hedge == "robust":
+        t = m.new_int_var(0, v.straggler_max, "")
+        for tk in v.straggler:
+            m.add(t >= tk)
+        m.minimize(cp_model.LinearExpr.sum([t, *v.objective_terms]))
+        div = float(scale)
+    else:
+        m.minimize(cp_model.LinearExpr.sum([*v.straggler, *v.objective_terms]))
+        div = float(scale * K)
+    left = budget_s - (time.monotonic() - start)
+    solver = _params(options, max(left, _MIN_SOLVE_S), workers)
+    status = solver.solve(m)
+    bound = fluid
+    optimal = False
+    if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        # the integer model rounds coefficients; allow for that before trusting its bound
+        bound = max(fluid, solver.best_objective_bound / div * (1.0 - 1e-4))
+        optimal = status == cp_model.OPTIMAL
+        cand = _table_from_vars(solver, v, E, G, S)
+        cand_obj = float(layer_objective(cand[None, :], sub, hedge)[0])
+        if cand_obj < obj - 1e-9 * max(obj, 1.0):
+            row, obj, improved = _keep_slots(cand, current, S), cand_obj, True
+    return _LayerResult(row, min(bound, obj), optimal, improved)
+
+
+def _solve_independent(
+    problem: Problem, options: SolveOptions, hint: IntArray, t0: float
+) -> tuple[IntArray, float, str, dict[str, float]]:
+    """Layers in a thread pool: ``threads // 2`` layers at a time (CP-SAT's search needs two
+    workers for its large-neighbourhood search), each an even share of the time left."""
+    L = problem.model.moe_layers
+    threads = _threads(options)
+    concurrent = max(1, min(threads // 2, L))
+    workers = max(1, threads // concurrent)
+    deadline = t0 + options.time_limit_s
+    lock = threading.Lock()
+    started = [0]
+
+    def run(layer: int) -> _LayerResult:
+        with lock:
+            waiting = L - started[0]  # layers not started yet, this one included
+            started[0] += 1
+        left = max(deadline - time.monotonic(), 0.0)
+        budget = left * min(concurrent, waiting) / max(waiting, 1)
+        return _solve_layer(problem, options, layer, hint[layer], budget, workers)
+
+    results: list[_LayerResult] = []
+    with ThreadPoolExecutor(max_workers=concurrent) as pool:
+        futures = [pool.submit(run, layer) for layer in range(L)]
+        for done, fut in enumerate(futures, start=1):
+            results.append(fut.result())
+            if options.progress is not None:
+                options.progress(done / L)
+    table = np.stack([r.row for r in results])
+    bound = float(sum(r.bound for r in results))
+    status = "OPTIMAL" if all(r.optimal for r in results) else "FEASIBLE"
+    details = {
+        "layers_optimal": float(sum(r.optimal for r in results)),
+        "layers_improved": float(sum(r.improved for r in results)),
+        "concurrent_layers": float(concurrent),
+        "workers_per_layer": float(workers),
+    }
+    return table, bound, status, details
+
+
+def _solve_coupled(
+    problem: Problem, options: SolveOptions, hint: IntArray, t0: float
+) -> tuple[IntArray, float, str, dict[str, float]]:
+    """One model over all layers, with co-location booleans for the heaviest transitions."""
+    assert problem.transitions is not None
+    L, E = problem.model.moe_layers, problem.model.experts
+    G, S = problem.cluster.size, problem.slots_per_gpu
+    hedge = options.hedge
+    loads = scenarios(problem)  # [K, L, E]
+    K = loads.shape[0]
+    scale = _layer_scale(problem, loads)
+    m = cp_model.CpModel()
+    layers: list[_LayerVars] = []
+    for layer in range(L):
+        cur = problem.current.table[layer] if problem.current is not None else None
+        layers.append(
+            _add_layer(m, problem, loads[:, layer], hint[layer], cur, scale, hedge, False)
+        )
+    counts = np.stack([np.bincount(hint[layer], minlength=E) for layer in range(L)])
+    per = float(K) if hedge != "robust" else 1.0
+    traffic_terms: list[cp_model.LinearExprT] = []
+    hint_x = copy_matrix(hint, E, G)
+    for layer in range(L - 1):
+        tr = problem.transitions[layer] / np.outer(counts[layer], counts[layer + 1])
+        order = np.argsort(-tr, axis=None)[:_MAX_PAIRS_PER_BOUNDARY]
+        for flat in order:
+            i, j = divmod(int(flat), E)
+            if tr[i, j] <= 0:
+                break
+            coef = round(problem.weights.traffic * tr[i, j] * scale * per)
+            if coef <= 0:
+                continue
+            for g in range(G):
+                z = m.new_bool_var("")
+                m.add_implication(z, layers[layer].c[(i, g, int(counts[layer, i]))])
+                m.add_implication(z, layers[layer + 1].c[(j, g, int(counts[layer + 1, j]))])
+                m.add_hint(z, bool(hint_x[layer, i, g] and hint_x[layer + 1, j, g]))
+                traffic_terms.append(-coef * z)
+    strag: list[cp_model.LinearExprT] = []
+    for v in layers:
+        if hedge == "robust":
+            t = m.new_int_var(0, v.straggler_max, "")
+            for tk in v.straggler:
+                m.add(t >= tk)
+            strag.append(t)
+        else:
+            strag.extend(v.straggler)
+    extra = [t for v in layers for t in v.objective_terms]
+    m.minimize(cp_model.LinearExpr.sum([*strag, *extra, *traffic_terms]))
+    left = max(t0 + options.time_limit_s - time.monotonic(), 0.05)
+    solver = _params(options, left, _threads(options))
+    status = solver.solve(m)
+    hint_obj = objective(hint, problem, hedge)
+    bound = float(_hedged_fluid(problem, hedge).sum())
+    details: dict[str, float] = {"coupled": 1.0}
+    if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        table = np.stack([_table_from_vars(solver, v, E, G, S) for v in layers])
+        if problem.current is not None:
+            table = np.stack(
+                [_keep_slots(table[la], problem.current.table[la], S) for la in range(L)]
+            )
+        if objective(table, problem, hedge) < hint_obj:
+            details["improved"] = 1.0
+            st = "OPTIMAL" if status == cp_model.OPTIMAL else "FEASIBLE"
+            return table, bound, st, details
+    if options.progress is not None:
+        options.progress(1.0)
+    return hint.copy(), bound, "FEASIBLE", details
+
+
+@register("cpsat")
+def solve_cpsat(problem: Problem, options: SolveOptions) -> Solution:
+    """Solve ``problem`` with CP-SAT (see the module docstring for the model)."""
+    from placement.solvers.greedy import greedy_table
+
+    if options.hedge not in ("expected", "robust"):
+        raise ValueError(f"hedge must be 'expected' or 'robust', got {options.hedge!r}")
+    t0 = time.monotonic()
+    hint = np.asarray(greedy_table(problem), dtype=np.int64)
+    coupled = (
+        problem.weights.traffic > 0
+        and problem.transitions is not None
+        and problem.model.moe_layers > 1
+    )
+    if coupled:
+        table, bound, status, details = _solve_coupled(problem, options, hint, t0)
+    else:
+        table, bound, status, details = _solve_independent(problem, options, hint, t0)
+    obj = objective(table, problem, options.hedge)
+    hint_obj = objective(hint, problem, options.hedge)
+    if hint_obj < obj:  # never worse than the warm start
+        table, obj = hint, hint_obj
+    details["greedy_objective"] = hint_obj
+    placement = Placement.from_table(
+        table,
+        problem.model,
+        problem.cluster.size,
+        "cpsat",
+        hedge=options.hedge,
+        seed=options.seed,
+        time_limit_s=options.time_limit_s,
+    )
+    return Solution(
+        placement=placement,
+        objective=obj,
+        bound=min(bound, obj),
+        wall_s=time.monotonic() - t0,
+        status="OPTIMAL" if status == "OPTIMAL" or obj <= bound * (1 + _GAP_LIMIT) else status,
+        details=details,
+    )
