@@ -82,18 +82,16 @@ class TimeModel:
         gi = np.broadcast_to(np.asarray(gpu), x.shape)
         if not self.curves:
             return np.asarray(x / self.speeds[gi], dtype=np.float64)
-        xs, ys, last = self._xs[gi], self._ys[gi], self._npts[gi] - 1  # [..., n], [...]
-        j = (xs <= x[..., None]).sum(-1) - 1  # last sample <= x, -1 if left of all
-
-        def at(a: FloatArray, i: IntArray) -> FloatArray:
-            return np.asarray(np.take_along_axis(a, i[..., None], -1)[..., 0], dtype=np.float64)
-
-        jc = np.clip(j, 0, last - 1)
-        x0, x1, y0, y1 = at(xs, jc), at(xs, jc + 1), at(ys, jc), at(ys, jc + 1)
-        inner = y0 + (np.clip(x, x0, None) - x0) * (y1 - y0) / (x1 - x0)
-        right = at(ys, last) + (x - at(xs, last)) * self._slope[gi]
-        t = np.where(j < 0, ys[..., 0], np.where(j >= last, right, inner))
-        return np.asarray(np.where(x <= 0, 0.0, t), dtype=np.float64)
+        out = np.empty(x.shape)
+        for g in np.unique(gi).tolist():
+            sel = gi == g
+            k = int(self._npts[g])
+            xs, ys = self._xs[g, :k], self._ys[g, :k]
+            xg = x[sel]
+            t = np.interp(xg, xs, ys)
+            t = np.where(xg > xs[-1], ys[-1] + (xg - xs[-1]) * self._slope[g], t)
+            out[sel] = np.where(xg <= 0, 0.0, t)
+        return out
 
     def hull_time(self, loads: FloatArray) -> FloatArray:
         """[..., G] tokens -> [..., G] monotone-hull time ``h_g(x) <= t_g(x)``."""
@@ -133,29 +131,42 @@ class TimeModel:
         cap = np.where(j < 0, 0.0, np.where(jc >= last, right, inner))
         return np.asarray(np.maximum(cap, 0.0), dtype=np.float64)
 
-    def level(
-        self, demand: FloatArray, mask: BoolArray | None = None, iters: int = 100
-    ) -> FloatArray:
+    def level(self, demand: FloatArray, mask: BoolArray | None = None) -> FloatArray:
         """Least ``T`` with ``sum_{g in mask} cap_g(T) >= demand``; ``demand`` [...] -> [...].
 
-        Closed form for speed factors; bisection (``iters`` halvings, returning the feasible
-        upper end) for curves.
+        Closed form for speed factors. For curves the total capacity is piecewise linear
+        between the hull levels of the GPUs (jumping at plateau levels): a binary search over
+        the sorted levels finds the interval, where ``T`` follows by linear interpolation.
+        Exact up to rounding; O(log(levels)) capacity evaluations.
         """
         d = np.asarray(demand, dtype=np.float64)
         sel = np.ones(self.num_gpus, dtype=bool) if mask is None else mask
         if not self.curves:
             return np.asarray(d / self.speeds[sel].sum(), dtype=np.float64)
-        lo = np.zeros_like(d)
-        every = np.broadcast_to(d[..., None], (*d.shape, self.num_gpus))
-        hi = np.maximum(np.min(self.hull_time(every)[..., sel], axis=-1), 0.0)
-        for _ in range(iters):
-            mid = 0.5 * (lo + hi)
-            ok = self.capacity(mid)[..., sel].sum(-1) >= d
-            hi = np.where(ok, mid, hi)
-            lo = np.where(ok, lo, mid)
-            if np.all(hi - lo <= 1e-12 * np.maximum(hi, 1e-300)):
-                break
-        return np.asarray(np.where(d <= 0, 0.0, hi), dtype=np.float64)
+        hy = self._hy[sel]
+        levels = np.unique(hy[np.isfinite(hy)])
+        n = levels.size
+
+        def total(t: FloatArray) -> FloatArray:
+            return np.asarray(self.capacity(t)[..., sel].sum(-1), dtype=np.float64)
+
+        lo = np.zeros(d.shape, dtype=np.int64)
+        hi = np.full(d.shape, n, dtype=np.int64)
+        while np.any(lo < hi):  # smallest i with total(levels[i]) >= d (n if none)
+            mid = (lo + hi) // 2
+            ok = total(levels[np.minimum(mid, n - 1)]) >= d
+            active = lo < hi
+            hi = np.where(active & ok, mid, hi)
+            lo = np.where(active & ~ok, mid + 1, lo)
+        a = levels[np.clip(lo - 1, 0, n - 1)]
+        b = np.where(lo < n, levels[np.minimum(lo, n - 1)], a + np.maximum(1.0, np.abs(a)))
+        ca, probe = total(a), 0.5 * (a + b)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            slope = (total(probe) - ca) / (probe - a)
+            t = a + (d - ca) / slope
+        t = np.where(lo < n, np.minimum(np.nan_to_num(t, nan=np.inf), b), t)
+        t = np.where(lo == 0, levels[0], t)
+        return np.asarray(np.where(d <= 0, 0.0, t), dtype=np.float64)
 
 
 def _monotone_hull(xs: FloatArray, ys: FloatArray, slope: float) -> tuple[FloatArray, FloatArray]:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from placement_strategies import problems, random_placement
+from placement_strategies import curves, problems, random_placement
 
 from placement.dispatch import TimeModel, best_split
 from placement.evaluate import evaluate, fluid_bound, moved_copies, replica_bound
@@ -170,3 +170,26 @@ def test_best_split_is_optimal_with_speeds(problem, seed) -> None:  # type: igno
         lp.Minimize(T)
         assert lp.Solve() == pywraplp.Solver.OPTIMAL
         assert split.time == pytest.approx(T.solution_value(), rel=1e-6, abs=1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(curves(), min_size=1, max_size=4), st.floats(0.0, 5000.0), st.integers(0, 15))
+def test_level_is_least_time_covering_demand(cs, demand, bits) -> None:  # type: ignore[no-untyped-def]
+    model = TimeModel(Cluster(gpus=[GPU(node="a", curve=c) for c in cs]))
+    mask = np.array([(bits >> g) & 1 == 1 for g in range(len(cs))])
+    if not mask.any():
+        mask[0] = True
+    t = float(model.level(np.array(demand), mask))
+    assert model.capacity(np.array(t))[mask].sum() >= demand * (1 - 1e-9) - 1e-9
+    if demand > 0:
+        assert model.capacity(np.array(t * (1 - 1e-7) - 1e-9))[mask].sum() < demand
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(curves(), min_size=1, max_size=4), st.lists(st.floats(0, 3000), min_size=5))
+def test_time_model_matches_cluster(cs, loads) -> None:  # type: ignore[no-untyped-def]
+    cluster = Cluster(gpus=[GPU(node="a", curve=c) for c in cs])
+    model = TimeModel(cluster)
+    x = np.resize(np.asarray(loads), (3, len(cs)))
+    np.testing.assert_allclose(model.time(x), cluster.times(x))
+    assert (model.hull_time(x) <= model.time(x) + 1e-9).all()
