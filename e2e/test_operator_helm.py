@@ -1,0 +1,114 @@
+"""The Helm chart: lint, render, and install against the real API server. The operator pod
+does not run (kwok has no container runtime): these tests check the objects and that the
+service account's RBAC allows what the operator does, and nothing much more."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import Cluster
+
+pytestmark = pytest.mark.e2e
+
+CHART = Path(__file__).resolve().parents[1] / "helm/moeplace"
+
+
+def render(cluster: Cluster, *values: str) -> list[dict[str, Any]]:
+    args = [f"--set={v}" for v in values]
+    out = cluster.helm("template", "moeplace", str(CHART), "--namespace", "ops", *args).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def test_lint(cluster: Cluster) -> None:
+    result = cluster.helm("lint", str(CHART), "--strict")
+    assert "0 chart(s) failed" in result.stdout
+
+
+def test_values_schema_rejects_typos(cluster: Cluster) -> None:
+    result = cluster.helm("template", "x", str(CHART), "--set", "solver.wrokers=3", check=False)
+    assert result.returncode != 0 and "wrokers" in result.stderr
+
+
+def test_template_cluster_wide(cluster: Cluster) -> None:
+    docs = render(cluster)
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == ["ClusterRole", "ClusterRoleBinding", "Deployment", "Service", "ServiceAccount"]
+    deploy = next(d for d in docs if d["kind"] == "Deployment")
+    assert deploy["spec"]["replicas"] == 1 and deploy["spec"]["strategy"]["type"] == "Recreate"
+    role = next(d for d in docs if d["kind"] == "ClusterRole")
+    verbs = {
+        (r["apiGroups"][0], res): set(r["verbs"]) for r in role["rules"] for res in r["resources"]
+    }
+    assert verbs[("", "nodes")] == {"get", "list", "watch"}
+    assert "delete" not in verbs[("", "configmaps")]
+
+
+def test_template_namespaced_and_service_monitor(cluster: Cluster) -> None:
+    docs = render(cluster, "watchNamespaces={a,b}", "metrics.serviceMonitor.enabled=true")
+    roles = [d for d in docs if d["kind"] == "Role"]
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["a", "b"]
+    cluster_role = next(d for d in docs if d["kind"] == "ClusterRole")
+    assert {res for r in cluster_role["rules"] for res in r["resources"]} == {
+        "nodes",
+        "customresourcedefinitions",
+    }
+    assert any(d["kind"] == "ServiceMonitor" for d in docs)
+
+
+@pytest.fixture
+def release(cluster: Cluster) -> Iterator[str]:
+    namespace = f"ops-{uuid.uuid4().hex[:6]}"
+    name = f"moeplace-{namespace}"
+    cluster.helm("install", name, str(CHART), "--namespace", namespace, "--create-namespace")
+    yield namespace
+    cluster.helm("uninstall", name, "--namespace", namespace, check=False)
+    cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+
+
+def can(
+    cluster: Cluster, user: str, verb: str, resource: str, namespace: str | None = None
+) -> bool:
+    args = ["auth", "can-i", verb, resource, f"--as={user}"]
+    args += ["-n", namespace] if namespace else []
+    return cluster.kubectl(*args, check=False).stdout.strip() == "yes"
+
+
+def test_install_creates_objects_with_working_rbac(cluster: Cluster, release: str) -> None:
+    namespace = release
+    crd = json.loads(
+        cluster.kubectl("get", "crd", "moedeployments.moeplace.io", "-o", "json").stdout
+    )
+    assert crd["spec"]["names"]["shortNames"] == ["moed"]
+    deploy = json.loads(cluster.kubectl("get", "deployment", "-n", namespace, "-o", "json").stdout)[
+        "items"
+    ]
+    assert len(deploy) == 1 and deploy[0]["spec"]["strategy"]["type"] == "Recreate"
+    sa = deploy[0]["spec"]["template"]["spec"]["serviceAccountName"]
+    user = f"system:serviceaccount:{namespace}:{sa}"
+    allowed = [
+        ("list", "nodes", None),
+        ("watch", "nodes", None),
+        ("list", "customresourcedefinitions.apiextensions.k8s.io", None),
+        ("watch", "moedeployments.moeplace.io", "team-a"),
+        ("patch", "moedeployments.moeplace.io/status", "team-a"),
+        ("create", "configmaps", "team-a"),
+        ("update", "configmaps", "team-a"),
+        ("create", "events", "team-a"),
+        ("patch", "deployments.apps", "team-a"),
+    ]
+    for verb, resource, ns in allowed:
+        assert can(cluster, user, verb, resource, ns), f"cannot {verb} {resource}"
+    denied = [
+        ("delete", "configmaps", "team-a"),
+        ("get", "secrets", "team-a"),
+        ("patch", "nodes", None),
+        ("delete", "moedeployments.moeplace.io", "team-a"),
+    ]
+    for verb, resource, ns in denied:
+        assert not can(cluster, user, verb, resource, ns), f"may {verb} {resource}"
