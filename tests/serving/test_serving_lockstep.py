@@ -101,7 +101,7 @@ def _rank_main(
 
 
 def run_ranks(make: Callable[[int, int], Collective], root: Path) -> list[RankResult]:
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("forkserver")
     out: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
     port = free_port()
     procs = [ctx.Process(target=_rank_main, args=(r, port, root, make, out)) for r in range(WORLD)]
