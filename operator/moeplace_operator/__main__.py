@@ -22,7 +22,7 @@ def main() -> None:
         standalone=True,
         clusterwide=not config.namespaces,
         namespaces=config.namespaces,
-        liveness_endpoint=config.liveness_endpoint,
+        liveness_endpoint=config.liveness_endpoint or None,
     )
 
 

@@ -14,7 +14,9 @@ class OperatorConfig(BaseModel):
     solver_workers: int = Field(default=2, ge=1, description="Concurrent solves.")
     solver_threads: int = Field(default=1, ge=0, description="CP-SAT threads per solve (0: all).")
     metrics_port: int = Field(default=8000, ge=0, description="/metrics port (0: off).")
-    liveness_endpoint: str = "http://0.0.0.0:8080/healthz"
+    liveness_endpoint: str = Field(
+        default="http://0.0.0.0:8080/healthz", description="kopf --liveness URL (empty: off)."
+    )
     namespaces: list[str] = Field(default_factory=list, description="Watched; empty: all.")
 
     @classmethod
