@@ -1,0 +1,481 @@
+"""GPU call 2: a real expert-parallel MoE layer stack over N GPUs (one process per GPU, NCCL),
+executing the placements that make_placements.py computed from call 1's profile.
+
+Per MoE layer on every rank (DeepSeek-V2-Lite: 26 MoE layers, 64 routed experts, top-6,
+SwiGLU experts 2048x1408 in bf16; the rank holds the experts of its S slots):
+  rms_norm -> gather rows by destination -> all_to_all_single (dispatch) -> rows grouped by
+  local slot -> grouped SwiGLU FFN of the S local experts (the kernel the profiler timed) ->
+  all_to_all_single (combine) -> weighted sum into the residual stream.
+Routing is replayed from the held-out part of the real trace (gpu/carry/routing.npz); each
+batch of B tokens is split evenly over the ranks; a logical expert's tokens are split evenly
+over its copies (round-robin by token order), which is what the placement library predicts.
+The rank named in plan.json runs a co-tenant (k SMs held, see kernels.CoTenant) in the
+"slowed" scenario.
+
+Timing: CUDA events on each rank around dispatch, expert compute and combine of every layer,
+and around each step (all 26 layers); a layer's time is the max over ranks. Placements of one
+scenario are all resident at once and interleaved pass by pass, so drift hits them alike.
+
+  python3 gpu/moe_stack.py --out "$OUT"        (reads gpu/placements/plan.json)
+Writes $OUT/moe_stack.json (rank 0; rewritten after every scenario).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+import traceback
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from kernels import (  # noqa: E402
+    CoTenant,
+    CoTenantSpec,
+    ensure_safe_env,
+    ffn,
+    grouped_ffn,
+    log,
+    make_expert,
+    pick_grouped_impl,
+    smi,
+)
+
+HIDDEN, INTER = 2048, 1408
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# --------------------------------------------------------------------------- dispatch plan
+
+
+def copies_table(row: list[int], experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """[E, maxc] slots holding each expert (in slot order) and [E] copy counts."""
+    slots: list[list[int]] = [[] for _ in range(experts)]
+    for s, e in enumerate(row):
+        slots[e].append(s)
+    counts = np.array([len(x) for x in slots], dtype=np.int64)
+    if (counts == 0).any():
+        raise ValueError(f"experts without a copy: {np.flatnonzero(counts == 0)[:8]}")
+    table = np.zeros((experts, counts.max()), dtype=np.int64)
+    for e, x in enumerate(slots):
+        table[e, : len(x)] = x
+    return table, counts
+
+
+def layer_dispatch(
+    ids: np.ndarray, row: list[int], world: int, slots_per_gpu: int, experts: int
+) -> list[dict[str, Any]]:
+    """One layer of one batch: for every rank its send/receive bookkeeping.
+
+    ``ids`` [B, K] expert ids of the batch's tokens (rank r owns tokens r*B/W .. ). The j-th
+    assignment of expert e (token order) goes to copy j mod c_e. Returns per rank: ``send_tok``
+    (local token of each row sent, rows ordered by destination then local slot),
+    ``send_splits``, ``recv_splits``, ``perm`` (received rows -> grouped by local slot),
+    ``counts`` (rows per local slot) and ``load`` (rows this rank computes).
+    """
+    B, K = ids.shape
+    if B % world:
+        raise ValueError(f"batch of {B} tokens does not split over {world} ranks")
+    flat = ids.reshape(-1).astype(np.int64)
+    table, ncopy = copies_table(row, experts)
+    order = np.argsort(flat, kind="stable")
+    sorted_e = flat[order]
+    first = np.searchsorted(sorted_e, np.arange(experts))
+    occ = np.empty_like(flat)
+    occ[order] = np.arange(flat.size) - first[sorted_e]
+    slot = table[flat, occ % ncopy[flat]]
+    dest = slot // slots_per_gpu
+    local = slot % slots_per_gpu
+    per_rank = flat.size // world
+    out: list[dict[str, Any]] = []
+    sends = []
+    for r in range(world):
+        a = np.arange(r * per_rank, (r + 1) * per_rank)
+        key = dest[a] * slots_per_gpu + local[a]
+        o = np.argsort(key, kind="stable")
+        sel = a[o]
+        sends.append(sel)
+        out.append(
+            {
+                "send_tok": (sel - r * per_rank) // K,
+                "send_splits": np.bincount(dest[sel], minlength=world).tolist(),
+            }
+        )
+    for d in range(world):
+        recv_local = np.concatenate([local[s[dest[s] == d]] for s in sends])
+        perm = np.argsort(recv_local, kind="stable")
+        out[d]["recv_splits"] = [int((dest[s] == d).sum()) for s in sends]
+        out[d]["perm"] = perm
+        out[d]["counts"] = np.bincount(recv_local, minlength=slots_per_gpu).tolist()
+        out[d]["load"] = int(recv_local.size)
+    return out
+
+
+# --------------------------------------------------------------------------- worker
+
+
+class Stack:
+    """One placement's experts and dispatch indices on this rank."""
+
+    def __init__(self, rank: int, world: int, placement: dict[str, Any], eval_ids: np.ndarray):
+        import torch
+
+        self.rank = rank
+        dev = torch.device("cuda", rank)
+        self.S = int(placement["slotsPerGpu"])
+        table = placement["phy2log"]
+        self.L = len(table)
+        experts = int(placement["model"]["experts"])
+        if int(placement["numGpus"]) != world:
+            raise ValueError(f"placement for {placement['numGpus']} GPUs, running on {world}")
+        mine = [row[rank * self.S : (rank + 1) * self.S] for row in table]
+        self.w13 = torch.empty(self.L, self.S, HIDDEN, 2 * INTER, device=dev, dtype=torch.bfloat16)
+        self.w2 = torch.empty(self.L, self.S, INTER, HIDDEN, device=dev, dtype=torch.bfloat16)
+        for layer in range(self.L):
+            for s, e in enumerate(mine[layer]):
+                a, b = make_expert(HIDDEN, INTER, dev, seed=layer * 1000 + e)
+                self.w13[layer, s].copy_(a)
+                self.w2[layer, s].copy_(b)
+        self.plans: list[list[dict[str, Any]]] = []  # [batch][layer]
+        for b in range(eval_ids.shape[0]):
+            per_layer = []
+            for layer in range(self.L):
+                d = layer_dispatch(eval_ids[b, :, layer, :], table[layer], world, self.S, experts)[
+                    rank
+                ]
+                per_layer.append(
+                    {
+                        "send_tok": torch.from_numpy(d["send_tok"]).to(dev),
+                        "perm": torch.from_numpy(d["perm"]).to(dev),
+                        "offs": torch.tensor(d["counts"], dtype=torch.int32)
+                        .cumsum(0, dtype=torch.int32)
+                        .to(dev),
+                        "counts": d["counts"],
+                        "send_splits": d["send_splits"],
+                        "recv_splits": d["recv_splits"],
+                        "load": d["load"],
+                    }
+                )
+            self.plans.append(per_layer)
+
+
+def moe_layer(x: Any, st: Stack, layer: int, p: dict[str, Any], impl: Any, ev: list[Any]) -> Any:
+    """One MoE layer's output for ``x`` [tokens, H]; records 4 events into ``ev``."""
+    import torch
+    import torch.distributed as dist
+
+    ev[0].record()
+    h = torch.nn.functional.rms_norm(x, (HIDDEN,))
+    send = h.index_select(0, p["send_tok"])
+    recv = torch.empty(sum(p["recv_splits"]), HIDDEN, device=x.device, dtype=x.dtype)
+    dist.all_to_all_single(recv, send, p["recv_splits"], p["send_splits"])
+    xs = recv.index_select(0, p["perm"])
+    ev[1].record()
+    ys = grouped_ffn(xs, st.w13[layer], st.w2[layer], p["offs"], p["counts"], impl)
+    ev[2].record()
+    back = torch.empty_like(recv)
+    back.index_copy_(0, p["perm"], ys)
+    ret = torch.empty_like(send)
+    dist.all_to_all_single(ret, back, p["send_splits"], p["recv_splits"])
+    y = torch.zeros_like(x).index_add_(0, p["send_tok"], ret, alpha=1.0 / 6)
+    ev[3].record()
+    return y
+
+
+def check_layer(rank: int, st: Stack, x: Any, eval_ids: np.ndarray, impl: Any) -> float:
+    """Relative error of layer 0's MoE output for this rank's first 64 tokens against a float32
+    reference computed locally from regenerated expert weights."""
+    import torch
+
+    dev = x.device
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+    y = moe_layer(x, st, 0, st.plans[0][0], impl, events).float()
+    torch.cuda.synchronize(dev)
+    B = eval_ids.shape[1]
+    world = B // x.shape[0]
+    first = rank * (B // world)
+    ids = eval_ids[0, first : first + 64, 0, :]
+    h = torch.nn.functional.rms_norm(x[:64], (HIDDEN,)).float()
+    ref = torch.zeros(64, HIDDEN, device=dev)
+    for e in np.unique(ids):
+        w13, w2 = make_expert(HIDDEN, INTER, dev, seed=0 * 1000 + int(e))
+        rows = np.flatnonzero((ids == e).any(axis=1))
+        idx = torch.from_numpy(rows).to(dev)
+        ref.index_add_(0, idx, ffn(h[idx], w13.float(), w2.float()) / 6)
+    err = float((y[:64] - ref).norm() / ref.norm())
+    return err
+
+
+def worker(rank: int, world: int, cfg: dict[str, Any]) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.cuda.set_device(rank)
+    dev = torch.device("cuda", rank)
+    dist.init_process_group(
+        "nccl",
+        init_method=f"tcp://127.0.0.1:{cfg['port']}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=cfg["nccl_timeout_s"]),
+        device_id=dev,
+    )
+    t_end = time.monotonic() + cfg["budget_s"]
+    plan = json.loads(Path(cfg["plan"]).read_text())
+    with np.load(cfg["routing"]) as z:
+        eval_ids = z["eval_ids"][: cfg["batches"]]
+    profiled_impl = plan.get("impl", {}).get(str(rank), "grouped_mm")
+    impl = pick_grouped_impl(dev, force_loop=cfg["loop"] or profiled_impl == "loop")
+    if impl.name != profiled_impl:
+        log(f"rank {rank}: WARNING: stack runs {impl.name}, the profile timed {profiled_impl}")
+    results: dict[str, Any] = {
+        "startedAt": now_iso(),
+        "world": world,
+        "impl": impl.name,
+        "gpus": [torch.cuda.get_device_name(i) for i in range(world)],
+        "torch": torch.__version__,
+        "env": {
+            k: os.environ.get(k)
+            for k in (
+                "NCCL_NVLS_ENABLE",
+                "TORCH_SYMM_MEM_DISABLE_MULTICAST",
+                "NVSHMEM_DISABLE_NVLS",
+            )
+        },
+        "batchTokens": int(eval_ids.shape[1]),
+        "batches": int(eval_ids.shape[0]),
+        "scenarios": [],
+    }
+    slow_rank = int(plan.get("slowRank", 1))
+    tokens_per_rank = eval_ids.shape[1] // world
+
+    def agree(ok: bool) -> bool:
+        t = torch.tensor([1 if ok else 0], device=dev)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t.item())
+
+    for scen in plan["scenarios"]:
+        if cfg["scenarios"] and scen["name"] not in cfg["scenarios"]:
+            continue
+        if not agree(time.monotonic() < t_end - 30):
+            log(f"rank {rank}: out of time before scenario {scen['name']}")
+            break
+        sres: dict[str, Any] = {"name": scen["name"], "cotenant": None, "strategies": {}}
+        t0 = time.monotonic()
+        stacks: dict[str, Stack] = {}
+        try:
+            for strat, rel in scen["placements"].items():
+                placement = json.loads((HERE / rel).read_text())
+                stacks[strat] = Stack(rank, world, placement, eval_ids)
+            ok = True
+        except Exception:
+            sres["error"] = traceback.format_exc()
+            log(f"rank {rank}: setup failed\n{sres['error']}")
+            ok = False
+        if not agree(ok):
+            results["scenarios"].append(sres)
+            continue
+        torch.cuda.synchronize(dev)
+        log(
+            f"rank {rank}: {scen['name']}: {len(stacks)} placements loaded "
+            f"in {time.monotonic() - t0:.1f}s"
+        )
+        gen = torch.Generator(device=dev).manual_seed(100 + rank)
+        xs = [
+            torch.randn(tokens_per_rank, HIDDEN, device=dev, dtype=torch.bfloat16, generator=gen)
+            for _ in range(eval_ids.shape[0])
+        ]
+        # correctness of the distributed layer against a local reference
+        sres["checkRelErr"] = {
+            s: check_layer(rank, st, xs[0], eval_ids, impl) for s, st in stacks.items()
+        }
+        log(f"rank {rank}: layer-0 check rel err {sres['checkRelErr']}")
+        L = next(iter(stacks.values())).L
+        ev = [[torch.cuda.Event(enable_timing=True) for _ in range(4)] for _ in range(L)]
+        step_ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+        rec: dict[str, dict[str, list[Any]]] = {
+            s: {"phases": [], "step": [], "wall": []} for s in stacks
+        }
+        spec = scen.get("cotenant") and plan.get("cotenant")
+        tenant = (
+            CoTenant(CoTenantSpec.parse(spec["name"]), rank) if spec and rank == slow_rank else None
+        )
+        try:
+            if tenant is not None:
+                tenant.__enter__()
+                sres["cotenant"] = {"rank": rank, **CoTenantSpec.parse(spec["name"]).as_dict()}
+            order = list(stacks)
+            for rep in range(-1, cfg["reps"]):  # rep -1: warm-up, not recorded
+                if not agree(time.monotonic() < t_end - 20):
+                    log(f"rank {rank}: out of time at pass {rep}")
+                    break
+                for strat in order[rep % len(order) :] + order[: rep % len(order)]:
+                    st = stacks[strat]
+                    for b in range(eval_ids.shape[0]):
+                        x = xs[b]
+                        dist.barrier(device_ids=[rank])
+                        torch.cuda.synchronize(dev)
+                        w0 = time.perf_counter()
+                        step_ev[0].record()
+                        for layer in range(L):
+                            x = x + moe_layer(x, st, layer, st.plans[b][layer], impl, ev[layer])
+                        step_ev[1].record()
+                        torch.cuda.synchronize(dev)
+                        wall = (time.perf_counter() - w0) * 1e6
+                        if rep >= 0:
+                            rec[strat]["phases"].append(
+                                [
+                                    [
+                                        e[0].elapsed_time(e[1]) * 1e3,
+                                        e[1].elapsed_time(e[2]) * 1e3,
+                                        e[2].elapsed_time(e[3]) * 1e3,
+                                        e[0].elapsed_time(e[3]) * 1e3,
+                                    ]
+                                    for e in ev
+                                ]
+                            )
+                            rec[strat]["step"].append(step_ev[0].elapsed_time(step_ev[1]) * 1e3)
+                            rec[strat]["wall"].append(wall)
+                            rec[strat].setdefault("batch", []).append(b)
+                            rec[strat].setdefault("rep", []).append(rep)
+        finally:
+            if tenant is not None:
+                tenant.__exit__(None, None, None)
+                sres["cotenantError"] = tenant.error
+                sres["cotenantLaunches"] = tenant.launches
+        # gather every rank's records on rank 0
+        mine = {
+            s: {**r, "loads": [[p["load"] for p in bl] for bl in stacks[s].plans]}
+            for s, r in rec.items()
+        }
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(
+            gathered,
+            {
+                "rank": rank,
+                "rec": mine,
+                "cot": sres.get("cotenant"),
+                "cotErr": sres.get("cotenantError"),
+                "check": sres["checkRelErr"],
+            },
+        )
+        if rank == 0:
+            for s in stacks:
+                per_rank = [g["rec"][s] for g in gathered]
+                phases = np.array([r["phases"] for r in per_rank])  # [rank, run, layer, 4]
+                layer_max = phases[..., 3].max(axis=0)  # [run, layer]
+                compute_max = phases[..., 1].max(axis=0)
+                sres["strategies"][s] = {
+                    "batch": per_rank[0].get("batch", []),
+                    "rep": per_rank[0].get("rep", []),
+                    "layerMicros": layer_max.round(2).tolist(),
+                    "computeMaxMicros": compute_max.round(2).tolist(),
+                    "phasesPerRank": phases.round(
+                        2
+                    ).tolist(),  # [rank][run][layer][disp,comp,comb,total]
+                    "stepMicros": np.max([r["step"] for r in per_rank], axis=0).round(1).tolist(),
+                    "wallMicros": np.max([r["wall"] for r in per_rank], axis=0).round(1).tolist(),
+                    "loads": [r["loads"] for r in per_rank],  # [rank][batch][layer]
+                }
+                if layer_max.size:
+                    log(
+                        f"{scen['name']}/{s}: step "
+                        f"{np.median(sres['strategies'][s]['stepMicros']):.0f} µs, "
+                        f"layer median {np.median(layer_max):.0f} µs, compute straggler median "
+                        f"{np.median(compute_max):.0f} µs"
+                    )
+            sres["perRank"] = [
+                {
+                    "rank": g["rank"],
+                    "cotenant": g["cot"],
+                    "cotenantError": g["cotErr"],
+                    "check": g["check"],
+                }
+                for g in gathered
+            ]
+            sres["wall_s"] = time.monotonic() - t0
+            sres["smi"] = smi()
+            results["scenarios"].append(sres)
+            results["finishedAt"] = now_iso()
+            out = Path(cfg["out"]) / "moe_stack.json"
+            out.write_text(json.dumps(results))
+        del stacks, xs
+        torch.cuda.empty_cache()
+    dist.barrier(device_ids=[rank])
+    dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
+    ap.add_argument("--plan", type=Path, default=HERE / "placements" / "plan.json")
+    ap.add_argument("--routing", type=Path, default=HERE / "carry" / "routing.npz")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--batches", type=int, default=4)
+    ap.add_argument("--scenarios", default="", help="comma list; default all in plan.json")
+    ap.add_argument("--budget-s", type=float, default=420.0)
+    ap.add_argument("--nccl-timeout-s", type=float, default=180.0)
+    ap.add_argument("--loop", action="store_true", help="per-expert loop instead of grouped GEMM")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    env = ensure_safe_env()
+    log(f"safe env {env}")
+    for p in (args.plan, args.routing):
+        if not p.is_file():
+            log(f"missing {p}: run gpu/make_placements.py here and carry gpu/carry")
+            return 2
+    import torch
+    import torch.multiprocessing as mp
+
+    plan = json.loads(args.plan.read_text())
+    world = torch.cuda.device_count()
+    need = None
+    for scen in plan["scenarios"]:
+        for rel in scen["placements"].values():
+            need = json.loads((HERE / rel).read_text())["numGpus"]
+            break
+    if need is None or world < need:
+        log(f"need {need} GPUs, have {world}")
+        return 2
+    cfg = {
+        "port": free_port(),
+        "plan": str(args.plan),
+        "routing": str(args.routing),
+        "reps": args.reps,
+        "batches": args.batches,
+        "scenarios": [s for s in args.scenarios.split(",") if s],
+        "budget_s": args.budget_s,
+        "nccl_timeout_s": args.nccl_timeout_s,
+        "out": str(args.out),
+        "loop": args.loop,
+    }
+    log(f"spawning {need} ranks; smi {smi()}")
+    try:
+        mp.spawn(worker, args=(need, cfg), nprocs=need, join=True)
+    except Exception:
+        log(f"ranks failed:\n{traceback.format_exc()}")
+        return 1
+    log(f"done; wrote {sorted(p.name for p in args.out.iterdir())}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

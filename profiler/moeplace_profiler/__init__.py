@@ -1,0 +1,16 @@
+"""GPU profiler for moeplace: measures each GPU's expert-FFN latency curve and speed factor,
+writes the versioned GPU-profile document, and publishes it on the node.
+
+The pure parts (:mod:`.plan`, :mod:`.stats`, :mod:`.recalibrate`) need only numpy and are
+imported by the scripts in ``gpu/`` on the GPU machine. :mod:`.document` (pydantic, via the
+placement library), :mod:`.publish` (kubernetes) and :mod:`.runner` (torch, imported lazily)
+are imported on demand; this package's import pulls none of them.
+"""
+
+from __future__ import annotations
+
+PROFILE_API_VERSION = "moeplace.io/v1alpha1"
+PROFILE_KIND = "GPUProfile"
+LABEL_PREFIX = "gpu.moeplace.io"
+
+__all__ = ["LABEL_PREFIX", "PROFILE_API_VERSION", "PROFILE_KIND"]
