@@ -106,3 +106,16 @@ def test_greedy_deepseek_v3_shape_is_fast() -> None:
     table = greedy_table(problem)
     assert time.perf_counter() - start < 10.0
     assert table.shape == (L, E + 64)
+
+
+@pytest.mark.parametrize("strategy", HEURISTICS)
+def test_zero_load_and_determinism(strategy: str) -> None:
+    model = MoEModelShape(moe_layers=2, experts=6)
+    cluster = Cluster.uniform(3, 3, speeds=[1.0, 1.2, 0.8])
+    zero = Problem.build(model, cluster, np.zeros((2, 6)), redundant=3)
+    sol = solve(zero, strategy)
+    ev = evaluate(sol.placement, cluster, zero.load, dispatch="best")
+    assert ev.straggler == 0.0 and ev.ratio == 1.0 and ev.balancedness == 1.0
+    rng = np.random.default_rng(7)
+    problem = Problem.build(model, cluster, rng.pareto(1.0, (2, 6)) * 10, redundant=3)
+    assert solve(problem, strategy).placement.phy2log == solve(problem, strategy).placement.phy2log
