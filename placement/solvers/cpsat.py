@@ -343,21 +343,30 @@ def _polish(
     migration: float,
     deadline: float = math.inf,
     relocate: bool = True,
+    max_moves: int | None = None,
 ) -> IntArray:
     """Local search on one layer's [P] slot row; ``w`` is [K, E] (this layer's samples).
 
-    Two neighbourhoods, best improvement, until ``deadline`` (``time.monotonic()``):
+    Two neighbourhoods, best improvement, until ``deadline`` (``time.monotonic()``) or
+    ``max_moves`` moves (default 20 P):
     swaps of two copies on different GPUs (among swaps that touch a GPU that is the slowest
     in some sample), and, when no swap helps, relocations (a redundant copy of one expert
     becomes a copy of another expert, which changes both experts' per-copy loads). A move is
     taken when it lowers (hedged straggler time + migration term, sum of squared GPU times)
     lexicographically, so plateaus are crossed and the search terminates."""
     state = _LocalState(w, row, cluster, S, hedge, current_row, migration)
-    while time.monotonic() < deadline:
-        while time.monotonic() < deadline and state.best_swap():
-            pass
-        if not relocate or time.monotonic() >= deadline or not state.best_relocation():
+    moves = 0
+    limit = max_moves if max_moves is not None else 20 * row.size
+
+    def go_on() -> bool:
+        return time.monotonic() < deadline and moves < limit
+
+    while go_on():
+        while go_on() and state.best_swap():
+            moves += 1
+        if not relocate or not go_on() or not state.best_relocation():
             break
+        moves += 1
     return state.row
 
 
@@ -515,10 +524,13 @@ def _time_at(cluster: Cluster, loads: FloatArray, gpus: IntArray) -> FloatArray:
 
 
 def _params(options: SolveOptions, time_s: float, workers: int) -> cp_model.CpSolver:
+    """CP-SAT parameters. One worker: deterministic (the deterministic-time limit stops it;
+    the wall-clock cap is a safety net at 3x). More workers: CP-SAT's parallel portfolio with
+    large-neighbourhood search, stopped by the wall clock (not reproducible run to run)."""
     solver = cp_model.CpSolver()
     p = solver.parameters
-    p.max_time_in_seconds = max(time_s, 0.01)
     p.max_deterministic_time = max(time_s, 0.01)
+    p.max_time_in_seconds = max(time_s, 0.01) * (3.0 if workers <= 1 else 1.0)
     p.num_workers = max(workers, 1)
     p.interleave_search = False
     p.random_seed = options.seed
@@ -597,8 +609,12 @@ def _solve_layer(
     hint_row: IntArray,
     budget_s: float,
     workers: int,
+    deterministic: bool,
 ) -> _LayerResult:
-    """Polish the warm start, then CP-SAT on the layer; ``budget_s`` wall seconds in all."""
+    """Polish the warm start, then CP-SAT on the layer; ``budget_s`` seconds in all.
+
+    ``deterministic``: the local search is bounded by its move count only, and the CP-SAT
+    model is built whatever it costs, so that wall-clock time never changes the answer."""
     start = time.monotonic()
     E, G, S = problem.model.experts, problem.cluster.size, problem.slots_per_gpu
     loads = scenarios(problem)[:, layer, :]  # [K, E]
@@ -616,7 +632,7 @@ def _solve_layer(
         hedge,
         current,
         problem.weights.migration,
-        deadline=start + _POLISH_SHARE * budget_s,
+        deadline=math.inf if deterministic else start + _POLISH_SHARE * budget_s,
     )
     obj = float(layer_objective(row[None, :], sub, hedge)[0])
     if obj > greedy_obj:  # cannot happen (the search only accepts improvements); be safe
@@ -628,7 +644,7 @@ def _solve_layer(
     free = E * G <= _FREE_COUNTS_MAX
     terms = K * G * E * (3 if free else 1)
     left = budget_s - (time.monotonic() - start)
-    if terms * _BUILD_S_PER_TERM > 0.5 * left:
+    if not deterministic and terms * _BUILD_S_PER_TERM > 0.5 * left:
         return _LayerResult(row, min(fluid, obj), False, improved)
     scale = _layer_scale(problem, loads)
     m = cp_model.CpModel()
@@ -642,7 +658,9 @@ def _solve_layer(
     else:
         m.minimize(cp_model.LinearExpr.sum([*v.straggler, *v.objective_terms]))
         div = float(scale * K)
-    left = budget_s - (time.monotonic() - start)
+    left = (
+        (1 - _POLISH_SHARE) * budget_s if deterministic else budget_s - (time.monotonic() - start)
+    )
     solver = _params(options, max(left, _MIN_SOLVE_S), workers)
     status = solver.solve(m)
     bound = fluid
@@ -654,7 +672,7 @@ def _solve_layer(
         cand = _table_from_vars(solver, v, E, G, S)
         cand_obj = float(layer_objective(cand[None, :], sub, hedge)[0])
         if cand_obj < obj - 1e-9 * max(obj, 1.0):
-            row, obj, improved = _keep_slots(cand, current, S), cand_obj, True
+            row, obj, improved = cand, cand_obj, True
     return _LayerResult(row, min(bound, obj), optimal, improved)
 
 
@@ -668,16 +686,20 @@ def _solve_independent(
     concurrent = max(1, min(threads // 2, L))
     workers = max(1, threads // concurrent)
     deadline = t0 + options.time_limit_s
+    deterministic = threads == 1
+    share = max(options.time_limit_s - (time.monotonic() - t0), 0.0) / L
     lock = threading.Lock()
     started = [0]
 
     def run(layer: int) -> _LayerResult:
+        if deterministic:  # fixed share, no wall-clock dependence
+            return _solve_layer(problem, options, layer, hint[layer], share, 1, True)
         with lock:
             waiting = L - started[0]  # layers not started yet, this one included
             started[0] += 1
         left = max(deadline - time.monotonic(), 0.0)
         budget = left * min(concurrent, waiting) / max(waiting, 1)
-        return _solve_layer(problem, options, layer, hint[layer], budget, workers)
+        return _solve_layer(problem, options, layer, hint[layer], budget, workers, False)
 
     results: list[_LayerResult] = []
     with ThreadPoolExecutor(max_workers=concurrent) as pool:
@@ -686,7 +708,11 @@ def _solve_independent(
             results.append(fut.result())
             if options.progress is not None:
                 options.progress(done / L)
-    table = np.stack([r.row for r in results])
+    S = problem.slots_per_gpu
+    cur = problem.current.table if problem.current is not None else None
+    table = np.stack(
+        [_keep_slots(r.row, None if cur is None else cur[i], S) for i, r in enumerate(results)]
+    )
     bound = float(sum(r.bound for r in results))
     status = "OPTIMAL" if all(r.optimal for r in results) else "FEASIBLE"
     details = {
