@@ -314,8 +314,12 @@ def worker(rank: int, world: int, cfg: dict[str, Any]) -> None:
         )
         try:
             if tenant is not None:
-                tenant.__enter__()
-                sres["cotenant"] = {"rank": rank, **CoTenantSpec.parse(spec["name"]).as_dict()}
+                try:
+                    tenant.__enter__()
+                    sres["cotenant"] = {"rank": rank, **tenant.spec.as_dict()}
+                except Exception as e:  # run on unslowed, and say so in the results
+                    tenant.error = f"co-tenant did not start: {type(e).__name__}: {e}"
+                    log(f"rank {rank}: {tenant.error}")
             order = list(stacks)
             for rep in range(-1, cfg["reps"]):  # rep -1: warm-up, not recorded
                 if not agree(time.monotonic() < t_end - 20):
@@ -411,7 +415,8 @@ def worker(rank: int, world: int, cfg: dict[str, Any]) -> None:
             results["finishedAt"] = now_iso()
             out = Path(cfg["out"]) / "moe_stack.json"
             out.write_text(json.dumps(results))
-        del stacks, xs
+        st = x = None  # type: ignore[assignment]
+        del stacks, xs, st, x
         torch.cuda.empty_cache()
     dist.barrier(device_ids=[rank])
     dist.destroy_process_group()
