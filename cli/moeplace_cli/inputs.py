@@ -10,17 +10,21 @@ from typing import Any
 from moeplace_cli.errors import CliError, bad_input
 from placement import formats
 from placement.gpus import load_cluster
-from placement.load import read_counts_csv, read_transitions
+from placement.load import read_counts_csv, read_per_prompt, read_transitions, windows
 from placement.model import Cluster, FloatArray, MoEModelShape, Placement
 from placement.problem import Problem, Weights
 
 
 @dataclass(frozen=True)
 class LoadInput:
-    """``load`` [L, E] tokens per expert; ``layer_ids`` the CSV's ``moe_layer_index`` values."""
+    """``load`` [L, E] tokens per expert; ``samples`` [K, L, E] per-window counts (None for
+    an aggregate CSV); ``layer_ids`` the CSV's ``moe_layer_index`` values (0..L-1 for
+    samples); ``source`` says where it came from, for people."""
 
     load: FloatArray
     layer_ids: list[int]
+    source: str
+    samples: FloatArray | None = None
 
     def model(self, dense_layers: int | None, top_k: int) -> MoEModelShape:
         """The model shape; dense layers default to the first MoE layer's index (the CSV
@@ -32,11 +36,68 @@ class LoadInput:
                 moe_layers=L, experts=E, top_k=min(top_k, E), dense_layers_before=max(dense, 0)
             )
 
+    @property
+    def scored(self) -> FloatArray:
+        """What placements are scored on: the windows [K, L, E] if any, else the load."""
+        return self.load if self.samples is None else self.samples
+
+
+@dataclass(frozen=True)
+class WindowSpec:
+    """Windows of ``size`` consecutive prompts from a per-prompt counts npz, over
+    ``prompts`` (``START:STOP``, 0-based, STOP exclusive; None: all)."""
+
+    path: Path
+    size: int = 100
+    prompts: str | None = None
+
+
+def parse_range(text: str | None) -> tuple[int, int | None]:
+    """``"A:B"`` -> (A, B); ``"A:"`` -> (A, None); None -> (0, None)."""
+    if text is None:
+        return 0, None
+    start, sep, stop = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        first = int(start) if start.strip() else 0
+        last = int(stop) if stop.strip() else None
+    except ValueError:
+        raise CliError(f"prompts: expected START:STOP (e.g. 0:500), got {text!r}") from None
+    if first < 0 or (last is not None and last <= first):
+        raise CliError(f"prompts: empty or negative range {text!r}")
+    return first, last
+
+
+def read_windows(spec: WindowSpec) -> LoadInput:
+    """Per-window counts [K, L, E]; the load is their mean (tokens per window)."""
+    start, stop = parse_range(spec.prompts)
+    with bad_input("samples"):
+        counts = read_per_prompt(spec.path)
+        samples = windows(counts, spec.size, start, stop)
+    K, L, _ = samples.shape
+    used = f"{start}:{stop if stop is not None else counts.shape[0]}"
+    return LoadInput(
+        load=samples.mean(0),
+        layer_ids=list(range(L)),
+        source=f"{spec.path.name} prompts {used} in {K} windows of {spec.size}",
+        samples=samples,
+    )
+
 
 def read_load(path: Path) -> LoadInput:
     with bad_input("load"):
         load, layer_ids = read_counts_csv(path)
-    return LoadInput(load=load, layer_ids=layer_ids)
+    return LoadInput(load=load, layer_ids=layer_ids, source=path.name)
+
+
+def resolve_load(path: Path | None, spec: WindowSpec | None) -> LoadInput:
+    """The load from ``--load`` (aggregate CSV) or ``--samples`` (windows), exactly one."""
+    if path is not None and spec is None:
+        return read_load(path)
+    if spec is not None and path is None:
+        return read_windows(spec)
+    raise CliError("give the load as --load LOAD.csv or --samples COUNTS.npz (one of them)")
 
 
 def read_cluster(path: Path) -> Cluster:
@@ -65,6 +126,7 @@ def build_problem(
     redundant: int,
     transitions: FloatArray | None = None,
     traffic_weight: float = 0.0,
+    samples: FloatArray | None = None,
 ) -> Problem:
     with bad_input("problem"):
         return Problem.build(
@@ -72,6 +134,7 @@ def build_problem(
             cluster,
             load,
             redundant,
+            samples=samples,
             transitions=transitions,
             weights=Weights(traffic=traffic_weight),
         )

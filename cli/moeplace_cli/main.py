@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from enum import StrEnum
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -18,6 +18,29 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from moeplace_cli import inputs, report
 from moeplace_cli.errors import CliError, bad_input, err_console, reports_errors
 from moeplace_cli.gpus_cmd import gpus_app
+from moeplace_cli.inputs import LoadInput, WindowSpec
+from moeplace_cli.options import (
+    DenseOpt,
+    DispatchOpt,
+    DispatchRule,
+    GpusOpt,
+    Hedge,
+    HedgeOpt,
+    JsonOpt,
+    LoadOpt,
+    NameArg,
+    NamespaceOpt,
+    OutputFormat,
+    PromptsOpt,
+    RedundantOpt,
+    SamplesOpt,
+    SeedOpt,
+    ThreadsOpt,
+    TimeLimitOpt,
+    TopKOpt,
+    TransOpt,
+    WindowOpt,
+)
 from placement.evaluate import Evaluation, evaluate
 from placement.model import FloatArray, Placement
 from placement.problem import Problem
@@ -30,53 +53,16 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_show_locals=False,
 )
+app.add_typer(gpus_app, name="gpus")
 out_console = Console()
 
 
-class OutputFormat(StrEnum):
-    canonical = "canonical"
-    sglang = "sglang"
-    vllm = "vllm"
-    eplb = "eplb"
-
-
-class DispatchRule(StrEnum):
-    even = "even"
-    best = "best"
-
-
-LoadOpt = Annotated[
-    Path, typer.Option("--load", help="Token counts: CSV moe_layer_index,expert_id,count.")
-]
-GpusOpt = Annotated[
-    Path, typer.Option("--gpus", help="GPUS.csv (gpu,node,speed) or GPU-profile JSON.")
-]
-RedundantOpt = Annotated[
-    int, typer.Option("--redundant", min=0, help="Redundant copies (E + R slots over G GPUs).")
-]
-TimeLimitOpt = Annotated[
-    float, typer.Option("--time-limit", min=0.01, help="Solver time limit in seconds.")
-]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Solver random seed.")]
-ThreadsOpt = Annotated[int, typer.Option("--threads", min=0, help="Solver threads; 0: all.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object for scripts.")]
-DenseOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--dense-layers",
-        min=0,
-        help="Dense layers before the first MoE layer (SGLang rows); default: the first "
-        "moe_layer_index in the load.",
-    ),
-]
-TransOpt = Annotated[
-    Path | None, typer.Option("--transitions", help="layer_transition_counts.npy [L-1,E,E].")
-]
-DispatchOpt = Annotated[
-    DispatchRule,
-    typer.Option("--dispatch", help="even: split over copies evenly; best: per-batch LP."),
-]
-TopKOpt = Annotated[int, typer.Option("--top-k", min=1, help="Experts per token (metadata).")]
+@dataclass(frozen=True)
+class SolverSettings:
+    time_limit: float = 10.0
+    seed: int = 0
+    threads: int = 0
+    hedge: Hedge = Hedge.expected
 
 
 def check_strategy(strategy: str) -> None:
@@ -104,53 +90,91 @@ def progress_bar(label: str, enabled: bool) -> Iterator[Callable[[float], None] 
 
 
 def run_solver(
-    problem: Problem,
-    strategy: str,
-    time_limit: float,
-    seed: int,
-    threads: int,
-    show_progress: bool,
+    problem: Problem, strategy: str, settings: SolverSettings, show_progress: bool
 ) -> Solution:
     from placement.solvers import SolveOptions, solve
 
-    with progress_bar(f"{strategy} ({time_limit:g} s limit)", show_progress) as progress:
+    label = f"{strategy} ({settings.time_limit:g} s limit)"
+    with progress_bar(label, show_progress) as progress:
         options = SolveOptions(
-            time_limit_s=time_limit, seed=seed, threads=threads, progress=progress
+            time_limit_s=settings.time_limit,
+            seed=settings.seed,
+            threads=settings.threads,
+            hedge=settings.hedge.value,
+            progress=progress,
         )
         return solve(problem, strategy, options)
 
 
-def evaluate_on(
+def score(
     placement: Placement,
     problem: Problem,
+    load: FloatArray,
     dispatch: DispatchRule,
     previous: Placement | None = None,
 ) -> Evaluation:
+    """Evaluate ``placement`` on ``load`` ([L, E] or [K, L, E] windows)."""
     return evaluate(
         placement,
         problem.cluster,
-        problem.load,
+        load,
         dispatch=dispatch.value,
         transitions=problem.transitions,
         previous=previous,
     )
 
 
+def window_spec(samples: Path | None, window: int, prompts: str | None) -> WindowSpec | None:
+    if samples is None:
+        if prompts is not None:
+            raise CliError("--prompts needs --samples")
+        return None
+    return WindowSpec(samples, window, prompts)
+
+
+def make_problem(
+    loaded: LoadInput,
+    gpus: Path,
+    redundant: int,
+    transitions: Path | None,
+    traffic_weight: float = 0.0,
+    dense_layers: int | None = None,
+    top_k: int = 1,
+) -> Problem:
+    cluster = inputs.read_cluster(gpus)
+    trans = inputs.read_transitions_file(transitions, loaded.load)
+    model = loaded.model(dense_layers, top_k)
+    return inputs.build_problem(
+        model, cluster, loaded.load, redundant, trans, traffic_weight, loaded.samples
+    )
+
+
+def emit(title: str, summary: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        report.print_json(out_console, summary)
+    else:
+        out_console.print(report.key_value_table(title, summary))
+
+
 @app.command()
 @reports_errors
 def solve(
-    load: LoadOpt,
     gpus: GpusOpt,
     out: Annotated[Path, typer.Option("--out", help="Where to write the placement.")],
+    load: LoadOpt = None,
+    samples: SamplesOpt = None,
+    window: WindowOpt = 100,
+    prompts: PromptsOpt = None,
     redundant: RedundantOpt = 0,
     strategy: Annotated[
-        str, typer.Option("--strategy", help="cpsat, greedy, eplb, round-robin or linear.")
+        str, typer.Option("--strategy", help="cpsat, greedy, eplb, round-robin, linear, ...")
     ] = "cpsat",
     transitions: TransOpt = None,
     traffic_weight: Annotated[
         float,
         typer.Option("--traffic-weight", min=0.0, help="Cost per token changing GPU (cpsat)."),
     ] = 0.0,
+    hedge: HedgeOpt = Hedge.expected,
     time_limit: TimeLimitOpt = 10.0,
     seed: SeedOpt = 0,
     threads: ThreadsOpt = 0,
@@ -163,41 +187,23 @@ def solve(
 ) -> None:
     """Compute a placement for one load and write it in an engine's format."""
     check_strategy(strategy)
-    problem = _problem(load, gpus, redundant, transitions, traffic_weight, dense_layers, top_k)
-    solution = run_solver(problem, strategy, time_limit, seed, threads, not as_json)
+    loaded = inputs.resolve_load(load, window_spec(samples, window, prompts))
+    problem = make_problem(
+        loaded, gpus, redundant, transitions, traffic_weight, dense_layers, top_k
+    )
+    settings = SolverSettings(time_limit, seed, threads, hedge)
+    solution = run_solver(problem, strategy, settings, not as_json)
     inputs.write_placement(solution.placement, fmt.value, out)
-    ev = evaluate_on(solution.placement, problem, DispatchRule.even)
+    ev = score(solution.placement, problem, loaded.scored, DispatchRule.even)
     summary = {
         **report.solution_summary(strategy, solution),
         **report.evaluation_summary(ev),
         **report.problem_summary(problem),
+        "load": loaded.source,
         "out": str(out),
         "format": fmt.value,
     }
-    _emit(f"moeplace solve: {strategy} -> {out}", summary, as_json)
-
-
-def _problem(
-    load_path: Path,
-    gpus_path: Path,
-    redundant: int,
-    transitions_path: Path | None,
-    traffic_weight: float,
-    dense_layers: int | None,
-    top_k: int,
-) -> Problem:
-    load = inputs.read_load(load_path)
-    cluster = inputs.read_cluster(gpus_path)
-    trans: FloatArray | None = inputs.read_transitions_file(transitions_path, load.load)
-    model = load.model(dense_layers, top_k)
-    return inputs.build_problem(model, cluster, load.load, redundant, trans, traffic_weight)
-
-
-def _emit(title: str, summary: dict[str, Any], as_json: bool) -> None:
-    if as_json:
-        report.print_json(out_console, summary)
-    else:
-        out_console.print(report.key_value_table(title, summary))
+    emit(f"moeplace solve: {strategy} -> {out}", summary, as_json)
 
 
 @app.command("evaluate")
@@ -206,8 +212,11 @@ def evaluate_cmd(
     placement: Annotated[
         Path, typer.Option("--placement", help="Placement file: canonical, sglang, vllm, eplb.")
     ],
-    load: LoadOpt,
     gpus: GpusOpt,
+    load: LoadOpt = None,
+    samples: SamplesOpt = None,
+    window: WindowOpt = 100,
+    prompts: PromptsOpt = None,
     dispatch: DispatchOpt = DispatchRule.even,
     transitions: TransOpt = None,
     previous: Annotated[
@@ -217,39 +226,52 @@ def evaluate_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Score a placement file on a load: straggler time, bounds, balancedness, traffic."""
-    loaded = inputs.read_load(load)
+    loaded = inputs.resolve_load(load, window_spec(samples, window, prompts))
     cluster = inputs.read_cluster(gpus)
     model = loaded.model(dense_layers, 1)
     chosen = inputs.read_placement(placement, model, cluster.size)
     before = inputs.read_placement(previous, model, cluster.size) if previous else None
-    trans = inputs.read_transitions_file(transitions, loaded.load)
-    problem = inputs.build_problem(
-        chosen.model, cluster, loaded.load, chosen.num_slots - model.experts, trans
+    problem = make_problem(
+        loaded, gpus, chosen.num_slots - model.experts, transitions, dense_layers=dense_layers
     )
-    ev = evaluate_on(chosen, problem, dispatch, before)
+    ev = score(chosen, problem, loaded.scored, dispatch, before)
     summary = {
         "placement": str(placement),
         "strategy": chosen.strategy,
         "contentHash": chosen.content_hash(),
         **report.evaluation_summary(ev, moved=before is not None),
         **report.problem_summary(problem),
+        "load": loaded.source,
+        "batches": int(ev.layer_time.shape[0]),
         "layerTime": ev.layer_time.mean(0).tolist(),
         "layerFluid": ev.layer_fluid.mean(0).tolist(),
     }
-    _emit(f"moeplace evaluate: {placement} ({dispatch.value} dispatch)", summary, as_json)
+    emit(f"moeplace evaluate: {placement} ({dispatch.value} dispatch)", summary, as_json)
 
 
 @app.command()
 @reports_errors
 def compare(
-    load: LoadOpt,
     gpus: GpusOpt,
+    load: LoadOpt = None,
+    samples: SamplesOpt = None,
+    window: WindowOpt = 100,
+    prompts: PromptsOpt = None,
+    score_prompts: Annotated[
+        str | None,
+        typer.Option(
+            "--score-prompts",
+            help="With --samples: score on windows of these prompts (START:STOP) instead of "
+            "the ones solved on, so no placement sees the load it is scored on.",
+        ),
+    ] = None,
     redundant: RedundantOpt = 0,
     strategies: Annotated[
         str | None,
         typer.Option("--strategies", help="Comma-separated subset; default: every strategy."),
     ] = None,
     transitions: TransOpt = None,
+    hedge: HedgeOpt = Hedge.expected,
     time_limit: TimeLimitOpt = 10.0,
     seed: SeedOpt = 0,
     threads: ThreadsOpt = 0,
@@ -261,35 +283,48 @@ def compare(
     as_json: JsonOpt = False,
 ) -> None:
     """Run every strategy on one scenario and compare them (table, optional PNG)."""
-    names = _strategy_list(strategies)
-    problem = _problem(load, gpus, redundant, transitions, 0.0, dense_layers, 1)
+    names = strategy_list(strategies)
+    spec = window_spec(samples, window, prompts)
+    loaded = inputs.resolve_load(load, spec)
+    scored = scoring_load(loaded, spec, score_prompts)
+    problem = make_problem(loaded, gpus, redundant, transitions, dense_layers=dense_layers)
+    settings = SolverSettings(time_limit, seed, threads, hedge)
     rows: list[dict[str, Any]] = []
     evaluations: list[Evaluation] = []
     for name in names:
-        solution = run_solver(problem, name, time_limit, seed, threads, not as_json)
-        ev = evaluate_on(solution.placement, problem, dispatch)
+        solution = run_solver(problem, name, settings, not as_json)
+        ev = score(solution.placement, problem, scored.scored, dispatch)
         evaluations.append(ev)
         rows.append({**report.solution_summary(name, solution), **report.evaluation_summary(ev)})
-    _relative_to_eplb(rows)
-    title = _scenario_title(problem, dispatch)
+    relative_to_eplb(rows)
+    title = scenario_title(problem, dispatch, loaded, scored)
     if png is not None:
         from moeplace_cli.plot import compare_png
 
-        compare_png(names, evaluations, png, title)
-    summary = {"scenario": report.problem_summary(problem), "strategies": rows, "png": _str(png)}
+        with bad_input("png"):
+            compare_png(names, evaluations, png, title)
+    scenario = {**report.problem_summary(problem), "load": loaded.source, "scored": scored.source}
+    summary = {"scenario": scenario, "strategies": rows, "png": None if png is None else str(png)}
     if as_json:
         report.print_json(out_console, summary)
-    else:
-        out_console.print(report.compare_table(title, rows))
-        if png is not None:
-            out_console.print(f"wrote {png}")
+        return
+    out_console.print(title, highlight=False)
+    out_console.print(report.compare_table(rows))
+    if png is not None:
+        out_console.print(f"wrote {png}")
 
 
-def _str(path: Path | None) -> str | None:
-    return None if path is None else str(path)
+def scoring_load(loaded: LoadInput, spec: WindowSpec | None, prompts: str | None) -> LoadInput:
+    """What ``compare`` scores on: other prompts' windows, or the load solved on."""
+    if prompts is None:
+        return loaded
+    if spec is None:
+        raise CliError("--score-prompts needs --samples")
+    scored = inputs.read_windows(WindowSpec(spec.path, spec.size, prompts))
+    return scored
 
 
-def _strategy_list(text: str | None) -> list[str]:
+def strategy_list(text: str | None) -> list[str]:
     from placement.solvers import strategies
 
     names = strategies() if text is None else [s.strip() for s in text.split(",") if s.strip()]
@@ -300,25 +335,22 @@ def _strategy_list(text: str | None) -> list[str]:
     return names
 
 
-def _relative_to_eplb(rows: list[dict[str, Any]]) -> None:
+def relative_to_eplb(rows: list[dict[str, Any]]) -> None:
     ref = next((r["straggler"] for r in rows if r["strategy"] == "eplb"), None)
     for row in rows:
         row["vsEplb"] = row["straggler"] / ref if ref else None
 
 
-def _scenario_title(problem: Problem, dispatch: DispatchRule) -> str:
+def scenario_title(
+    problem: Problem, dispatch: DispatchRule, loaded: LoadInput, scored: LoadInput
+) -> str:
     s = report.problem_summary(problem)
+    on = "" if scored is loaded else f", scored on {scored.source}"
     return (
         f"{s['layers']} layers x {s['experts']} experts on {s['gpus']} GPUs "
         f"({s['nodes']} nodes), +{s['redundant']} copies, {dispatch.value} dispatch, "
-        f"time in {s['timeUnit']}"
+        f"time in {s['timeUnit']}. Solved on {loaded.source}{on}."
     )
-
-
-NameArg = Annotated[str, typer.Argument(help="Name of the MoEDeployment object.")]
-NamespaceOpt = Annotated[
-    str | None, typer.Option("--namespace", "-n", help="Namespace; default: the context's.")
-]
 
 
 @app.command()
@@ -349,6 +381,3 @@ def status(name: NameArg, namespace: NamespaceOpt = None) -> None:
     from moeplace_cli.cluster_cmd import run_operator_command
 
     typer.echo(run_operator_command("status", name, namespace))
-
-
-app.add_typer(gpus_app, name="gpus")

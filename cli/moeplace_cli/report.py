@@ -143,16 +143,10 @@ COMPARE_COLUMNS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
 )
 
 
-def compare_table(title: str, rows: Sequence[Summary]) -> Table:
+def compare_table(rows: Sequence[Summary]) -> Table:
     """One row per strategy; columns without any value (traffic without transitions) drop."""
     columns = [c for c in COMPARE_COLUMNS if any(r.get(c[0]) is not None for r in rows)]
-    table = Table(
-        title=title,
-        title_justify="left",
-        box=box.SIMPLE_HEAD,
-        collapse_padding=True,
-        pad_edge=False,
-    )
+    table = Table(box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)
     for key, label, _ in columns:
         table.add_column(label, justify="left" if key in ("strategy", "status") else "right")
     for row in rows:

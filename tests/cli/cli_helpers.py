@@ -19,7 +19,7 @@ ROUTING = SHARED / "routing" / "deepseek-v2-lite-chat"
 PAL = SHARED / "gpu-variability" / "pal-v100-rtx5000-a100" / "32gpu-variability.csv"
 H200 = SHARED / "gpu-variability" / "h200-pair" / "expert_ffn_latency_graphs.json"
 
-LAYERS, EXPERTS, GPUS = 3, 8, 4
+LAYERS, EXPERTS, GPUS, PROMPTS = 3, 8, 4, 40
 FIRST_LAYER = 1  # as in the real CSV: model layer 0 is dense
 
 
@@ -29,6 +29,7 @@ class Scenario:
     gpus: Path
     profile: Path
     transitions: Path
+    samples: Path  # per-prompt counts npz: counts [PROMPTS, LAYERS, EXPERTS]
     tmp: Path
 
 
@@ -64,11 +65,16 @@ def make_scenario(tmp_path: Path) -> Scenario:
     load = rng.integers(50, 1000, size=(LAYERS, EXPERTS))
     trans = rng.integers(0, 50, size=(LAYERS - 1, EXPERTS, EXPERTS))
     np.save(tmp_path / "trans.npy", trans)
+    per_prompt = rng.poisson(
+        lam=rng.uniform(1, 20, size=(LAYERS, EXPERTS)), size=(PROMPTS, LAYERS, EXPERTS)
+    )
+    np.savez(tmp_path / "per_prompt.npz", counts=per_prompt.astype(np.int32))
     return Scenario(
         load=write_load(tmp_path / "load.csv", load),
         gpus=write_gpus(tmp_path / "gpus.csv", [1.0, 0.9, 1.1, 1.0]),
         profile=write_profile(tmp_path / "profile.json"),
         transitions=tmp_path / "trans.npy",
+        samples=tmp_path / "per_prompt.npz",
         tmp=tmp_path,
     )
 
