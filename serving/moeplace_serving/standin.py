@@ -9,7 +9,8 @@ rank (real processes, ``--rank`` runs a single one, e.g. as a "pod"). Every rank
   ``--shift-prompts`` after ``--shift-after-steps`` emulates a load shift): each step takes
   ``--tokens`` tokens; rank r owns tokens r, r+N, ... (counted in its routing metrics) and
   every (token, expert) pair is dispatched to a slot per the current placement (``--dispatch``
-  even or speed-aware), as an all-to-all would;
+  even, speed-aware, or ``alternate``: even on even steps, speed-aware on odd ones, to compare
+  both under the same traffic), as an all-to-all would;
 * computes the pairs sent to its slots, checking each against the expert it holds (a pair for
   an expert it does not hold counts as misrouted);
 * EMULATES GPU speed: a rank's layer time is its measured CPU time for the expert FFNs divided
@@ -199,7 +200,7 @@ class Options:
     shift_after_steps: int
     tokens: int
     steps: int
-    dispatch: str
+    dispatch: tuple[Mode, ...]
     experts: int
     slots_per_rank: int
     hidden: int
@@ -246,7 +247,8 @@ class Rank:
         self.switch = LockStepSwitch(
             self.collective, self.watcher, self.store.prepare, initial, metrics=self.metrics
         )
-        self.dispatcher = Dispatcher(initial, self.cluster, _mode(opt.dispatch))
+        self.dispatchers = self._dispatchers(initial)
+        self.active_hash = initial.content_hash()
         self.hidden = np.random.default_rng(7).standard_normal((4096, opt.hidden), np.float32)
 
     def run(self) -> None:
@@ -269,12 +271,14 @@ class Rank:
         assert active is not None
         if active.version != before:
             self.store.commit()
-            self.dispatcher = Dispatcher(active.placement, self.cluster, _mode(opt.dispatch))
+            self.dispatchers = self._dispatchers(active.placement)
+            self.active_hash = active.placement.content_hash()
         if opt.shift_prompts is not None and step == opt.shift_after_steps:
             self.trace = Trace(opt.routing, opt.shift_prompts)
         index, ids = self.trace.batch(step, opt.tokens)
         self.metrics.observe_routing(ids[opt.rank :: opt.ranks])
-        slots = self.dispatcher.route(ids)  # [T, L, k]
+        mode = opt.dispatch[step % len(opt.dispatch)]
+        slots = self.dispatchers[mode].route(ids)  # [T, L, k]
         hidden = self.hidden[index % self.hidden.shape[0]]
         work = compute_step(self.store, slots, ids, hidden)
         emulated_ns = (work.cpu_s / opt.speeds[opt.rank] * 1e9).astype(np.int64)
@@ -291,11 +295,12 @@ class Rank:
             record = {
                 "step": step,
                 "version": active.version,
+                "hash": self.active_hash,
                 "mixed_versions": reduced[L] != -reduced[L + 1],
                 "prompts": list(self.trace.prompts),
-                "dispatch": opt.dispatch,
+                "dispatch": mode,
                 "straggler_us": float(straggler_s.sum() * 1e6),
-                "modelled": float(self.dispatcher.layer_times(slots).sum()),
+                "modelled": float(self.dispatchers[mode].layer_times(slots).sum()),
                 "fluid": float(ids.size / sum(opt.speeds)),
                 "pairs": totals[0],
                 "expected_pairs": int(ids.size),
@@ -304,56 +309,49 @@ class Rank:
             }
             self._report(record)
 
+    def _dispatchers(self, placement: Placement) -> dict[Mode, Dispatcher]:
+        return {mode: Dispatcher(placement, self.cluster, mode) for mode in self.opt.dispatch}
+
     def _report(self, record: dict[str, Any]) -> None:
         if self.opt.report is not None:
             with self.opt.report.open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
 
 
-def _mode(name: str) -> Mode:
-    if name not in MODES:
-        raise ValueError(f"unknown dispatch {name!r}; choose from {MODES}")
-    return name
-
-
 def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per placement version (in order of use): steps, mean measured straggler (µs/step),
-    mean modelled straggler and fluid bound (token-times/step), lost and misrouted pairs."""
-    rows: list[dict[str, Any]] = []
+    """One row per (placement version, prompt slice, dispatch), in order of first use: steps,
+    mean measured straggler (µs/step), mean modelled straggler and fluid bound (token-times per
+    step), lost and misrouted pairs, steps whose ranks used different versions."""
+    rows: dict[tuple[int, tuple[int, ...], str], dict[str, Any]] = {}
     for rec in records:
-        if not rows or rows[-1]["version"] != rec["version"]:
-            rows.append(
-                {
-                    "version": rec["version"],
-                    "steps": 0,
-                    "straggler_us": 0.0,
-                    "modelled": 0.0,
-                    "fluid": 0.0,
-                    "lost": 0,
-                    "misrouted": 0,
-                    "mixed": 0,
-                }
-            )
-        row = rows[-1]
+        key = (rec["version"], tuple(rec["prompts"]), rec["dispatch"])
+        row = rows.setdefault(
+            key,
+            dict.fromkeys(("steps", "straggler_us", "modelled", "fluid", "lost", "misrouted"), 0)
+            | {"version": key[0], "prompts": "{}:{}".format(*key[1]), "dispatch": key[2]}
+            | {"mixed": 0},
+        )
         row["steps"] += 1
-        for key in ("straggler_us", "modelled", "fluid"):
-            row[key] += rec[key]
+        for name in ("straggler_us", "modelled", "fluid"):
+            row[name] += rec[name]
         row["lost"] += rec["expected_pairs"] - rec["pairs"]
         row["misrouted"] += rec["misrouted"]
         row["mixed"] += int(rec["mixed_versions"])
-    for row in rows:
-        for key in ("straggler_us", "modelled", "fluid"):
-            row[key] /= row["steps"]
-    return rows
+    for row in rows.values():
+        for name in ("straggler_us", "modelled", "fluid"):
+            row[name] /= row["steps"]
+    return list(rows.values())
 
 
 def format_summary(rows: Sequence[dict[str, Any]]) -> str:
-    lines = ["version  steps  straggler_us/step  modelled/step  fluid/step  lost  misrouted  mixed"]
+    """The rows of :func:`summarize` as a text table."""
+    head = "version  prompts   dispatch  steps  straggler_us/step  modelled/step  fluid/step"
+    lines = [head + "  lost  misrouted  mixed"]
     for r in rows:
         lines.append(
-            f"{r['version']:>7}  {r['steps']:>5}  {r['straggler_us']:>17.0f}  "
-            f"{r['modelled']:>13.0f}  {r['fluid']:>10.0f}  {r['lost']:>4}  {r['misrouted']:>9}"
-            f"  {r['mixed']:>5}"
+            f"{r['version']:>7}  {r['prompts']:<8}  {r['dispatch']:<8}  {r['steps']:>5}  "
+            f"{r['straggler_us']:>17.0f}  {r['modelled']:>13.0f}  {r['fluid']:>10.0f}  "
+            f"{r['lost']:>4}  {r['misrouted']:>9}  {r['mixed']:>5}"
         )
     return "\n".join(lines)
 
@@ -378,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shift-after-steps", type=int, default=0)
     p.add_argument("--tokens", type=int, default=128, help="tokens per step")
     p.add_argument("--steps", type=int, default=0, help="0: until killed")
-    p.add_argument("--dispatch", choices=MODES, default="speed")
+    p.add_argument("--dispatch", choices=[*MODES, "alternate"], default="speed")
     p.add_argument("--experts", type=int, default=64, help="routed experts per layer")
     p.add_argument("--slots-per-rank", type=int, default=0, help="initial placement; 0: E/ranks")
     p.add_argument("--hidden", type=int, default=16)
@@ -407,7 +405,7 @@ def options(args: argparse.Namespace, rank: int) -> Options:
         shift_after_steps=args.shift_after_steps,
         tokens=args.tokens,
         steps=args.steps,
-        dispatch=args.dispatch,
+        dispatch=MODES if args.dispatch == "alternate" else (args.dispatch,),
         experts=args.experts,
         slots_per_rank=args.slots_per_rank or -(-args.experts // args.ranks),
         hidden=args.hidden,

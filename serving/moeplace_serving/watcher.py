@@ -160,11 +160,8 @@ class PlacementWatcher:
         version = _version(base, placement)
         latest = self.latest
         if latest is not None and version <= latest.version:
-            if (
-                version == latest.version
-                and placement.content_hash() == latest.placement.content_hash()
-            ):
-                return None
+            if placement.content_hash() == latest.placement.content_hash():
+                return None  # the same tables (e.g. republished after a reset): nothing to do
             raise PlacementRejectedError(
                 f"version {version} is not newer than the loaded version {latest.version}"
             )

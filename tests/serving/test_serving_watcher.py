@@ -92,7 +92,7 @@ def test_refusals_say_why(tmp_path: Path) -> None:
     watcher.poll()
     assert "experts [3] have no slot" in errors[-1]
 
-    write_atomic(tmp_path, _files(tiny_placement(4)))
+    write_atomic(tmp_path, _files(tiny_placement(4, shift=1)))
     watcher.poll()
     assert "not newer" in errors[-1]
 
@@ -137,3 +137,12 @@ def test_background_thread_picks_up_swaps(tmp_path: Path) -> None:
     finally:
         watcher.stop()
     assert watcher.get(1) is not None and watcher.get(3) is not None
+
+
+def test_same_tables_under_an_older_version_are_a_no_op(tmp_path: Path) -> None:
+    errors: list[str] = []
+    watcher = _watcher(tmp_path, errors)
+    write_atomic(tmp_path, _files(tiny_placement(3)))
+    assert watcher.poll() is not None
+    write_atomic(tmp_path, _files(tiny_placement(1)))  # same tables, version reset
+    assert watcher.poll() is None and not errors
