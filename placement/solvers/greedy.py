@@ -14,6 +14,10 @@
 3. Local search (:func:`refine_layer`): best-improvement swaps of two copies on different
    GPUs while the expected slowest-GPU time drops.
 
+With ``weights.traffic`` (and transitions) or ``weights.migration`` (and a current placement)
+both steps add those costs per copy (:func:`extra_cost`), so the greedy minimises the same
+kind of objective as ``cpsat``.
+
 Every GPU ends with exactly S = P/G slots. Deterministic. Cost: O(L * P * K * G) numpy work
 for the greedy, O(L * swaps * S * P * K) for the local search (at most 2P swaps per layer).
 """
@@ -43,10 +47,15 @@ def replica_counts(load: FloatArray, num_slots: int, num_gpus: int) -> IntArray:
 
 
 def _place_layer(
-    counts: IntArray, loads: FloatArray, model: TimeModel, slots_per_gpu: int
+    counts: IntArray,
+    loads: FloatArray,
+    model: TimeModel,
+    slots_per_gpu: int,
+    extra: FloatArray | None = None,
 ) -> IntArray:
-    """Place copies of one layer. ``counts`` [E], ``loads`` [K, E] per-sample expert loads.
-    Returns the layer's phy2log row [P]."""
+    """Place copies of one layer. ``counts`` [E], ``loads`` [K, E] per-sample expert loads,
+    ``extra`` [E, G] cost of a copy of e on GPU g (traffic, migration; see
+    :func:`extra_cost`). Returns the layer's phy2log row [P]."""
     K, E = loads.shape
     G, S = model.num_gpus, slots_per_gpu
     per_copy = loads / counts  # [K, E]
@@ -66,6 +75,8 @@ def _place_layer(
             allowed = free & ~has[:, e]
         new_t = model.time(gpu_load + v[:, None])  # [K, G]
         incr = (np.maximum(new_t, layer_t[:, None]) - layer_t[:, None]).mean(0)
+        if extra is not None:
+            incr = incr + extra[e]
         incr = np.where(allowed, incr, np.inf)
         scale = max(float(layer_t.mean()), 1e-300)
         near = allowed & (incr <= incr.min() + 1e-12 * scale)
@@ -113,10 +124,11 @@ def refine_layer(
     slots_per_gpu: int,
     max_swaps: int,
     min_gain: float = 1e-9,
+    extra: FloatArray | None = None,
 ) -> IntArray:
     """Best-improvement swaps of two copies on different GPUs, while the expected (mean over
     the K samples) slowest-GPU time of the layer drops by more than ``min_gain`` (relative).
-    ``row`` [P], ``loads`` [K, E].
+    ``row`` [P], ``loads`` [K, E], ``extra`` [E, G] per-copy costs added to the objective.
 
     Only swaps touching a bottleneck GPU (the slowest in some sample) can help; each round
     scores all of them at once (bottleneck slots x all slots x K) and applies the best.
@@ -162,12 +174,48 @@ def refine_layer(
             rest = np.where(use, top_t[:, r : r + 1], rest)
             found |= use
         score = np.maximum(np.maximum(ta, tb), rest).mean(0)
+        if extra is not None:
+            x, y = out[sa], out[sb]
+            score = score + extra[x, gb] + extra[y, ga] - extra[x, ga] - extra[y, gb]
         best = int(np.argmin(score))
         if score[best] >= current * (1 - min_gain):
             break
         i, j = int(sa[best]), int(sb[best])
         out[i], out[j] = out[j], out[i]
     return out
+
+
+def extra_cost(
+    problem: Problem, layer: int, counts: IntArray, prev_row: IntArray | None
+) -> FloatArray | None:
+    """[E, G] objective cost of one copy of expert e on GPU g in ``layer`` beyond time, in the
+    problem's time unit (the cpsat objective's terms), or None when both weights are 0:
+
+    - traffic: ``weights.traffic`` x tokens into this copy from the previous layer that come
+      from another GPU, ``(in_e - sum_i T[l-1, i, e] * share_{l-1}(g | i)) / copies_e``
+      (layers are placed in order, so each layer pays for its incoming side);
+    - migration: ``weights.migration`` if GPU g did not hold e in ``problem.current``.
+    """
+    E, G = problem.model.experts, problem.cluster.size
+    w = problem.weights
+    out = np.zeros((E, G))
+    used = False
+    if w.traffic > 0 and problem.transitions is not None and prev_row is not None and layer > 0:
+        S = problem.slots_per_gpu
+        share = np.zeros((E, G))
+        np.add.at(share, (prev_row, np.arange(prev_row.size) // S), 1.0)
+        share /= np.maximum(share.sum(1, keepdims=True), 1.0)
+        trans = problem.transitions[layer - 1]  # [E_prev, E]
+        stay = trans.T @ share  # [E, G] tokens into e that were on g
+        out += w.traffic * (trans.sum(0)[:, None] - stay) / np.maximum(counts, 1)[:, None]
+        used = True
+    if w.migration > 0 and problem.current is not None:
+        cur = problem.current.table[layer]
+        had = np.zeros((E, G), dtype=bool)
+        had[cur, np.arange(cur.size) // problem.current.slots_per_gpu] = True
+        out += w.migration * ~had
+        used = True
+    return out if used else None
 
 
 def greedy_table(problem: Problem, refine: bool = True, hedge_z: float = 1.0) -> IntArray:
@@ -185,28 +233,44 @@ def greedy_table(problem: Problem, refine: bool = True, hedge_z: float = 1.0) ->
     hedged = samples.shape[0] >= 2
     basis = samples.mean(0) + hedge_z * samples.std(0) if hedged else problem.load
     table = np.zeros((L, P), dtype=np.int64)
+    S = problem.slots_per_gpu
     for layer in range(L):
         counts = replica_counts(basis[layer], P, G)
-        row = _place_layer(counts, samples[:, layer], model, problem.slots_per_gpu)
+        prev = table[layer - 1] if layer > 0 else None
+        extra = extra_cost(problem, layer, counts, prev)
+        row = _place_layer(counts, samples[:, layer], model, S, extra)
         if refine:
-            row = refine_layer(row, samples[:, layer], model, problem.slots_per_gpu, 2 * P, 1e-6)
+            row = refine_layer(row, samples[:, layer], model, S, 2 * P, 1e-6, extra)
         table[layer] = row
     return table
 
 
 @register("greedy")
 def solve_greedy(problem: Problem, options: SolveOptions) -> Solution:
-    """Greedy placement; objective = expected straggler time (even split) over the samples,
-    or on the mean load without samples."""
+    """Greedy placement. Objective (as cpsat's): expected straggler time (even split) over
+    the samples, or on the mean load without samples, plus ``weights.traffic`` x tokens that
+    change GPU between layers plus ``weights.migration`` x copies moved."""
     start = time.perf_counter()
     table = greedy_table(problem)
     placement = Placement.from_table(table, problem.model, problem.cluster.size, "greedy")
     basis = problem.samples if problem.samples is not None else problem.load
-    ev = evaluate(placement, problem.cluster, basis)
+    ev = evaluate(
+        placement,
+        problem.cluster,
+        basis,
+        transitions=problem.transitions,
+        previous=problem.current,
+    )
+    w = problem.weights
+    cross = 0.0
+    if problem.transitions is not None and not np.isnan(ev.traffic_share):
+        cross = ev.traffic_share * float(problem.transitions.sum())
+    objective = ev.straggler + w.traffic * cross + w.migration * ev.moved
     return Solution(
         placement=placement,
-        objective=ev.straggler,
+        objective=objective,
         bound=float(fluid_bound(problem.cluster, basis).sum(-1).mean()),
         wall_s=time.perf_counter() - start,
         status="HEURISTIC",
+        details={"straggler": ev.straggler, "cross_tokens": cross, "moved": float(ev.moved)},
     )

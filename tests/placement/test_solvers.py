@@ -119,3 +119,37 @@ def test_zero_load_and_determinism(strategy: str) -> None:
     rng = np.random.default_rng(7)
     problem = Problem.build(model, cluster, rng.pareto(1.0, (2, 6)) * 10, redundant=3)
     assert solve(problem, strategy).placement.phy2log == solve(problem, strategy).placement.phy2log
+
+
+def test_greedy_traffic_weight_co_locates() -> None:
+    model = MoEModelShape(moe_layers=2, experts=4)
+    cluster = Cluster.uniform(2)
+    load = np.full((2, 4), 10.0)
+    trans = np.zeros((1, 4, 4))
+    trans[0, 0, 1] = trans[0, 2, 3] = trans[0, 1, 0] = trans[0, 3, 2] = 10.0
+    plain = Problem(model, cluster, 2, load, transitions=trans)
+    p0 = solve(plain, "greedy").placement
+    share0 = evaluate(p0, cluster, load, transitions=trans).traffic_share
+    from placement.problem import Weights
+
+    weighted = Problem(model, cluster, 2, load, transitions=trans, weights=Weights(traffic=0.1))
+    sol = solve(weighted, "greedy")
+    ev = evaluate(sol.placement, cluster, load, transitions=trans)
+    assert ev.traffic_share == 0.0 < share0
+    assert ev.straggler == evaluate(p0, cluster, load).straggler  # balance kept
+    assert sol.details["cross_tokens"] == 0.0
+
+
+def test_greedy_migration_weight_keeps_current() -> None:
+    from placement.model import Placement
+    from placement.problem import Weights
+
+    model = MoEModelShape(moe_layers=1, experts=6)
+    cluster = Cluster.uniform(3)
+    load = np.full((1, 6), 5.0)
+    current = Placement.from_table([[5, 0, 4, 1, 3, 2]], model, 3, "old")
+    problem = Problem(model, cluster, 2, load, current=current, weights=Weights(migration=1.0))
+    sol = solve(problem, "greedy")
+    assert sol.details["moved"] == 0.0
+    free = solve(Problem(model, cluster, 2, load), "greedy")
+    assert evaluate(free.placement, cluster, load, previous=current).moved > 0
