@@ -140,7 +140,14 @@ def loads(
     """Parse a placement file in ``fmt``; engine formats need the ``model`` and ``num_gpus``
     (the vLLM map carries its own GPU count). The result is validated."""
     if fmt == "canonical":
-        return parse_canonical(text)
+        placement = parse_canonical(text)
+        if model is not None:
+            validate(placement, model)
+        if num_gpus is not None and placement.num_gpus != num_gpus:
+            raise PlacementFormatError(
+                f"placement is for {placement.num_gpus} GPUs, not {num_gpus}"
+            )
+        return placement
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:

@@ -87,3 +87,12 @@ def test_canonical_is_camel_case_and_versioned() -> None:
     assert obj["apiVersion"] == "moeplace.io/v1alpha1" and obj["kind"] == "ExpertPlacement"
     assert obj["slotsPerGpu"] == 2 and obj["model"]["denseLayersBefore"] == 1
     assert np.array_equal(np.asarray(obj["phy2log"]), _example().table)
+
+
+def test_canonical_checks_expected_shape() -> None:
+    p = _example()
+    with pytest.raises(PlacementFormatError, match="GPUs"):
+        loads(p.to_json(), "canonical", p.model, 4)
+    other = MoEModelShape(name="m", moe_layers=2, experts=4)
+    with pytest.raises(InvalidPlacementError):
+        loads(p.to_json(), "canonical", other, 2)
