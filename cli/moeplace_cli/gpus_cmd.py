@@ -25,9 +25,9 @@ NumGpusOpt = Annotated[
 ]
 
 
-def gpus_table(cluster: Cluster, title: str) -> Table:
+def gpus_table(cluster: Cluster) -> Table:
     """One row per GPU: node, speed factor (derived from the curve where there is one)."""
-    table = Table(title=title, title_justify="left")
+    table = Table()
     for label in ("gpu", "node", "speed", "curve"):
         table.add_column(label, justify="left" if label == "node" else "right")
     for i, (gpu, speed) in enumerate(zip(cluster.gpus, cluster.speeds, strict=True)):
@@ -43,7 +43,8 @@ def show(path: Annotated[Path, typer.Argument(help="GPUS.csv or GPU-profile JSON
     """Print the GPUs a file describes."""
     with bad_input("gpus"):
         cluster = load_cluster(path)
-    console.print(gpus_table(cluster, f"{path}: {cluster.size} GPUs on {len(cluster.nodes)} nodes"))
+    console.print(f"{path}: {cluster.size} GPUs on {len(cluster.nodes)} nodes", highlight=False)
+    console.print(gpus_table(cluster))
 
 
 @gpus_app.command("pal")

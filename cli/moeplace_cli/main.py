@@ -348,7 +348,8 @@ def scenario_title(
     on = "" if scored is loaded else f", scored on {scored.source}"
     return (
         f"{s['layers']} layers x {s['experts']} experts on {s['gpus']} GPUs "
-        f"({s['nodes']} nodes), +{s['redundant']} copies, {dispatch.value} dispatch, "
+        f"({s['nodes']} node{'s' if s['nodes'] != 1 else ''}), +{s['redundant']} copies, "
+        f"{dispatch.value} dispatch, "
         f"time in {s['timeUnit']}. Solved on {loaded.source}{on}."
     )
 

@@ -4,6 +4,7 @@ layer's fluid bound), and bars of each strategy's straggler time against the flu
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -50,7 +51,7 @@ def compare_png(
         fig.colorbar(image, ax=fig.axes, label="GPU time / layer fluid bound", shrink=0.8)
     bars = fig.add_subplot(grid[rows - 1, :])
     _straggler_bars(bars, names, evaluations)
-    fig.suptitle(title)
+    fig.suptitle(textwrap.fill(title, 40 * cols), fontsize=10)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -63,4 +64,4 @@ def _straggler_bars(ax: Axes, names: Sequence[str], evaluations: Sequence[Evalua
     ax.axhline(fluid, color="tab:red", linestyle="--", label="fluid bound")
     ax.set_ylabel("straggler time (sum over layers)")
     ax.set_ylim(0, max(stragglers) * 1.1)
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
