@@ -6,7 +6,8 @@ rank (real processes, ``--rank`` runs a single one, e.g. as a "pod"). Every rank
 * holds the experts of its slots as real SwiGLU FFNs in numpy (``--hidden``, ``--ffn``),
   loaded ("moved") before each placement switch;
 * replays real top-6 routing of DeepSeek-V2-Lite (``--routing``, a prompt slice ``--prompts``;
-  ``--shift-prompts`` after ``--shift-after-steps`` emulates a load shift): each step takes
+  ``--shift-prompts`` emulates a load shift after ``--shift-after-steps`` or once
+  ``--shift-file`` exists, agreed by all ranks at a step boundary): each step takes
   ``--tokens`` tokens; rank r owns tokens r, r+N, ... (counted in its routing metrics) and
   every (token, expert) pair is dispatched to a slot per the current placement (``--dispatch``
   even, speed-aware, or ``alternate``: even on even steps, speed-aware on odd ones, to compare
@@ -17,6 +18,7 @@ rank (real processes, ``--rank`` runs a single one, e.g. as a "pod"). Every rank
   by its speed factor (``--speeds``);
 * at each step end all-reduces per-layer times (max: the straggler, as the EP combine waits for
   the slowest rank), pair counts (sum: none lost) and the placement version (all equal);
+  ``moe_layer_compute_seconds_total`` counts the emulated GPU time;
 * follows its placement directory with the watcher and switches in lock-step;
 * serves ``/metrics`` on ``--metrics-port + rank``.
 
@@ -198,6 +200,7 @@ class Options:
     prompts: tuple[int, int]
     shift_prompts: tuple[int, int] | None
     shift_after_steps: int
+    shift_file: Path | None
     tokens: int
     steps: int
     dispatch: tuple[Mode, ...]
@@ -265,49 +268,65 @@ class Rank:
             self.collective.close()
 
     def step(self, step: int) -> None:
+        """One forward step: agree on the placement, route, compute, all-reduce, report."""
         opt = self.opt
-        before = self.switch.active_version
-        active = self.switch.at_step(step)
-        assert active is not None
-        if active.version != before:
-            self.store.commit()
-            self.dispatchers = self._dispatchers(active.placement)
-            self.active_hash = active.placement.content_hash()
-        if opt.shift_prompts is not None and step == opt.shift_after_steps:
-            self.trace = Trace(opt.routing, opt.shift_prompts)
+        active, switched = self._agree(step)
         index, ids = self.trace.batch(step, opt.tokens)
         self.metrics.observe_routing(ids[opt.rank :: opt.ranks])
         mode = opt.dispatch[step % len(opt.dispatch)]
         slots = self.dispatchers[mode].route(ids)  # [T, L, k]
-        hidden = self.hidden[index % self.hidden.shape[0]]
-        work = compute_step(self.store, slots, ids, hidden)
-        emulated_ns = (work.cpu_s / opt.speeds[opt.rank] * 1e9).astype(np.int64)
-        L = emulated_ns.size
+        work = compute_step(self.store, slots, ids, self.hidden[index % self.hidden.shape[0]])
+        emulated_s = work.cpu_s / opt.speeds[opt.rank]
+        L = emulated_s.size
         reduced = self.collective.all_reduce_max(
-            [*emulated_ns.tolist(), active.version, -active.version]
+            [
+                *(emulated_s * 1e9).astype(np.int64).tolist(),
+                active,
+                -active,
+                self._wants_shift(step),
+            ]
         )
         totals = self.collective.all_reduce_sum([int(work.pairs.sum()), work.misrouted])
         straggler_s = np.asarray(reduced[:L], dtype=np.float64) / 1e9
-        self.metrics.observe_layers(
-            work.cpu_s / opt.speeds[opt.rank], work.pairs, straggler_s if opt.rank == 0 else None
-        )
+        self.metrics.observe_layers(emulated_s, work.pairs, straggler_s if opt.rank == 0 else None)
         if opt.rank == 0:
-            record = {
-                "step": step,
-                "version": active.version,
-                "hash": self.active_hash,
-                "mixed_versions": reduced[L] != -reduced[L + 1],
-                "prompts": list(self.trace.prompts),
-                "dispatch": mode,
-                "straggler_us": float(straggler_s.sum() * 1e6),
-                "modelled": float(self.dispatchers[mode].layer_times(slots).sum()),
-                "fluid": float(ids.size / sum(opt.speeds)),
-                "pairs": totals[0],
-                "expected_pairs": int(ids.size),
-                "misrouted": totals[1],
-                "switch": asdict(self.switch.events[-1]) if active.version != before else None,
-            }
-            self._report(record)
+            self._report(
+                {
+                    "step": step,
+                    "version": active,
+                    "hash": self.active_hash,
+                    "mixed_versions": reduced[L] != -reduced[L + 1],
+                    "prompts": list(self.trace.prompts),
+                    "dispatch": mode,
+                    "straggler_us": float(straggler_s.sum() * 1e6),
+                    "modelled": float(self.dispatchers[mode].layer_times(slots).sum()),
+                    "fluid": float(ids.size / sum(opt.speeds)),
+                    "pairs": totals[0],
+                    "expected_pairs": int(ids.size),
+                    "misrouted": totals[1],
+                    "switch": asdict(self.switch.events[-1]) if switched else None,
+                }
+            )
+        if reduced[L + 2] and opt.shift_prompts and self.trace.prompts != opt.shift_prompts:
+            self.trace = Trace(opt.routing, opt.shift_prompts)  # every rank, from the next step
+
+    def _agree(self, step: int) -> tuple[int, bool]:
+        """Lock-step switch at this step boundary; (version in use, whether it just changed)."""
+        before = self.switch.active_version
+        active = self.switch.at_step(step)
+        assert active is not None
+        if active.version == before:
+            return before, False
+        self.store.commit()
+        self.dispatchers = self._dispatchers(active.placement)
+        self.active_hash = active.placement.content_hash()
+        return active.version, True
+
+    def _wants_shift(self, step: int) -> int:
+        """1 if this rank asks for the load shift (shift file present, or the step reached)."""
+        opt = self.opt
+        by_file = opt.shift_file is not None and opt.shift_file.exists()
+        return int(by_file or 0 < opt.shift_after_steps <= step + 1)
 
     def _dispatchers(self, placement: Placement) -> dict[Mode, Dispatcher]:
         return {mode: Dispatcher(placement, self.cluster, mode) for mode in self.opt.dispatch}
@@ -373,7 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--routing", type=Path, default=DEFAULT_ROUTING)
     p.add_argument("--prompts", type=parse_slice, default=(1, 201))
     p.add_argument("--shift-prompts", type=parse_slice, default=None)
-    p.add_argument("--shift-after-steps", type=int, default=0)
+    p.add_argument("--shift-after-steps", type=int, default=0, help="0: never (by steps)")
+    p.add_argument("--shift-file", type=Path, default=None, help="shift once this file exists")
     p.add_argument("--tokens", type=int, default=128, help="tokens per step")
     p.add_argument("--steps", type=int, default=0, help="0: until killed")
     p.add_argument("--dispatch", choices=[*MODES, "alternate"], default="speed")
@@ -403,6 +423,7 @@ def options(args: argparse.Namespace, rank: int) -> Options:
         prompts=args.prompts,
         shift_prompts=args.shift_prompts,
         shift_after_steps=args.shift_after_steps,
+        shift_file=args.shift_file,
         tokens=args.tokens,
         steps=args.steps,
         dispatch=MODES if args.dispatch == "alternate" else (args.dispatch,),
