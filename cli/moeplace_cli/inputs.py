@@ -160,10 +160,17 @@ def detect_format(obj: Any) -> formats.Format:
 
 def read_placement(path: Path, model: MoEModelShape, num_gpus: int) -> Placement:
     """A placement file in any supported format, checked against the model and the GPUs."""
-    with bad_input("placement"):
+    with bad_input(f"placement: {path}"):
         text = path.read_text()
-        fmt = detect_format(json.loads(text))
-        placement = formats.loads(text, fmt, model=model, num_gpus=num_gpus)
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise CliError(f"placement: {path}: not JSON ({err.msg}, line {err.lineno})") from err
+        fmt = detect_format(obj)
+        try:
+            placement = formats.loads(text, fmt, model=model, num_gpus=num_gpus)
+        except ValueError as err:
+            raise CliError(f"placement: {path}: {err}{_slot_hint(fmt, obj, num_gpus)}") from err
     if placement.num_gpus != num_gpus:
         raise CliError(f"placement: is for {placement.num_gpus} GPUs, --gpus lists {num_gpus}")
     shape = (placement.model.moe_layers, placement.model.experts)
@@ -173,6 +180,18 @@ def read_placement(path: Path, model: MoEModelShape, num_gpus: int) -> Placement
             f"{model.moe_layers} x {model.experts}"
         )
     return placement
+
+
+def _slot_hint(fmt: formats.Format, obj: Any, num_gpus: int) -> str:
+    """Engine formats do not record the GPU count: say how the slots were split."""
+    if fmt not in ("sglang", "eplb"):
+        return ""
+    key = "physical_to_logical_map" if fmt == "sglang" else "phy2log"
+    rows = obj.get(key) if isinstance(obj, dict) else None
+    if not (isinstance(rows, list) and rows and isinstance(rows[0], list)):
+        return ""
+    slots = len(rows[0])
+    return f" (read {slots} slots per layer as {num_gpus} GPUs from --gpus: is it the right one?)"
 
 
 def write_placement(placement: Placement, fmt: formats.Format, path: Path) -> None:
