@@ -310,7 +310,7 @@ def test_apply_ready_valid_and_better_than_eplb(
     print(f"straggler/fluid bound: moeplace {ours:.3f}, EPLB {eplb:.3f}")
     assert ours < eplb
     table = cluster.kubectl("get", "moed", "lite", "-n", namespace).stdout
-    assert "Straggler/Bound" in table and "True" in table and "Auto" in table
+    assert "STRAGGLER/BOUND" in table and "True" in table and "Auto" in table
     assert "moeplace_solves_total" in operator.metrics()
 
 

@@ -3,20 +3,18 @@ liveness endpoint. Single replica (the Helm chart uses strategy Recreate), no pe
 
 from __future__ import annotations
 
-import logging
-
 import kopf
 from prometheus_client import start_http_server
 
+import moeplace_operator.handlers  # noqa: F401  (registers the handlers with kopf)
 from moeplace_operator.config import OperatorConfig
 
 
 def main() -> None:
     config = OperatorConfig.from_env()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if config.metrics_port:
         start_http_server(config.metrics_port)
-    kopf.configure(verbose=False)
+    kopf.configure(verbose=False)  # kopf's own log format, INFO
     kopf.run(
         registry=kopf.get_default_registry(),
         standalone=True,
