@@ -193,3 +193,36 @@ def test_time_model_matches_cluster(cs, loads) -> None:  # type: ignore[no-untyp
     x = np.resize(np.asarray(loads), (3, len(cs)))
     np.testing.assert_allclose(model.time(x), cluster.times(x))
     assert (model.hull_time(x) <= model.time(x) + 1e-9).all()
+
+
+def _flow_feasible(row: np.ndarray, w: np.ndarray, caps: np.ndarray, S: int) -> bool:
+    """Can the layer's tokens be split over copies with GPU g taking at most caps[g]?"""
+    from ortools.linear_solver import pywraplp
+
+    lp = pywraplp.Solver.CreateSolver("GLOP")
+    f = [lp.NumVar(0, lp.infinity(), "") for _ in row]
+    for e in range(w.size):
+        lp.Add(sum(f[s] for s in range(row.size) if row[s] == e) == float(w[e]))
+    for g in range(caps.size):
+        lp.Add(sum(f[s] for s in range(g * S, g * S + S)) <= float(min(caps[g], 1e12)))
+    return bool(lp.Solve() == pywraplp.Solver.OPTIMAL)
+
+
+@settings(max_examples=15, deadline=None)
+@given(problems(max_gpus=4, with_curves=True), st.integers(0, 2**31))
+def test_best_split_hull_optimum_with_curves(problem, seed) -> None:  # type: ignore[no-untyped-def]
+    """The level best_split reports is the least T at which the tokens fit under every GPU's
+    hull capacity (checked by bisection on T with an LP feasibility test)."""
+    p = random_placement(problem, seed)
+    model = TimeModel(problem.cluster)
+    S = p.slots_per_gpu
+    row, w = p.table[0], problem.load[0]
+    split = best_split(row, w, model, S)
+    assert split.time >= split.bound * (1 - 1e-9)
+    lo, hi = 0.0, float(model.hull_time(np.full(p.num_gpus, w.sum())).max()) + 1.0
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (
+            (lo, mid) if _flow_feasible(row, w, model.capacity(np.array(mid)), S) else (mid, hi)
+        )
+    assert split.bound == pytest.approx(hi, rel=1e-5, abs=1e-5)  # GLOP tolerances
