@@ -43,7 +43,9 @@ def show(path: Annotated[Path, typer.Argument(help="GPUS.csv or GPU-profile JSON
     """Print the GPUs a file describes."""
     with bad_input("gpus"):
         cluster = load_cluster(path)
-    console.print(f"{path}: {cluster.size} GPUs on {len(cluster.nodes)} nodes", highlight=False)
+    nodes = len(cluster.nodes)
+    where = f"{nodes} node" if nodes == 1 else f"{nodes} nodes"
+    console.print(f"{path}: {cluster.size} GPUs on {where}", highlight=False)
     console.print(gpus_table(cluster))
 
 

@@ -58,7 +58,7 @@ def test_solve_and_evaluate_sglang(tmp_path: Path, pal32: Path) -> None:
 def test_compare_on_pal(tmp_path: Path, pal32: Path) -> None:
     png = tmp_path / "compare.png"
     ran = run("compare", "--load", COUNTS, "--gpus", pal32, "--redundant", 32, "--strategies",
-              "cpsat,eplb,greedy", "--time-limit", 1, "--threads", 1, "--png", png,
+              "cpsat,eplb,greedy", "--time-limit", 1, "--threads", 2, "--png", png,
               "--json")  # fmt: skip
     assert ran.exit_code == 0, ran.stderr
     rows = {r["strategy"]: r for r in ran.json()["strategies"]}  # type: ignore[attr-defined]
