@@ -38,16 +38,17 @@ def balanced_packing(weight: FloatArray, num_packs: int) -> tuple[IntArray, IntA
     if per_pack == 1:
         pack[:] = np.arange(n)
         return pack, rank
-    for x in range(X):
-        load = np.zeros(num_packs)
-        count = np.zeros(num_packs, dtype=np.int64)
-        for item in np.argsort(-weight[x], kind="stable"):
-            room = np.flatnonzero(count < per_pack)
-            p = int(room[np.argmin(load[room])])
-            pack[x, item] = p
-            rank[x, item] = count[p]
-            load[p] += weight[x, item]
-            count[p] += 1
+    rows = np.arange(X)
+    order = np.argsort(-weight, axis=-1, kind="stable")  # heaviest first, ties by index
+    load = np.zeros((X, num_packs))
+    count = np.zeros((X, num_packs), dtype=np.int64)
+    for i in range(n):  # vectorised over the X rows
+        item = order[:, i]
+        p = np.argmin(np.where(count < per_pack, load, np.inf), axis=-1)  # lowest index on ties
+        pack[rows, item] = p
+        rank[rows, item] = count[rows, p]
+        load[rows, p] += weight[rows, item]
+        count[rows, p] += 1
     return pack, rank
 
 
@@ -146,39 +147,42 @@ def repair_duplicates(
     out = table.copy()
     L, P = out.shape
     S = P // num_gpus
+    E = load.shape[1]
+    gpu_of = np.arange(P) // S
     swaps = replaced = 0
     for layer in range(L):
         row = out[layer]
-        cnt = np.bincount(row, minlength=load.shape[1])
+        cnt = np.bincount(row, minlength=E)
         per_copy = load[layer] / np.maximum(cnt, 1)
-        for g in range(num_gpus):
-            for s in range(g * S, g * S + S):
-                e = row[s]
-                on_g = row[g * S : g * S + S]
-                if (on_g == e).sum() < 2:
-                    continue
-                best, best_cost = -1, np.inf
-                for t in range(P):
-                    h = t // S
-                    x = row[t]
-                    if h == g or e in row[h * S : h * S + S] or x in on_g:
-                        continue
-                    cost = abs(per_copy[x] - per_copy[e])
-                    if cost < best_cost:
-                        best, best_cost = t, cost
-                if best < 0:
-                    # e has more copies than any swap can spread (EPLB does not cap copies at
-                    # G): give the slot to the expert with the largest per-copy load not on g
-                    cand = np.where(np.isin(np.arange(cnt.size), on_g), -np.inf, per_copy)
-                    x = int(np.argmax(cand))
-                    cnt[e] -= 1
-                    cnt[x] += 1
-                    per_copy = load[layer] / np.maximum(cnt, 1)
-                    row[s] = x
-                    replaced += 1
-                    continue
-                row[s], row[best] = row[best], row[s]
+        on = np.zeros((num_gpus, E), dtype=np.int64)  # copies of e on GPU g
+        np.add.at(on, (gpu_of, row), 1)
+        for s in range(P):
+            g, e = int(gpu_of[s]), int(row[s])
+            if on[g, e] < 2:
+                continue
+            # swap candidates: slot t on GPU h != g, h without e, g without row[t]
+            ok = (gpu_of != g) & (on[gpu_of, e] == 0) & (on[g, row] == 0)
+            if ok.any():
+                cost = np.where(ok, np.abs(per_copy[row] - per_copy[e]), np.inf)
+                t = int(np.argmin(cost))
+                h, x = int(gpu_of[t]), int(row[t])
+                row[s], row[t] = x, e
+                on[g, e] -= 1
+                on[g, x] += 1
+                on[h, x] -= 1
+                on[h, e] += 1
                 swaps += 1
+                continue
+            # e has more copies than any swap can spread (EPLB does not cap copies at G):
+            # give the slot to the expert with the largest per-copy load not on g
+            x = int(np.argmax(np.where(on[g] > 0, -np.inf, per_copy)))
+            cnt[e] -= 1
+            cnt[x] += 1
+            per_copy = load[layer] / np.maximum(cnt, 1)
+            row[s] = x
+            on[g, e] -= 1
+            on[g, x] += 1
+            replaced += 1
     return out, swaps, replaced
 
 
