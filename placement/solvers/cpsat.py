@@ -169,8 +169,17 @@ def _fluid(cluster: Cluster, loads: FloatArray) -> FloatArray:
 
 
 def _hedged_fluid(problem: Problem, hedge: str) -> FloatArray:
-    """[L] lower bound on the hedged straggler term of each layer."""
-    f = _fluid(problem.cluster, scenarios(problem))  # [K, L]
+    """[L] lower bound on the hedged straggler term of each layer, valid for every placement:
+    per sample the larger of the fluid bound and the copy bound (the heaviest expert has at
+    most ``min(G, 1 + redundant)`` copies, so one copy carries at least its load over that,
+    on the fastest GPU's monotone hull)."""
+    from placement.evaluate import replica_bound
+
+    loads = scenarios(problem)  # [K, L, E]
+    f = _fluid(problem.cluster, loads)  # [K, L]
+    most = min(problem.cluster.size, 1 + problem.redundant)
+    counts = np.full(loads.shape[1:], most, dtype=np.int64)
+    f = np.maximum(f, replica_bound(problem.cluster, loads, counts))
     return np.asarray(f.max(axis=0) if hedge == "robust" else f.mean(axis=0))
 
 
@@ -525,12 +534,14 @@ def _time_at(cluster: Cluster, loads: FloatArray, gpus: IntArray) -> FloatArray:
 
 def _params(options: SolveOptions, time_s: float, workers: int) -> cp_model.CpSolver:
     """CP-SAT parameters. One worker: deterministic (the deterministic-time limit stops it;
-    the wall-clock cap is a safety net at 3x). More workers: CP-SAT's parallel portfolio with
+    the wall-clock cap is a safety net at 10x + 1 s). More workers: CP-SAT's parallel portfolio with
     large-neighbourhood search, stopped by the wall clock (not reproducible run to run)."""
     solver = cp_model.CpSolver()
     p = solver.parameters
     p.max_deterministic_time = max(time_s, 0.01)
-    p.max_time_in_seconds = max(time_s, 0.01) * (3.0 if workers <= 1 else 1.0)
+    p.max_time_in_seconds = max(time_s, 0.01) * (10.0 if workers <= 1 else 1.0) + (
+        1.0 if workers <= 1 else 0.0
+    )
     p.num_workers = max(workers, 1)
     p.interleave_search = False
     p.random_seed = options.seed
