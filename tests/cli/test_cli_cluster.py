@@ -82,3 +82,20 @@ def test_cli_does_not_import_kubernetes() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_help_lists_every_command() -> None:
+    ran = run("--help")
+    assert ran.exit_code == 0
+    for command in ("solve", "evaluate", "compare", "export", "status", "gpus"):
+        assert command in ran.stdout
+
+
+def test_python_dash_m() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "moeplace_cli", "gpus", "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0 and "pal" in out.stdout
