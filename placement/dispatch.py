@@ -74,6 +74,8 @@ class TimeModel:
 
     def time(self, loads: FloatArray) -> FloatArray:
         """[..., G] tokens per GPU -> [..., G] time (µs with curves, token-times otherwise)."""
+        if not self.curves:
+            return np.asarray(np.asarray(loads, dtype=np.float64) / self.speeds, dtype=np.float64)
         return self.time_on(loads, np.arange(self.num_gpus))
 
     def time_on(self, loads: FloatArray, gpu: IntArray) -> FloatArray:

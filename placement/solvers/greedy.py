@@ -65,23 +65,27 @@ def _place_layer(
     layer_t = np.zeros(K)
     held: list[list[int]] = [[] for _ in range(G)]
     has = np.zeros((G, E), dtype=bool)
+    nheld = np.zeros(G, dtype=np.int64)
+    inv_k = 1.0 / K
     for e in experts[order].tolist():
         v = per_copy[:, e]
-        free = np.array([len(h) < S for h in held])
+        free = nheld < S
         allowed = free & ~has[:, e]
         if not allowed.any():
             _make_room(e, held, has, free, per_copy, gpu_load)
-            free = np.array([len(h) < S for h in held])
+            nheld = np.array([len(h) for h in held], dtype=np.int64)
+            free = nheld < S
             allowed = free & ~has[:, e]
         new_t = model.time(gpu_load + v[:, None])  # [K, G]
-        incr = (np.maximum(new_t, layer_t[:, None]) - layer_t[:, None]).mean(0)
+        incr = (np.maximum(new_t, layer_t[:, None]) - layer_t[:, None]).sum(0) * inv_k
         if extra is not None:
             incr = incr + extra[e]
         incr = np.where(allowed, incr, np.inf)
-        scale = max(float(layer_t.mean()), 1e-300)
+        scale = max(float(layer_t.sum()) * inv_k, 1e-300)
         near = allowed & (incr <= incr.min() + 1e-12 * scale)
-        g = int(np.argmin(np.where(near, new_t.mean(0), np.inf)))
+        g = int(np.argmin(np.where(near, new_t.sum(0), np.inf)))
         held[g].append(e)
+        nheld[g] += 1
         has[g, e] = True
         gpu_load[:, g] += v
         layer_t = np.maximum(layer_t, new_t[:, g])
