@@ -1,0 +1,379 @@
+"""Closed loop, end to end: serving stand-in -> Prometheus -> operator -> ConfigMap -> ranks.
+
+The real local cluster (kube-apiserver, kwok GPU nodes, real Prometheus), the real operator
+(`python -m moeplace_operator`) and the serving stand-in (`python -m moeplace_serving.standin`,
+one process per rank) replaying real DeepSeek-V2-Lite routing. No container runtime: the ranks
+stand for the serving pods, and a small syncer copies the placement ConfigMap from the API server
+into one directory per rank in the kubelet's layout (``..data`` swap), rank r a little later than
+rank r-1, as kubelets on different nodes would. GPU speed is emulated in the ranks from the speed
+labels of the kwok nodes.
+
+Printed: per-layer straggler time (summed over layers, per step) measured by the ranks before
+and after each rollout against the prediction, with even and speed-aware dispatch; the load
+shift and the new placement it leads to; lost / misrouted pairs; the refused corrupt ConfigMap.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import pytest
+from conftest import Cluster
+from moeplace_serving.configdir import write_atomic
+from moeplace_serving.standin import DEFAULT_ROUTING, format_summary, initial_placement, summarize
+
+from placement import Cluster as GPUCluster
+from placement import MoEModelShape, Placement
+from placement.evaluate import Dispatch, evaluate
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(not DEFAULT_ROUTING.exists(), reason="../shared/data is absent"),
+]
+
+ROOT = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
+NODES, GPUS = 2, 2
+RANKS = NODES * GPUS
+# A ±20% spread: the slowest of Longhorn's 392 V100s runs SGEMM 1.20x the median (PAL data).
+SPEEDS = [[1.0, 0.8], [1.2, 0.9]]
+REDUNDANT, SLOTS = 8, (64 + 8) // 4
+BEFORE, AFTER = (1, 101), (801, 901)  # prompt slices replayed before / after the load shift
+KUBELET_LAG_S = 0.5  # rank r gets each ConfigMap version r * lag after rank 0
+WINDOW_S = 20  # operator's load window (2 sub-windows of 10 s)
+
+
+def wait_for(what: str, fn: Callable[[], T | None], timeout: float, every: float = 0.3) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(every)
+
+
+def free_ports(count: int) -> int:
+    """First of ``count`` consecutive free ports."""
+    while True:
+        base = random.randint(20000, 40000)
+        socks = []
+        try:
+            for port in range(base, base + count):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+
+
+class Syncer(threading.Thread):
+    """Copies ConfigMap ``name`` into each rank's directory the way the kubelet does."""
+
+    def __init__(self, cluster: Cluster, namespace: str, name: str, dirs: list[Path]) -> None:
+        super().__init__(daemon=True)
+        self.cluster, self.namespace, self.name, self.dirs = cluster, namespace, name, dirs
+        self.seen: dict[str, dict[str, str]] = {}  # resourceVersion -> data
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        from kubernetes.client import CoreV1Api
+        from kubernetes.client.exceptions import ApiException
+
+        api = CoreV1Api(self.cluster.api_client())
+        while not self.stop.wait(0.3):
+            try:
+                cm = api.read_namespaced_config_map(self.name, self.namespace)
+            except ApiException:
+                continue
+            if cm.metadata.resource_version in self.seen:
+                continue
+            self.seen[cm.metadata.resource_version] = dict(cm.data)
+            for rank, directory in enumerate(self.dirs):
+                time.sleep(KUBELET_LAG_S if rank else 0.0)
+                write_atomic(directory, cm.data)
+
+
+class Process:
+    """A subprocess with its output in a log file, stopped with SIGTERM."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+        self.log = log
+        with log.open("ab") as out:
+            self.proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        return str(response.read().decode())
+
+
+def records(report: Path) -> list[dict[str, Any]]:
+    lines = report.read_text().splitlines() if report.exists() else []
+    return [json.loads(line) for line in lines]
+
+
+def replayed_load(prompts: tuple[int, int]) -> np.ndarray:
+    """[26, 64] token counts of the replayed slice."""
+    data = np.load(DEFAULT_ROUTING)
+    ids = data["expert_ids"][(data["prompt_id"] >= prompts[0]) & (data["prompt_id"] < prompts[1])]
+    return np.stack([np.bincount(ids[:, layer].ravel(), minlength=64) for layer in range(26)])
+
+
+@pytest.fixture
+def loop(cluster: Cluster, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """Namespace, kwok nodes, operator, stand-in ranks scraped by Prometheus, syncer."""
+    namespace = f"loop-{uuid.uuid4().hex[:6]}"
+    model = f"lite-{namespace}"
+    cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds/moedeployment.yaml"))
+    cluster.kubectl(
+        "wait", "--for=condition=Established", "crd/moedeployments.moeplace.io", "--timeout=60s"
+    )
+    cluster.kubectl("create", "namespace", namespace)
+    cluster.make_nodes(NODES, GPUS, speeds=SPEEDS, pool=namespace, prefix=namespace)
+    ports = free_ports(RANKS + 3)
+    paths = os.pathsep.join(str(ROOT / d) for d in ("", "operator", "serving"))
+    env = {**cluster.env, "PYTHONPATH": paths}
+    operator = Process(
+        [sys.executable, "-m", "moeplace_operator"],
+        env | {"MOEPLACE_METRICS_PORT": str(ports + RANKS + 1), "MOEPLACE_NAMESPACES": namespace,
+               "MOEPLACE_LIVENESS_ENDPOINT": f"http://127.0.0.1:{ports + RANKS + 2}/healthz"},
+        tmp_path / "operator.log",
+    )  # fmt: skip
+    dirs = [tmp_path / f"rank-{rank}" for rank in range(RANKS)]
+    speeds = ",".join(str(s) for row in SPEEDS for s in row)  # slot order: node, then GPU
+    standin = Process(
+        [sys.executable, "-m", "moeplace_serving.standin", "--ranks", str(RANKS),
+         "--speeds", speeds, "--placement-dir", str(tmp_path / "rank-{rank}"),
+         "--prompts", "{}:{}".format(*BEFORE), "--shift-prompts", "{}:{}".format(*AFTER),
+         "--shift-file", str(tmp_path / "shift"), "--tokens", "128", "--dispatch", "alternate",
+         "--slots-per-rank", str(SLOTS), "--model", model, "--metrics-port", str(ports),
+         "--collective-port", str(ports + RANKS), "--poll-interval", "0.2",
+         "--step-interval", "0.1", "--report", str(tmp_path / "report.jsonl")],
+        env | {"OMP_NUM_THREADS": "1"},
+        tmp_path / "standin.log",
+    )  # fmt: skip
+    job = f"standin-{namespace}"
+    cluster.add_scrape_target(job, [f"127.0.0.1:{ports + r}" for r in range(RANKS)])
+    syncer = Syncer(cluster, namespace, "lite-placement", dirs)
+    syncer.start()
+    try:
+        yield {
+            "namespace": namespace, "model": model, "metrics": ports, "tmp": tmp_path,
+            "syncer": syncer, "report": tmp_path / "report.jsonl",
+        }  # fmt: skip
+    finally:
+        syncer.stop.set()
+        standin.stop()
+        operator.stop()
+        cluster.remove_scrape_target(job)
+        cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+        cluster.delete_nodes(pool=namespace)
+        for log in (standin.log, operator.log):
+            tail = log.read_text(errors="replace").splitlines()[-25:]
+            print(f"--- {log.name} (tail)\n" + "\n".join(tail))
+
+
+def manifest(namespace: str, model: str, prometheus_url: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "moeplace.io/v1alpha1",
+        "kind": "MoEDeployment",
+        "metadata": {"name": "lite", "namespace": namespace},
+        "spec": {
+            "model": {"name": model, "moeLayers": 26, "expertsPerLayer": 64, "topK": 6},
+            "gpus": {
+                "nodeSelector": {"gpu.moeplace.io/pool": namespace},
+                "nodeCount": NODES,
+                "gpusPerNode": GPUS,
+            },
+            "placement": {"strategy": "greedy", "redundantExperts": REDUNDANT},
+            "load": {"prometheus": {"url": prometheus_url, "window": f"{WINDOW_S}s", "samples": 2}},
+            "rollout": {"minImprovementPercent": 3, "cooldown": "0s"},
+            "reconcileIntervalSeconds": 5,
+        },
+    }
+
+
+def steps_on(report: Path, version: int, prompts: tuple[int, int]) -> int:
+    return sum(
+        1 for r in records(report) if r["version"] == version and tuple(r["prompts"]) == prompts
+    )
+
+
+def placement_version(cluster: Cluster, namespace: str) -> tuple[int, str] | None:
+    got = cluster.kubectl(
+        "get", "configmap", "lite-placement", "-n", namespace, "-o", "json", check=False
+    )
+    if got.returncode != 0:
+        return None
+    data = json.loads(got.stdout)["data"]
+    return int(data["version"]), data["placement.json"]
+
+
+def predicted(placement: Placement, load: np.ndarray, dispatch: Dispatch) -> float:
+    gpus = GPUCluster.uniform(RANKS, gpus_per_node=GPUS, speeds=[s for r in SPEEDS for s in r])
+    return evaluate(placement, gpus, load.astype(np.float64), dispatch=dispatch).straggler
+
+
+def before_after(
+    rows: list[dict[str, Any]], old: tuple[int, Placement], new: tuple[int, Placement],
+    prompts: tuple[int, int],
+) -> list[str]:  # fmt: skip
+    """Lines comparing measured and predicted straggler of ``old`` -> ``new`` on ``prompts``."""
+    load = replayed_load(prompts)
+    lines = []
+    rules: tuple[tuple[str, Dispatch], ...] = (("even", "even"), ("speed", "best"))
+    for mode, rule in rules:
+        measured = {
+            r["version"]: r["straggler_us"]
+            for r in rows
+            if r["dispatch"] == mode and r["prompts"] == "{}:{}".format(*prompts)
+        }
+        m_old, m_new = measured[old[0]], measured[new[0]]
+        p_old, p_new = predicted(old[1], load, rule), predicted(new[1], load, rule)
+        lines.append(
+            f"  {mode:<5} dispatch: measured {m_old:7.0f} -> {m_new:7.0f} µs/step "
+            f"(x{m_new / m_old:.3f}); predicted x{p_new / p_old:.3f} "
+            f"({p_old:.0f} -> {p_new:.0f} token-times on the whole slice)"
+        )
+    return lines
+
+
+def test_closed_loop(cluster: Cluster, loop: dict[str, Any]) -> None:
+    namespace, report, syncer = loop["namespace"], loop["report"], loop["syncer"]
+    tmp: Path = loop["tmp"]
+    # 1. serving on version 0 (round robin); Prometheus fills the operator's window
+    wait_for("stand-in steps", lambda: len(records(report)) >= 5, timeout=90)
+    cluster.wait_prom(f'sum(rate(moe_expert_tokens_total{{model="{loop["model"]}"}}[5s])) > 0')
+    time.sleep(WINDOW_S)
+    # 2. the operator solves on Prometheus' load and rolls out; the ranks switch together
+    cluster.kubectl(
+        "apply", "--server-side", "-f", "-",
+        input=json.dumps(manifest(namespace, loop["model"], cluster.prometheus_url)),
+    )  # fmt: skip
+    first = wait_for("first placement", lambda: placement_version(cluster, namespace), 120)
+    v1 = first[0]
+    wait_for("40 steps on it", lambda: steps_on(report, v1, BEFORE) >= 40, timeout=120)
+    got = cluster.kubectl("get", "moed", "lite", "-n", namespace, "-o", "json")
+    summary = json.loads(got.stdout)["status"]["placement"]
+    # 3. load shift: another slice of the trace -> a new placement after the window
+    shifted_at = time.monotonic()
+    (tmp / "shift").touch()
+    second = wait_for(
+        "a placement for the shifted load",
+        lambda: (got := placement_version(cluster, namespace)) and got[0] > v1 and got,
+        timeout=WINDOW_S * 6,
+    )
+    rolled_after = time.monotonic() - shifted_at
+    time.sleep(WINDOW_S + 10)  # the window now holds only shifted traffic: last rollouts land
+    v2 = max(second[0], _version(placement_version(cluster, namespace)))
+    wait_for("40 steps on the new one", lambda: steps_on(report, v2, AFTER) >= 40, timeout=120)
+    # 4. a corrupt ConfigMap: every rank's watcher refuses it and keeps serving v2
+    cluster.kubectl(
+        "patch", "configmap", "lite-placement", "-n", namespace, "--type=merge",
+        "-p", json.dumps({"data": {"placement.json": '{"phy2log": [[0, 1'}}),
+    )  # fmt: skip
+    refused = 'moe_placement_reloads_total{model="%s",rank="%d",result="invalid"} 1.0'
+
+    def all_refused() -> bool:
+        model, base = loop["model"], loop["metrics"]
+        return all(refused % (model, r) in scrape(base + r) for r in range(RANKS))
+
+    wait_for("every rank to refuse the corrupt placement", all_refused, timeout=30)
+    corrupt_at = len(records(report))
+    kept = records(report)[-1]["version"]
+    repaired = wait_for(
+        "the operator to replace the unreadable ConfigMap",
+        lambda: (got := placement_version(cluster, namespace)) and got[1].startswith("{") and
+        _parses(got[1]) and got,
+        timeout=60,
+    )  # fmt: skip
+    wait_for("10 more steps", lambda: len(records(report)) >= corrupt_at + 10, timeout=60)
+
+    recs = records(report)
+    rows = summarize(recs)
+    placements = {0: initial_placement(_shape(), RANKS, SLOTS)}
+    for data in syncer.seen.values():
+        if _parses(data["placement.json"]):
+            placements[int(data["version"])] = Placement.model_validate_json(data["placement.json"])
+    print("\n" + format_summary(rows))
+    print(
+        f"\nrollout v{v1} (operator's prediction: straggler/fluid "
+        f"{summary['stragglerOverBound']}, gain over EPLB {summary['gainOverEplbPercent']}%), "
+        f"replayed prompts {BEFORE}:"
+    )
+    for line in before_after(rows, (0, placements[0]), (v1, placements[v1]), BEFORE):
+        print(line)
+    print(
+        f"load shift to prompts {AFTER}: first new placement v{second[0]} {rolled_after:.0f} s "
+        f"later (window {WINDOW_S} s); compared: v{v1} -> v{v2} (last before the corrupt map)"
+    )
+    for line in before_after(rows, (v1, placements[v1]), (v2, placements[v2]), AFTER):
+        print(line)
+    for rec in recs:
+        if rec["switch"]:
+            sw = rec["switch"]
+            print(
+                f"switch v{sw['old_version']} -> v{sw['new_version']} at step {sw['step']}: "
+                f"{sw['total_s'] * 1e3:.0f} ms (agree {sw['agree_s'] * 1e3:.1f} ms, "
+                f"load weights {sw['move_s'] * 1e3:.0f} ms)"
+            )
+    print(
+        f"corrupt ConfigMap: refused by all {RANKS} ranks, which kept serving v{kept}; the "
+        f"operator replaced it with a valid one (version key {repaired[0]}); ranks now on "
+        f"v{recs[-1]['version']}"
+    )
+    lost = sum(r["expected_pairs"] - r["pairs"] for r in recs)
+    misrouted = sum(r["misrouted"] for r in recs)
+    mixed = sum(int(r["mixed_versions"]) for r in recs)
+    print(f"{len(recs)} steps: lost pairs {lost}, misrouted pairs {misrouted}, mixed steps {mixed}")
+    assert lost == misrouted == mixed == 0
+    assert all(r["version"] >= kept for r in recs[corrupt_at:])
+    by_key = {(r["version"], r["prompts"], r["dispatch"]): r["straggler_us"] for r in rows}
+    before = "{}:{}".format(*BEFORE)
+    assert by_key[(v1, before, "speed")] < by_key[(0, before, "speed")]
+
+
+def _parses(text: str) -> bool:
+    try:
+        Placement.model_validate_json(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _version(got: tuple[int, str] | None) -> int:
+    assert got is not None
+    return got[0]
+
+
+def _shape() -> MoEModelShape:
+    return MoEModelShape(name="standin", moe_layers=26, experts=64, top_k=6)
