@@ -102,9 +102,9 @@ def test_greedy_deepseek_v3_shape_is_fast() -> None:
     load = 1e5 / ranks**1.0  # Zipf-skewed
     cluster = Cluster.uniform(G, 8, speeds=rng.uniform(0.9, 1.1, G).tolist())
     problem = Problem.build(MoEModelShape(moe_layers=L, experts=E), cluster, load, redundant=64)
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time: robust on a busy machine (measured ~1 s)
     table = greedy_table(problem)
-    assert time.perf_counter() - start < 10.0
+    assert time.process_time() - start < 10.0
     assert table.shape == (L, E + 64)
 
 
