@@ -258,21 +258,17 @@ def best_split(row: IntArray, load: FloatArray, model: TimeModel, slots_per_gpu:
         t = even_time
         return Split(even_slot, even_gpu, t, float(model.hull_time(even_gpu).max()))
     # adjacency: replicated expert index r -> distinct GPUs holding a copy (and their slot)
-    nbr: list[list[int]] = []
-    slot_of: list[dict[int, int]] = []
-    pos = {int(e): r for r, e in enumerate(rep)}
-    for _ in range(rep.size):
-        nbr.append([])
-        slot_of.append({})
-    for s in np.flatnonzero(~single):
-        if int(row[s]) not in pos:
-            continue
-        r = pos[int(row[s])]
-        g = int(gpu_of_slot[s])
-        if g not in slot_of[r]:
-            slot_of[r][g] = int(s)
-            nbr[r].append(g)
+    rs = np.flatnonzero((counts[row] > 1) & (w[row] > 0))  # slots of replicated experts
+    r_of = np.searchsorted(rep, row[rs])
+    key, first = np.unique(r_of * G + gpu_of_slot[rs], return_index=True)  # sorted by r, g
+    kr, kg, ks = (key // G).tolist(), (key % G).tolist(), rs[first].tolist()
+    nbr: list[list[int]] = [[] for _ in range(rep.size)]
+    slot_of: list[dict[int, int]] = [{} for _ in range(rep.size)]
+    for r, g, s in zip(kr, kg, ks, strict=True):
+        nbr[r].append(g)
+        slot_of[r][g] = s
     supply = w[rep].tolist()
+    fill_order = sorted(range(rep.size), key=lambda i: (len(nbr[i]), -supply[i]))
     total = float(w.sum())
     T = max(float(model.level(np.array(total))), float(model.hull_time(base).max()))
     flow: list[dict[int, float]] = [dict.fromkeys(n, 0.0) for n in nbr]
@@ -282,9 +278,12 @@ def best_split(row: IntArray, load: FloatArray, model: TimeModel, slots_per_gpu:
     tol = 1e-12 * max(total, 1.0)
     for _ in range(4 * G + 8):
         capv = (model.capacity(np.array(T)) - base).tolist()
-        # greedy fill, largest remaining supply first
-        for r in sorted(range(rep.size), key=lambda i: out[i] - supply[i]):
+        # greedy fill: experts with fewest copies first, then the most tokens; each into its
+        # GPUs with the most room first
+        for r in fill_order:
             need = supply[r] - out[r]
+            if need <= tol:
+                continue
             for g in sorted(nbr[r], key=lambda h: gin[h] - capv[h]):
                 if need <= tol:
                     break
