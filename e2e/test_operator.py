@@ -369,21 +369,25 @@ def test_speed_change_rolls_out_and_small_load_change_does_not(
     same = placement_of(cluster, namespace, "drift-placement")
     assert same is not None and same["data"]["version"] == first["data"]["version"]
     assert condition(obj, "RolledOut")["reason"] in ("GainBelowThreshold", "UpToDate")
-    # reverse the speed spread: the slow GPUs become fast -> a new placement rolls out
-    speeds = [[float(s) for s in row] for row in node_speeds(cluster, pool)]
-    flipped = [list(reversed(row)) for row in reversed(speeds)]
-    cluster.make_nodes(NODES, GPUS, speeds=flipped, pool=pool, prefix=pool)
+    # a node's GPUs slow down (thermal throttling) -> a new placement rolls out
+    throttle_first_node(cluster, pool)
 
     def new_version() -> dict[str, Any] | None:
         cm = placement_of(cluster, namespace, "drift-placement")
         return cm if cm and cm["data"]["hash"] != first["data"]["hash"] else None
 
-    rolled = wait_for("a new placement after the speed change", new_version, timeout=60)
+    rolled = wait_for("a new placement after the speed change", new_version, timeout=120)
     assert int(rolled["data"]["version"]) == int(first["data"]["version"]) + 1
     events = cluster.kubectl(
         "get", "events", "-n", namespace, "--field-selector", "reason=RolledOut", "-o", "json"
     ).stdout
     assert len(json.loads(events)["items"]) >= 1
+
+
+def throttle_first_node(cluster: Cluster, pool: str) -> None:
+    speeds = [[float(s) for s in row] for row in node_speeds(cluster, pool)]
+    speeds[0] = [round(s * 0.6, 4) for s in speeds[0]]
+    cluster.make_nodes(NODES, GPUS, speeds=speeds, pool=pool, prefix=pool)
 
 
 def node_speeds(cluster: Cluster, pool: str) -> list[list[str]]:
@@ -562,12 +566,9 @@ def test_prometheus_load_then_prometheus_down_keeps_placement(
             "samples": 3,
             "layerOffset": 1,
         }
-        apply(
-            cluster,
-            manifest(
-                "prom", namespace, pool, model={"name": model}, load={"prometheus": prometheus}
-            ),
-        )
+        obj = manifest("prom", namespace, pool, model={"name": model})
+        obj["spec"]["load"] = {"prometheus": prometheus}
+        apply(cluster, obj)
         obj = wait_condition(cluster, "prom", namespace, "Ready")
         assert condition(obj, "MetricsAvailable")["reason"] == "Prometheus"
         cm = placement_of(cluster, namespace, "prom-placement")
@@ -619,10 +620,7 @@ def test_restart_mid_rollout_converges_and_deletion_collects(
     wait_condition(cluster, "restart", namespace, "Ready")
     first = placement_of(cluster, namespace, "restart-placement")
     assert first is not None
-    speeds = [[float(s) for s in row] for row in node_speeds(cluster, pool)]
-    cluster.make_nodes(
-        NODES, GPUS, speeds=[list(reversed(r)) for r in reversed(speeds)], pool=pool, prefix=pool
-    )
+    throttle_first_node(cluster, pool)
     time.sleep(1.0)  # the node change has nudged the reconcile; kill it while it solves
     operator.stop(signal.SIGKILL)
     operator.start()
