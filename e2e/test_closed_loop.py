@@ -54,7 +54,7 @@ SPEEDS = [[1.0, 0.8], [1.2, 0.9]]
 REDUNDANT, SLOTS = 8, (64 + 8) // 4
 BEFORE, AFTER = (1, 101), (801, 901)  # prompt slices replayed before / after the load shift
 KUBELET_LAG_S = 0.5  # rank r gets each ConfigMap version r * lag after rank 0
-WINDOW_S = 20  # operator's load window (2 sub-windows of 10 s)
+WINDOW_S = 30  # operator's load window (3 sub-windows of 10 s)
 
 
 def wait_for(what: str, fn: Callable[[], T | None], timeout: float, every: float = 0.3) -> T:
@@ -216,15 +216,18 @@ def manifest(namespace: str, model: str, prometheus_url: str) -> dict[str, Any]:
             },
             "placement": {"strategy": "greedy", "redundantExperts": REDUNDANT},
             "load": {"prometheus": {"url": prometheus_url, "window": f"{WINDOW_S}s", "samples": 2}},
-            "rollout": {"minImprovementPercent": 3, "cooldown": "0s"},
+            "rollout": {"minImprovementPercent": 5, "cooldown": "0s"},
             "reconcileIntervalSeconds": 5,
         },
     }
 
 
-def steps_on(report: Path, version: int, prompts: tuple[int, int]) -> int:
+def steps_where(report: Path, prompts: tuple[int, int], since_version: int) -> int:
+    """Steps served on ``prompts`` with a placement version >= ``since_version``."""
     return sum(
-        1 for r in records(report) if r["version"] == version and tuple(r["prompts"]) == prompts
+        1
+        for r in records(report)
+        if r["version"] >= since_version and tuple(r["prompts"]) == prompts
     )
 
 
@@ -257,7 +260,7 @@ def before_after(
             for r in rows
             if r["dispatch"] == mode and r["prompts"] == "{}:{}".format(*prompts)
         }
-        m_old, m_new = measured[old[0]], measured[new[0]]
+        m_old, m_new = measured.get(old[0], float("nan")), measured.get(new[0], float("nan"))
         p_old, p_new = predicted(old[1], load, rule), predicted(new[1], load, rule)
         lines.append(
             f"  {mode:<5} dispatch: measured {m_old:7.0f} -> {m_new:7.0f} µs/step "
@@ -279,29 +282,29 @@ def test_closed_loop(cluster: Cluster, loop: dict[str, Any]) -> None:
         "apply", "--server-side", "-f", "-",
         input=json.dumps(manifest(namespace, loop["model"], cluster.prometheus_url)),
     )  # fmt: skip
-    first = wait_for("first placement", lambda: placement_version(cluster, namespace), 120)
-    v1 = first[0]
-    wait_for("40 steps on it", lambda: steps_on(report, v1, BEFORE) >= 40, timeout=120)
+    wait_for("first placement", lambda: placement_version(cluster, namespace), 120)
+    wait_for("40 steps on it", lambda: steps_where(report, BEFORE, 1) >= 40, timeout=180)
     got = cluster.kubectl("get", "moed", "lite", "-n", namespace, "-o", "json")
     summary = json.loads(got.stdout)["status"]["placement"]
     # 3. load shift: another slice of the trace -> a new placement after the window
+    at_shift = _version(placement_version(cluster, namespace))
     shifted_at = time.monotonic()
     (tmp / "shift").touch()
-    second = wait_for(
+    first_new = wait_for(
         "a placement for the shifted load",
-        lambda: (got := placement_version(cluster, namespace)) and got[0] > v1 and got,
+        lambda: (got := placement_version(cluster, namespace)) and got[0] > at_shift and got[0],
         timeout=WINDOW_S * 6,
     )
     rolled_after = time.monotonic() - shifted_at
-    time.sleep(WINDOW_S + 10)  # the window now holds only shifted traffic: last rollouts land
-    v2 = max(second[0], _version(placement_version(cluster, namespace)))
-    wait_for("40 steps on the new one", lambda: steps_on(report, v2, AFTER) >= 40, timeout=120)
-    # 4. a corrupt ConfigMap: every rank's watcher refuses it and keeps serving v2
+    time.sleep(WINDOW_S + 10)  # the window now holds only shifted traffic
+    settled = _version(placement_version(cluster, namespace))
+    wait_for("40 steps after it", lambda: steps_where(report, AFTER, settled) >= 40, timeout=180)
+    # 4. a corrupt ConfigMap: every rank's watcher refuses it and keeps serving
     cluster.kubectl(
         "patch", "configmap", "lite-placement", "-n", namespace, "--type=merge",
         "-p", json.dumps({"data": {"placement.json": '{"phy2log": [[0, 1'}}),
     )  # fmt: skip
-    refused = 'moe_placement_reloads_total{model="%s",rank="%d",result="invalid"} 1.0'
+    refused = 'moe_placement_reloads_total{model="%s",rank="%d",result="invalid"}'
 
     def all_refused() -> bool:
         model, base = loop["model"], loop["metrics"]
@@ -312,31 +315,30 @@ def test_closed_loop(cluster: Cluster, loop: dict[str, Any]) -> None:
     kept = records(report)[-1]["version"]
     repaired = wait_for(
         "the operator to replace the unreadable ConfigMap",
-        lambda: (got := placement_version(cluster, namespace)) and got[1].startswith("{") and
-        _parses(got[1]) and got,
+        lambda: (got := placement_version(cluster, namespace)) and _parses(got[1]) and got,
         timeout=60,
-    )  # fmt: skip
+    )
     wait_for("10 more steps", lambda: len(records(report)) >= corrupt_at + 10, timeout=60)
 
     recs = records(report)
     rows = summarize(recs)
-    placements = {0: initial_placement(_shape(), RANKS, SLOTS)}
-    for data in syncer.seen.values():
-        if _parses(data["placement.json"]):
-            placements[int(data["version"])] = Placement.model_validate_json(data["placement.json"])
+    placements = _placements(syncer)
     print("\n" + format_summary(rows))
+    before = _busiest(rows, BEFORE, lambda v: v >= 1)
     print(
-        f"\nrollout v{v1} (operator's prediction: straggler/fluid "
+        f"\nrollout v{before} (operator's prediction: straggler/fluid "
         f"{summary['stragglerOverBound']}, gain over EPLB {summary['gainOverEplbPercent']}%), "
         f"replayed prompts {BEFORE}:"
     )
-    for line in before_after(rows, (0, placements[0]), (v1, placements[v1]), BEFORE):
+    for line in before_after(rows, (0, placements[0]), (before, placements[before]), BEFORE):
         print(line)
+    old = max(r["version"] for r in recs if tuple(r["prompts"]) == BEFORE)
+    new = _busiest(rows, AFTER, lambda v: v > old)
     print(
-        f"load shift to prompts {AFTER}: first new placement v{second[0]} {rolled_after:.0f} s "
-        f"later (window {WINDOW_S} s); compared: v{v1} -> v{v2} (last before the corrupt map)"
+        f"load shift to prompts {AFTER}: first new placement v{first_new} {rolled_after:.0f} s "
+        f"later (window {WINDOW_S} s); compared: v{old} (in service at the shift) -> v{new}"
     )
-    for line in before_after(rows, (v1, placements[v1]), (v2, placements[v2]), AFTER):
+    for line in before_after(rows, (old, placements[old]), (new, placements[new]), AFTER):
         print(line)
     for rec in recs:
         if rec["switch"]:
@@ -357,9 +359,31 @@ def test_closed_loop(cluster: Cluster, loop: dict[str, Any]) -> None:
     print(f"{len(recs)} steps: lost pairs {lost}, misrouted pairs {misrouted}, mixed steps {mixed}")
     assert lost == misrouted == mixed == 0
     assert all(r["version"] >= kept for r in recs[corrupt_at:])
-    by_key = {(r["version"], r["prompts"], r["dispatch"]): r["straggler_us"] for r in rows}
-    before = "{}:{}".format(*BEFORE)
-    assert by_key[(v1, before, "speed")] < by_key[(0, before, "speed")]
+    measured = {(r["version"], r["prompts"], r["dispatch"]): r["straggler_us"] for r in rows}
+    slice_before = "{}:{}".format(*BEFORE)
+    assert measured[(before, slice_before, "speed")] < measured[(0, slice_before, "speed")]
+    shifted = replayed_load(AFTER)
+    assert predicted(placements[new], shifted, "even") < predicted(placements[old], shifted, "even")
+
+
+def _placements(syncer: Syncer) -> dict[int, Placement]:
+    """Version 0 (the stand-in's initial) and every valid version the syncer delivered."""
+    out = {0: initial_placement(_shape(), RANKS, SLOTS)}
+    for data in syncer.seen.values():
+        if _parses(data["placement.json"]):
+            out[int(data["version"])] = Placement.model_validate_json(data["placement.json"])
+    return out
+
+
+def _busiest(
+    rows: list[dict[str, Any]], prompts: tuple[int, int], keep: Callable[[int], bool]
+) -> int:
+    """The version served for the most steps on ``prompts`` among those ``keep`` accepts."""
+    steps: dict[int, int] = {}
+    for r in rows:
+        if r["prompts"] == "{}:{}".format(*prompts) and keep(r["version"]):
+            steps[r["version"]] = steps.get(r["version"], 0) + r["steps"]
+    return max(steps, key=lambda v: steps[v])
 
 
 def _parses(text: str) -> bool:
