@@ -52,7 +52,7 @@ unit: venv
 test: tools lint
 	.venv/bin/pytest
 
+# The demo script (e2e/demo.py) creates its kwok GPU nodes, the CRD, the operator and one
+# MoEDeployment, prints the placement and removes them; the cluster stays up (make cluster-down).
 demo: cluster-up
-	$(CLUSTER) nodes --count 8 --gpus-per-node 4 --speeds pal --pool demo --prefix demo
-	@echo "demo: local cluster up with 8 kwok nodes x 4 GPUs at PAL-measured speeds;" \
-	  "placement step not yet wired (see README)"
+	$(PY) e2e/demo.py
