@@ -169,8 +169,10 @@ def cluster() -> Iterator[Cluster]:
             "local cluster: missing parts (run `make tools`):\n  " + "\n  ".join(missing),
             pytrace=False,
         )
-    started_here = not lc.is_up(state)
-    if started_here:
+    # Brought down at the end only when nothing of it ran before; a partly running cluster
+    # (someone else's, one part crashed) is repaired by `up` and left running.
+    started_here = not lc.any_running(state)
+    if not lc.is_up(state):
         try:
             lc.up(state)
         except lc.ClusterError as e:

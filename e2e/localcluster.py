@@ -17,6 +17,7 @@ import fcntl
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -586,6 +587,21 @@ def _health_checks(paths: Paths, p: dict[str, int]) -> dict[str, Any]:
     }
 
 
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def any_running(state: Path | None = None) -> bool:
+    """True when any recorded process of this cluster still runs."""
+    paths = Paths(state or default_state())
+    return any(Proc(paths, c).alive() for c in ALL_COMPONENTS)
+
+
 def is_up(state: Path | None = None) -> bool:
     """True when every component runs (by recorded PID) and answers its health check."""
     paths = Paths(state or default_state())
@@ -606,6 +622,16 @@ def up(state: Path | None = None) -> float:
     if missing:
         raise ClusterError("missing parts of the local cluster:\n  " + "\n  ".join(missing))
     with _locked(paths):
+        # Nothing of ours runs but another program took one of our ports meanwhile (after a
+        # reboot, say): start afresh on new ports rather than fail on a busy one.
+        if (
+            not any_running(paths.state)
+            and paths.ports_file.exists()
+            and any(not _port_free(port) for port in ports(paths).values())
+        ):
+            log("a recorded port is busy and nothing runs: new ports, fresh etcd data")
+            shutil.rmtree(paths.etcd_data, ignore_errors=True)
+            paths.ports_file.unlink()
         p = ports(paths, allocate=True)
         ensure_pki(paths)
         write_kubeconfig(paths, f"https://127.0.0.1:{p['apiserver']}")
@@ -644,8 +670,6 @@ def down(state: Path | None = None, keep_data: bool = False) -> None:
             if Proc(paths, name).stop():
                 log(f"stopped {name}")
         if not keep_data:
-            import shutil
-
             for d in (paths.etcd_data, paths.prometheus / "data", paths.targets):
                 shutil.rmtree(d, ignore_errors=True)
 
