@@ -510,7 +510,7 @@ def main() -> None:
             "8 GPUs with the H200 Mixtral curves in turn, 2 nodes",
             real=False,
         )
-        run_synthetic(sc, mix, mix_load, SolveOptions(time_limit_s=0.8, threads=args.threads))
+        run_synthetic(sc, mix, mix_load, SolveOptions(time_limit_s=0.7, threads=args.threads))
         print_synthetic(
             sc, "SYNTHETIC Zipf(0.5) load, 4096 tokens x top-2 per layer (no Mixtral trace)"
         )

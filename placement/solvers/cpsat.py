@@ -86,6 +86,7 @@ _POLISH_SHARE = 0.4  # of a layer's budget for the local search before CP-SAT
 _FREE_COUNTS_MAX = 20000  # E * G up to which CP-SAT may change replica counts
 _BUILD_S_PER_TERM = 2e-6  # rough cost of building the CP-SAT model, seconds per term
 _MIN_SOLVE_S = 0.05
+_REFINE_CURVES_MAX = 100_000  # L * P * K * G above which greedy's refinement is skipped
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,6 +181,15 @@ def _hedged_fluid(problem: Problem, hedge: str) -> FloatArray:
     most = min(problem.cluster.size, 1 + problem.redundant)
     counts = np.full(loads.shape[1:], most, dtype=np.int64)
     f = np.maximum(f, replica_bound(problem.cluster, loads, counts))
+    S = problem.slots_per_gpu
+    if problem.redundant == 0 and S > 1:
+        # one copy each: the GPU of the heaviest expert also holds S - 1 others, at least the
+        # S - 1 lightest ones
+        srt = np.sort(loads, axis=-1)
+        least = srt[..., -1:] + srt[..., : S - 1].sum(-1, keepdims=True)  # [K, L, 1]
+        f = np.maximum(
+            f, replica_bound(problem.cluster, least, np.ones((loads.shape[1], 1), dtype=np.int64))
+        )
     return np.asarray(f.max(axis=0) if hedge == "robust" else f.mean(axis=0))
 
 
@@ -813,7 +823,12 @@ def solve_cpsat(problem: Problem, options: SolveOptions) -> Solution:
     if options.hedge not in ("expected", "robust"):
         raise ValueError(f"hedge must be 'expected' or 'robust', got {options.hedge!r}")
     t0 = time.monotonic()
-    hint = np.asarray(greedy_table(problem), dtype=np.int64)
+    # greedy's own swap refinement is what _polish does first; it is skipped where it would
+    # cost seconds (latency curves, large instances), so that the polish gets the time
+    K = scenarios(problem).shape[0]
+    size = problem.model.moe_layers * problem.num_slots * K * problem.cluster.size
+    refine = not (problem.cluster.has_curves and size > _REFINE_CURVES_MAX)
+    hint = np.asarray(greedy_table(problem, refine=refine), dtype=np.int64)
     coupled = (
         problem.weights.traffic > 0
         and problem.transitions is not None
