@@ -294,6 +294,16 @@ def status_patch(
     return {"status": patch}
 
 
+def already_applied(patch: Any, current: Any) -> bool:
+    """Whether a merge patch would change nothing (then it is not sent: no write, no watch
+    event, no resourceVersion churn for GitOps tools)."""
+    if isinstance(patch, dict):
+        return isinstance(current, dict) and all(
+            already_applied(v, current.get(k)) for k, v in patch.items()
+        )
+    return bool(patch == current)
+
+
 def target_patch(kind_template_path: Sequence[str], content_hash: str) -> Body:
     """Merge patch setting the pod-template annotation that rolls a workload's pods."""
     patch: Body = {"metadata": {"annotations": {HASH_ANNOTATION: content_hash}}}

@@ -3,6 +3,7 @@ Runs in the solver pool (a worker thread), never on the event loop; no Kubernete
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import placement.solvers  # noqa: F401  (registers the strategies)
@@ -93,6 +94,21 @@ def plan(
         eplb=evaluate(baseline.placement, cluster, load.load),
         current=evaluate(in_service, cluster, load.load) if in_service else None,
     )
+
+
+def inputs_fingerprint(
+    spec: MoEDeploymentSpec, group: GPUGroup, load: LoadData, current: Placement | None
+) -> str:
+    """Everything a plan depends on: equal fingerprints mean re-solving would only spend CPU
+    (a steady state costs no solves, so 100 objects do not queue behind each other)."""
+    digest = hashlib.sha256()
+    digest.update(spec.model_dump_json().encode())
+    digest.update(group.cluster.model_dump_json().encode())
+    digest.update(load.load.tobytes())
+    if load.samples is not None:
+        digest.update(load.samples.tobytes())
+    digest.update((current.content_hash() if current else "-").encode())
+    return digest.hexdigest()
 
 
 def score_pinned(

@@ -21,10 +21,12 @@ from moeplace_operator.build import (
     ConditionUpdate,
     Decision,
     Published,
+    already_applied,
     configmap_body,
     decide_rollout,
     degraded_updates,
     false,
+    gain_percent,
     merge_conditions,
     percent_text,
     placement_configmap_name,
@@ -45,7 +47,7 @@ from moeplace_operator.loadsource import (
     parse_load_csv,
 )
 from moeplace_operator.nodes import GPUGroup, NodeGPUs, NodesUnavailableError, build_gpu_group
-from moeplace_operator.planning import Plan, fitting, plan, score_pinned
+from moeplace_operator.planning import Plan, fitting, inputs_fingerprint, plan, score_pinned
 from moeplace_operator.spec import (
     ConditionType,
     MoEDeploymentSpec,
@@ -72,6 +74,8 @@ class Runtime:
     io_pool: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(8, "moeplace-io")
     )
+    # "ns/name" -> (inputs fingerprint, plan, solved at) of the last solve
+    plans: dict[str, tuple[str, Plan, datetime]] = field(default_factory=dict)
 
     async def io(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.io_pool, fn, *args)
@@ -97,8 +101,9 @@ class Reconcile:
     body: kopf.Body
     nodes: list[NodeGPUs]
     logger: logging.Logger | logging.LoggerAdapter[Any]
-    last_refused: dict[str, str]
+    last_refused: dict[str, str]  # shared by all objects: keyed by namespace/name/reason
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
+    solved_at: datetime | None = None  # set when the plan comes from the cache
 
     @property
     def name(self) -> str:
@@ -121,9 +126,9 @@ class Reconcile:
                 kube.read_configmap, self.namespace, placement_configmap_name(self.name)
             )
         )
-        summary = status.placement or PlacementSummary()
+        summary = status.placement  # kept as it was when degraded
         try:
-            updates, summary = await self.converge(spec, in_service, summary)
+            updates, summary = await self.converge(spec, in_service)
         except DegradedError as degraded:
             metrics.ERRORS.labels(degraded.reason).inc()
             self.logger.info("degraded: %s", degraded)  # info: warnings become Events each tick
@@ -132,7 +137,8 @@ class Reconcile:
             updates = [*degraded.updates, *degraded_updates(degraded.reason, str(degraded), kept)]
         conditions = merge_conditions(status.conditions, updates, self.generation, self.now)
         patch = status_patch(generation=self.generation, conditions=conditions, summary=summary)
-        await self.runtime.io(kube.patch_status, self.namespace, self.name, patch)
+        if not already_applied(patch, {"status": dict(self.body.get("status") or {})}):
+            await self.runtime.io(kube.patch_status, self.namespace, self.name, patch)
 
     def announce_degradation(self, status: MoEDeploymentStatus, degraded: DegradedError) -> None:
         """A Warning Event when the object becomes degraded or the reason changes."""
@@ -142,31 +148,33 @@ class Reconcile:
         kopf.event(self.body, type="Warning", reason=degraded.reason, message=str(degraded))
 
     async def converge(
-        self, spec: MoEDeploymentSpec, in_service: Published | None, summary: PlacementSummary
+        self, spec: MoEDeploymentSpec, in_service: Published | None
     ) -> tuple[list[ConditionUpdate], PlacementSummary]:
         group, gpu_update = self.gpu_group(spec)
         load, metrics_update = await self.load(spec)
-        pinned = (
-            await self.pinned(spec, group, load)
-            if spec.rollout.mode is RolloutMode.PINNED
-            else None
-        )
+        mode = spec.rollout.mode
+        pinned = await self.pinned(spec, group, load) if mode is RolloutMode.PINNED else None
         current = in_service.placement if in_service else None
         result = await self.plan(spec, group, load, current)
-        candidate = pinned[0] if pinned else result.solution.placement
-        candidate_eval = pinned[1] if pinned else result.proposal
+        candidate, candidate_eval = pinned or (result.solution.placement, result.proposal)
+        # Pinned: how much the best proposal would gain over what git holds
+        gain = (
+            gain_percent(pinned[1].straggler, result.proposal.straggler)
+            if pinned
+            else result.gain_over_current
+        )
         in_service_fits = in_service is not None and fitting(current, spec, group) is not None
         decision = decide_rollout(
             rollout=spec.rollout,
             cooldown=parse_duration(spec.rollout.cooldown),
             current_hash=in_service.hash if in_service and in_service_fits else None,
             proposed_hash=candidate.content_hash(),
-            gain=result.gain_over_current,
+            gain=gain,
             moved=result.proposal.moved,
             last_rollout=in_service.rolled_out_at if in_service else None,
             now=self.now,
         )
-        if spec.rollout.mode is not RolloutMode.AUTO:
+        if mode is not RolloutMode.AUTO:
             proposal = result.solution.placement
             await self.publish(proposal_configmap_name(self.name), "proposal", proposal)
         if decision.roll:
@@ -175,8 +183,8 @@ class Reconcile:
             self.note_refusal(decision, candidate.content_hash())
         if spec.rollout.target and in_service:
             await self.sync_target(spec, in_service.hash)
-        serving_eval = candidate_eval if decision.roll else result.current
-        summary = self.summary(spec, result, in_service, serving_eval, load, candidate)
+        shown = candidate_eval if decision.roll or mode is RolloutMode.PROPOSE else result.current
+        summary = self.summary(spec, group, result, in_service, shown, load, gain)
         updates = [
             gpu_update,
             metrics_update,
@@ -253,6 +261,12 @@ class Reconcile:
     async def plan(
         self, spec: MoEDeploymentSpec, group: GPUGroup, load: LoadData, current: Placement | None
     ) -> Plan:
+        key = f"{self.namespace}/{self.name}"
+        fingerprint = inputs_fingerprint(spec, group, load, current)
+        cached = self.runtime.plans.get(key)
+        if cached and cached[0] == fingerprint:
+            self.solved_at = cached[2]
+            return cached[1]
         strategy = spec.placement.strategy.value
         started = time.monotonic()
         try:
@@ -268,6 +282,7 @@ class Reconcile:
         metrics.SOLVE_SECONDS.labels(strategy).observe(time.monotonic() - started)
         metrics.PREDICTED_GAIN.labels(self.namespace, self.name).set(result.gain_over_current)
         metrics.GAIN_OVER_EPLB.labels(self.namespace, self.name).set(result.gain_over_eplb)
+        self.runtime.plans[key] = (fingerprint, result, self.now)
         return result
 
     async def publish(self, name: str, role: str, placement: Placement) -> Published:
@@ -304,9 +319,10 @@ class Reconcile:
         if decision.reason not in REFUSALS_WORTH_AN_EVENT:
             return
         metrics.REFUSALS.labels(decision.reason).inc()
-        if self.last_refused.get(decision.reason) == proposed_hash:
+        key = f"{self.namespace}/{self.name}/{decision.reason}"
+        if self.last_refused.get(key) == proposed_hash:
             return
-        self.last_refused[decision.reason] = proposed_hash
+        self.last_refused[key] = proposed_hash
         kopf.event(self.body, type="Normal", reason="RolloutRefused", message=decision.message)
 
     async def sync_target(self, spec: MoEDeploymentSpec, content_hash: str) -> None:
@@ -341,32 +357,40 @@ class Reconcile:
     def summary(
         self,
         spec: MoEDeploymentSpec,
+        group: GPUGroup,
         result: Plan,
         in_service: Published | None,
-        serving: Evaluation | None,
+        shown: Evaluation | None,
         load: LoadData,
-        candidate: Placement,
+        gain: float,
     ) -> PlacementSummary:
+        """Figures of the placement in service (of the proposal in Propose mode, where
+        nothing is in service) and of the last solve."""
+        proposing = spec.rollout.mode is RolloutMode.PROPOSE
+        config_map = proposal_configmap_name(self.name) if proposing else None
+        if in_service and not proposing:
+            config_map = placement_configmap_name(self.name)
+        serving = in_service if not proposing else None
         solution = result.solution
         return PlacementSummary(
-            config_map=placement_configmap_name(self.name) if in_service else None,
-            hash=in_service.hash if in_service else None,
-            version=in_service.version if in_service else None,
-            strategy=in_service.placement.strategy if in_service else None,
-            straggler=round(serving.straggler, 3) if serving else None,
-            fluid_bound=round(serving.fluid_bound, 3) if serving else None,
-            straggler_over_bound=ratio_text(serving.ratio) if serving else None,
-            gain_percent=percent_text(result.gain_over_current),
+            config_map=config_map,
+            hash=serving.hash if serving else None,
+            version=serving.version if serving else None,
+            strategy=serving.placement.strategy if serving else solution.placement.strategy,
+            straggler=round(shown.straggler, 3) if shown else None,
+            fluid_bound=round(shown.fluid_bound, 3) if shown else None,
+            straggler_over_bound=ratio_text(shown.ratio) if shown else None,
+            gain_percent=percent_text(gain),
             gain_over_eplb_percent=percent_text(result.gain_over_eplb),
             moved_experts=result.proposal.moved,
-            proposed_hash=candidate.content_hash(),
+            proposed_hash=solution.placement.content_hash(),
             solver_gap=percent_text(100 * solution.gap),
-            solved_at=rfc3339(self.now),
-            rolled_out_at=rfc3339(in_service.rolled_out_at)
-            if in_service and in_service.rolled_out_at
+            solved_at=rfc3339(self.solved_at or self.now),
+            rolled_out_at=rfc3339(serving.rolled_out_at)
+            if serving and serving.rolled_out_at
             else None,
             load_window=load.window,
-            gpus=len(result.eplb.gpu_load[0, 0]),
+            gpus=group.cluster.size,
         )
 
     def solved_update(self, result: Plan) -> ConditionUpdate:

@@ -8,6 +8,7 @@ from moeplace_operator.build import (
     HASH_ANNOTATION,
     PLACEMENT_KEY,
     SGLANG_KEY,
+    already_applied,
     configmap_body,
     decide_rollout,
     false,
@@ -134,3 +135,10 @@ def test_sglang_map_pads_dense_layers() -> None:
 def test_target_patch_sets_pod_template_annotation() -> None:
     patch = target_patch(["spec", "template"], "abc")
     assert patch == {"spec": {"template": {"metadata": {"annotations": {HASH_ANNOTATION: "abc"}}}}}
+
+
+def test_already_applied_compares_the_patched_fields_only() -> None:
+    current = {"status": {"observedGeneration": 2, "placement": {"hash": "a", "old": 1}}}
+    assert already_applied({"status": {"placement": {"hash": "a"}}}, current)
+    assert not already_applied({"status": {"placement": {"hash": "b"}}}, current)
+    assert not already_applied({"status": {"conditions": []}}, current)

@@ -7,7 +7,7 @@ import pytest
 from moeplace_operator.build import fits, model_shape
 from moeplace_operator.loadsource import LoadData, parse_load_csv
 from moeplace_operator.nodes import GPUGroup
-from moeplace_operator.planning import plan, score_pinned
+from moeplace_operator.planning import inputs_fingerprint, plan, score_pinned
 from moeplace_operator.spec import MoEDeploymentSpec
 
 from placement.model import Cluster
@@ -66,3 +66,13 @@ def test_real_shape_beats_eplb_with_speed_spread() -> None:
     speeds = list(np.linspace(0.8, 1.2, 32))
     result = plan(s, group(speeds, 8), load, None, solver_threads=1)
     assert result.gain_over_eplb > 5.0
+
+
+def test_fingerprint_tracks_every_input() -> None:
+    s, g = spec(2, 8, 1, 4), group([1.0, 1.0, 1.0, 1.2], 4)
+    load = LoadData(np.ones((2, 8)), None, "a")
+    base = inputs_fingerprint(s, g, load, None)
+    assert base == inputs_fingerprint(s, g, LoadData(np.ones((2, 8)), None, "b"), None)
+    assert base != inputs_fingerprint(s, g, LoadData(np.full((2, 8), 2.0), None, "a"), None)
+    assert base != inputs_fingerprint(s, group([1.0] * 4, 4), load, None)
+    assert base != inputs_fingerprint(spec(2, 8, 1, 4, "greedy"), g, load, None)
