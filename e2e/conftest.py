@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 import urllib.parse
 import urllib.request
@@ -153,6 +154,19 @@ class Cluster:
         """Delete the nodes of a pool (or matching a label selector) in one request."""
         sel = selector or f"{lc.POOL_LABEL}={pool or 'default'}"
         lc.delete_nodes(sel, state=self.state)
+
+
+_THIS_MODULE = sys.modules[__name__]
+
+
+def pytest_collectstart(collector: pytest.Collector) -> None:
+    """Let e2e test modules `from conftest import Cluster` in a whole-repo run.
+
+    Every conftest.py outside a package is imported as the module `conftest`, the last one
+    loaded (tests/*/conftest.py) winning; put ours back before an e2e module is imported.
+    """
+    if isinstance(collector, pytest.Module):
+        sys.modules["conftest"] = _THIS_MODULE
 
 
 @pytest.fixture(scope="session")
