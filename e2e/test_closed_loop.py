@@ -250,22 +250,26 @@ def before_after(
     rows: list[dict[str, Any]], old: tuple[int, Placement], new: tuple[int, Placement],
     prompts: tuple[int, int],
 ) -> list[str]:  # fmt: skip
-    """Lines comparing measured and predicted straggler of ``old`` -> ``new`` on ``prompts``."""
+    """Lines comparing ``old`` -> ``new`` on ``prompts``, per dispatch rule: the ranks' measured
+    straggler (CPU-time emulation, µs/step), the straggler of the pairs the ranks actually
+    computed per batch under the time model ("realized", token-times/step), and the
+    prediction on the slice's whole load (``placement.evaluate``, as the operator scores)."""
     load = replayed_load(prompts)
     lines = []
     rules: tuple[tuple[str, Dispatch], ...] = (("even", "even"), ("speed", "best"))
     for mode, rule in rules:
-        measured = {
-            r["version"]: r["straggler_us"]
+        got = {
+            r["version"]: (r["straggler_us"], r["realized"])
             for r in rows
             if r["dispatch"] == mode and r["prompts"] == "{}:{}".format(*prompts)
         }
-        m_old, m_new = measured.get(old[0], float("nan")), measured.get(new[0], float("nan"))
+        nan = (float("nan"), float("nan"))
+        (m_old, r_old), (m_new, r_new) = got.get(old[0], nan), got.get(new[0], nan)
         p_old, p_new = predicted(old[1], load, rule), predicted(new[1], load, rule)
         lines.append(
-            f"  {mode:<5} dispatch: measured {m_old:7.0f} -> {m_new:7.0f} µs/step "
-            f"(x{m_new / m_old:.3f}); predicted x{p_new / p_old:.3f} "
-            f"({p_old:.0f} -> {p_new:.0f} token-times on the whole slice)"
+            f"  {mode:<5} dispatch: measured {m_old:5.0f} -> {m_new:5.0f} µs (x{m_new / m_old:.3f})"
+            f" | realized {r_old:5.0f} -> {r_new:5.0f} (x{r_new / r_old:.3f})"
+            f" | predicted x{p_new / p_old:.3f}"
         )
     return lines
 
@@ -359,9 +363,9 @@ def test_closed_loop(cluster: Cluster, loop: dict[str, Any]) -> None:
     print(f"{len(recs)} steps: lost pairs {lost}, misrouted pairs {misrouted}, mixed steps {mixed}")
     assert lost == misrouted == mixed == 0
     assert all(r["version"] >= kept for r in recs[corrupt_at:])
-    measured = {(r["version"], r["prompts"], r["dispatch"]): r["straggler_us"] for r in rows}
+    realized = {(r["version"], r["prompts"], r["dispatch"]): r["realized"] for r in rows}
     slice_before = "{}:{}".format(*BEFORE)
-    assert measured[(before, slice_before, "speed")] < measured[(0, slice_before, "speed")]
+    assert realized[(before, slice_before, "speed")] < 0.9 * realized[(0, slice_before, "speed")]
     shifted = replayed_load(AFTER)
     assert predicted(placements[new], shifted, "even") < predicted(placements[old], shifted, "even")
 

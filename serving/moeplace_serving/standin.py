@@ -313,7 +313,7 @@ class Rank:
                     "prompts": list(self.trace.prompts),
                     "dispatch": mode,
                     "straggler_us": float(straggler_s.sum() * 1e6),
-                    "modelled": float(self.dispatchers[mode].layer_times(slots).sum()),
+                    "realized": float(self.dispatchers[mode].layer_times(slots).sum()),
                     "fluid": float(ids.size / sum(opt.speeds)),
                     "pairs": totals[0],
                     "expected_pairs": int(ids.size),
@@ -353,37 +353,38 @@ class Rank:
 
 def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (placement version, prompt slice, dispatch), in order of first use: steps,
-    mean measured straggler (µs/step), mean modelled straggler and fluid bound (token-times per
-    step), lost and misrouted pairs, steps whose ranks used different versions."""
+    mean measured straggler (µs/step), mean realized straggler (the pairs each rank computed,
+    under the time model) and fluid bound (token-times per step), lost and misrouted pairs,
+    steps whose ranks used different versions."""
     rows: dict[tuple[int, tuple[int, ...], str], dict[str, Any]] = {}
     for rec in records:
         key = (rec["version"], tuple(rec["prompts"]), rec["dispatch"])
         row = rows.setdefault(
             key,
-            dict.fromkeys(("steps", "straggler_us", "modelled", "fluid", "lost", "misrouted"), 0)
+            dict.fromkeys(("steps", "straggler_us", "realized", "fluid", "lost", "misrouted"), 0)
             | {"version": key[0], "prompts": "{}:{}".format(*key[1]), "dispatch": key[2]}
             | {"mixed": 0},
         )
         row["steps"] += 1
-        for name in ("straggler_us", "modelled", "fluid"):
+        for name in ("straggler_us", "realized", "fluid"):
             row[name] += rec[name]
         row["lost"] += rec["expected_pairs"] - rec["pairs"]
         row["misrouted"] += rec["misrouted"]
         row["mixed"] += int(rec["mixed_versions"])
     for row in rows.values():
-        for name in ("straggler_us", "modelled", "fluid"):
+        for name in ("straggler_us", "realized", "fluid"):
             row[name] /= row["steps"]
     return list(rows.values())
 
 
 def format_summary(rows: Sequence[dict[str, Any]]) -> str:
     """The rows of :func:`summarize` as a text table."""
-    head = "version  prompts   dispatch  steps  straggler_us/step  modelled/step  fluid/step"
+    head = "version  prompts   dispatch  steps  straggler_us/step  realized/step  fluid/step"
     lines = [head + "  lost  misrouted  mixed"]
     for r in rows:
         lines.append(
             f"{r['version']:>7}  {r['prompts']:<8}  {r['dispatch']:<8}  {r['steps']:>5}  "
-            f"{r['straggler_us']:>17.0f}  {r['modelled']:>13.0f}  {r['fluid']:>10.0f}  "
+            f"{r['straggler_us']:>17.0f}  {r['realized']:>13.0f}  {r['fluid']:>10.0f}  "
             f"{r['lost']:>4}  {r['misrouted']:>9}  {r['mixed']:>5}"
         )
     return "\n".join(lines)

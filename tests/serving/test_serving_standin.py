@@ -10,7 +10,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -49,14 +51,21 @@ def _solved_placement(version: int) -> Placement:
     return placement.model_copy(update={"metadata": {"version": version}})
 
 
-def _wait_steps(report: Path, steps: int, timeout: float = 60) -> list[dict[str, object]]:
+def _wait_until(
+    report: Path, done: Callable[[list[dict[str, Any]]], bool], timeout: float = 60
+) -> None:
+    """Wait until ``done`` holds for the report's records so far."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         lines = report.read_text().splitlines() if report.exists() else []
-        if len(lines) >= steps:
-            return [json.loads(line) for line in lines]
+        if done([json.loads(line) for line in lines]):
+            return
         time.sleep(0.02)
-    raise TimeoutError(f"stand-in did not reach step {steps}")
+    raise TimeoutError("the stand-in did not get there in time")
+
+
+def _wait_steps(report: Path, steps: int) -> None:
+    _wait_until(report, lambda recs: len(recs) >= steps)
 
 
 def test_standin_switches_in_lockstep(tmp_path: Path) -> None:
@@ -65,7 +74,7 @@ def test_standin_switches_in_lockstep(tmp_path: Path) -> None:
     cmd = [
         sys.executable, "-m", "moeplace_serving.standin", "--ranks", str(RANKS),
         "--speeds", ",".join(map(str, SPEEDS)), "--placement-dir", str(tmp_path / "rank-{rank}"),
-        "--prompts", f"{PROMPTS[0]}:{PROMPTS[1]}", "--tokens", "64", "--steps", "70",
+        "--prompts", f"{PROMPTS[0]}:{PROMPTS[1]}", "--tokens", "64", "--steps", "0",
         "--slots-per-rank", "22", "--dispatch", "speed", "--collective-port", str(collective),
         "--metrics-port", str(metrics), "--poll-interval", "0.02", "--step-interval", "0.04",
         "--report", str(report),
@@ -77,22 +86,22 @@ def test_standin_switches_in_lockstep(tmp_path: Path) -> None:
         for rank in range(RANKS):  # the kubelets of the three nodes, one after the other
             write_atomic(tmp_path / f"rank-{rank}", {"placement.json": solved.to_json()})
             time.sleep(0.15)
-        _wait_steps(report, 25)
+        _wait_until(report, lambda recs: sum(r["version"] == 1 for r in recs) >= 15)
         for rank in range(RANKS):
             write_atomic(tmp_path / f"rank-{rank}", {"placement.json": '{"phy2log": [[1, 2'})
         time.sleep(0.3)
         body = urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5).read()
-        out, _ = proc.communicate(timeout=60)
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
     finally:
         proc.kill()
     records = [json.loads(line) for line in report.read_text().splitlines()]
     rows = summarize(records)
     print("\n" + format_summary(rows))
-    assert proc.returncode == 0, out
     assert "EMULATION" in out
     assert [row["version"] for row in rows] == [0, 1]
     assert all(row["lost"] == 0 and row["misrouted"] == 0 and row["mixed"] == 0 for row in rows)
-    assert rows[1]["modelled"] < rows[0]["modelled"]
+    assert rows[1]["realized"] < rows[0]["realized"]
     assert (
         b'moe_placement_reloads_total{model="deepseek-v2-lite",rank="0",result="invalid"} 1.0'
         in body
