@@ -675,6 +675,7 @@ def test_restart_mid_rollout_converges_and_deletion_collects(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)
 @needs_data
 def test_latency_with_100_deployments(
     cluster: Cluster, operator: OperatorProcess, namespace: str, pool: str
@@ -704,7 +705,7 @@ def test_latency_with_100_deployments(
             seen.setdefault(cm.metadata.name, time.monotonic() - started)
         return len(seen) >= count
 
-    wait_for(f"{count} placement ConfigMaps", all_written, timeout=600, every=0.5)
+    wait_for(f"{count} placement ConfigMaps", all_written, timeout=1200, every=0.5)
     latencies = sorted(seen.values())
     p50, p95 = latencies[len(latencies) // 2], latencies[int(len(latencies) * 0.95) - 1]
     print(
