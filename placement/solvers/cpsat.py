@@ -55,6 +55,16 @@ Solving
     The reported bound is, per layer, ``max(CP-SAT's bound, fluid bound)`` summed over layers
     (traffic and migration terms have bound 0 in that sum).
 
+Dispatch-aware mode (``solve_cpsat(..., dispatch="best")``, not the registered default)
+    For a speed-aware dispatcher that splits each batch's tokens optimally over an expert's
+    copies, the layer time of a sample is ``max_H W(H) / speed(H)`` over GPU sets H, where
+    ``W(H)`` is the work of the experts whose copies all lie in H (max-flow min-cut). After
+    the even-split pipeline (75% of the budget), a swap local search minimises the hedged
+    maximum of that expression over single GPUs and pairs of GPUs (speed factors only), and
+    the layer keeps whichever of greedy's, the even-split and this row has the least exact
+    best-split time (:func:`placement.dispatch.best_split`) over the samples. Reported bound:
+    the fluid/copy bound (valid for any dispatch).
+
 Determinism
     The search uses ``interleave_search`` (CP-SAT's deterministic portfolio: the same result for
     any number of worker threads), ``random_seed = options.seed`` and a deterministic-time
@@ -86,6 +96,7 @@ _POLISH_SHARE = 0.4  # of a layer's budget for the local search before CP-SAT
 _FREE_COUNTS_MAX = 20000  # E * G up to which CP-SAT may change replica counts
 _BUILD_S_PER_TERM = 2e-6  # rough cost of building the CP-SAT model, seconds per term
 _MIN_SOLVE_S = 0.05
+_FLEX_SHARE = 0.25  # of a layer's budget for the dispatcher-aware polish (dispatch="best")
 _REFINE_CURVES_MAX = 100_000  # L * P * K * G above which greedy's refinement is skipped
 
 
@@ -147,16 +158,42 @@ def moved_copies(table: IntArray, problem: Problem) -> IntArray:
     return np.asarray(((new == 1) & (old == 0)).sum(axis=(1, 2)), dtype=np.int64)
 
 
-def layer_objective(table: IntArray, problem: Problem, hedge: str) -> FloatArray:
-    """[L] per-layer objective: hedged straggler time + migration term (no traffic)."""
-    strag = even_straggler(table, problem, scenarios(problem))
+def best_straggler(table: IntArray, problem: Problem, loads: FloatArray) -> FloatArray:
+    """[K, L] slowest GPU's time per sample and layer with the best split over copies
+    (:func:`placement.dispatch.best_split`). ``loads`` is [K, L, E]."""
+    from placement.dispatch import TimeModel, best_split
+
+    model = TimeModel(problem.cluster)
+    K, L = loads.shape[:2]
+    out = np.empty((K, L))
+    for k in range(K):
+        for layer in range(L):
+            split = best_split(table[layer], loads[k, layer], model, problem.slots_per_gpu)
+            out[k, layer] = split.time
+    return out
+
+
+def layer_objective(
+    table: IntArray, problem: Problem, hedge: str, dispatch: str = "even"
+) -> FloatArray:
+    """[L] per-layer objective: hedged straggler time (under ``dispatch``) + migration term
+    (no traffic)."""
+    loads = scenarios(problem)
+    strag = (
+        best_straggler(table, problem, loads)
+        if dispatch == "best"
+        else even_straggler(table, problem, loads)
+    )
     hedged = strag.max(axis=0) if hedge == "robust" else strag.mean(axis=0)
     return np.asarray(hedged + problem.weights.migration * moved_copies(table, problem))
 
 
-def objective(table: IntArray, problem: Problem, hedge: str = "expected") -> float:
-    """The cpsat objective of a [L, P] table in the problem's time unit."""
-    total = float(layer_objective(table, problem, hedge).sum())
+def objective(
+    table: IntArray, problem: Problem, hedge: str = "expected", dispatch: str = "even"
+) -> float:
+    """The cpsat objective of a [L, P] table in the problem's time unit (traffic counted as
+    under even split)."""
+    total = float(layer_objective(table, problem, hedge, dispatch).sum())
     if problem.weights.traffic > 0:
         total += problem.weights.traffic * float(traffic_tokens(table, problem).sum())
     return total
@@ -526,6 +563,126 @@ def _pick(value: FloatArray, dsq: FloatArray, base: float) -> int:
     return int(cand[np.lexsort((dsq[cand], value[cand]))[0]])
 
 
+def _flex_polish(
+    w: FloatArray, row: IntArray, speeds: FloatArray, S: int, deadline: float, max_moves: int
+) -> IntArray:
+    """Swap local search for a speed-aware dispatcher (best split over copies), speed factors.
+
+    With the best split, a layer's time for sample k is ``max_H W_k(H) / speed(H)`` over GPU
+    sets H, where ``W_k(H)`` is the work of the experts whose copies all lie in H (max-flow
+    min-cut). This search minimises the mean over samples of that maximum restricted to single
+    GPUs and pairs of GPUs (and the fluid bound): one-copy experts pin work to their GPU, and
+    two-copy experts to their pair. Copy counts stay fixed. ``w`` [K, E], ``row`` [P]."""
+    K, E = w.shape
+    P = row.size
+    G = P // S
+    row = row.copy()
+    gpu_of = np.arange(P) // S
+    counts = np.bincount(row, minlength=E)
+    fluid = w.sum(1) / speeds.sum()  # [K]
+    ssum = speeds[:, None] + speeds[None, :]
+    off = ~np.eye(G, dtype=bool)
+
+    def state() -> tuple[FloatArray, FloatArray, IntArray]:
+        single = np.zeros((K, G))
+        shared = np.zeros((K, G, G))
+        partner = np.full(P, -1)  # GPU of the other copy of a two-copy expert
+        for e in np.nonzero(counts == 1)[0]:
+            g = gpu_of[row == e][0]
+            single[:, g] += w[:, e]
+        for e in np.nonzero(counts == 2)[0]:
+            s1, s2 = np.nonzero(row == e)[0]
+            g1, g2 = gpu_of[s1], gpu_of[s2]
+            shared[:, g1, g2] += w[:, e]
+            shared[:, g2, g1] += w[:, e]
+            partner[s1], partner[s2] = g2, g1
+        return single, shared, partner
+
+    def value(single: FloatArray, shared: FloatArray) -> tuple[FloatArray, FloatArray]:
+        one = single / speeds  # [K, G]
+        two = np.where(off, (single[:, :, None] + single[:, None, :] + shared) / ssum, 0.0)
+        per = np.maximum(np.maximum(one.max(1), two.max((1, 2))), fluid)
+        return per, two
+
+    single, shared, partner = state()
+    for _ in range(max_moves):
+        if time.monotonic() >= deadline:
+            break
+        per, two = value(single, shared)
+        base = float(per.mean())
+        # GPUs that set the maximum in some sample (single or pair)
+        one = single / speeds
+        hot: set[int] = set()
+        for k in range(K):
+            if one[k].max() >= two[k].max():
+                hot.add(int(one[k].argmax()))
+            else:
+                g, h = np.unravel_index(int(two[k].argmax()), (G, G))
+                hot.update((int(g), int(h)))
+        a = np.nonzero(np.isin(gpu_of, list(hot)))[0]
+        aa, bb = (m.ravel() for m in np.meshgrid(a, np.arange(P), indexing="ij"))
+        ga, gb, ea, eb = gpu_of[aa], gpu_of[bb], row[aa], row[bb]
+        held = np.zeros((E, G), dtype=bool)
+        held[row, gpu_of] = True
+        ok = (ga != gb) & (ea != eb) & ~held[ea, gb] & ~held[eb, ga]
+        aa, bb, ga, gb, ea, eb = aa[ok], bb[ok], ga[ok], gb[ok], ea[ok], eb[ok]
+        if aa.size == 0:
+            break
+        n = aa.size
+        idx = np.arange(n)
+        # pairs and singles untouched by the swap: best among those avoiding ga and gb
+        iu, ju = np.triu_indices(G, 1)
+        tv = two[:, iu, ju]  # [K, M]
+        top = np.argsort(-tv, axis=1)[:, : 2 * G + 2]  # [K, T]
+        tg, th, tval = iu[top], ju[top], np.take_along_axis(tv, top, axis=1)
+        clear = (
+            (tg[None] != ga[:, None, None])
+            & (tg[None] != gb[:, None, None])
+            & (th[None] != ga[:, None, None])
+            & (th[None] != gb[:, None, None])
+        )  # [n, K, T]
+        rest_two = np.where(clear, tval[None], 0.0).max(2)  # [n, K]
+        o3 = np.argsort(-one, axis=1)[:, :3]
+        ov = np.take_along_axis(one, o3, axis=1)
+        clear1 = (o3[None] != ga[:, None, None]) & (o3[None] != gb[:, None, None])
+        rest_one = np.where(clear1, ov[None], 0.0).max(2)  # [n, K]
+        wa, wb = w[:, ea].T, w[:, eb].T  # [n, K]
+        a1, b1 = counts[ea] == 1, counts[eb] == 1
+        a2, b2 = counts[ea] == 2, counts[eb] == 2
+        pa, pb = partner[aa], partner[bb]
+        sa = single[:, ga].T - np.where(a1[:, None], wa, 0) + np.where(b1[:, None], wb, 0)
+        sb = single[:, gb].T + np.where(a1[:, None], wa, 0) - np.where(b1[:, None], wb, 0)
+        sg_all = np.broadcast_to(single.T[None], (n, G, K)).transpose(0, 2, 1).copy()
+        sg_all[idx, :, ga] = sa
+        sg_all[idx, :, gb] = sb  # [n, K, G]
+        row_a = shared[:, ga, :].transpose(1, 0, 2).copy()  # [n, K, G]
+        row_b = shared[:, gb, :].transpose(1, 0, 2).copy()
+        m2 = idx[a2]
+        row_a[m2, :, pa[a2]] -= wa[a2]
+        row_b[m2, :, pa[a2]] += wa[a2]
+        m2 = idx[b2]
+        row_b[m2, :, pb[b2]] -= wb[b2]
+        row_a[m2, :, pb[b2]] += wb[b2]
+        pv_a = (sa[:, :, None] + sg_all + row_a) / (speeds[ga][:, None, None] + speeds)
+        pv_b = (sb[:, :, None] + sg_all + row_b) / (speeds[gb][:, None, None] + speeds)
+        pv_a[idx, :, ga] = 0.0
+        pv_b[idx, :, gb] = 0.0
+        new_two = np.maximum(rest_two, np.maximum(pv_a.max(2), pv_b.max(2)))
+        new_one = np.maximum(
+            rest_one, np.maximum(sa / speeds[ga][:, None], sb / speeds[gb][:, None])
+        )
+        val = np.maximum(np.maximum(new_one, new_two), fluid[None]).mean(1)  # [n]
+        best_n = int(np.argmin(val))
+        if val[best_n] >= base * (1 - 1e-9):
+            best_n = -1
+        if best_n < 0:
+            break
+        i, j = int(aa[best_n]), int(bb[best_n])
+        row[i], row[j] = row[j], row[i]
+        single, shared, partner = state()
+    return row
+
+
 def _time_at(cluster: Cluster, loads: FloatArray, gpus: IntArray) -> FloatArray:
     """Time of GPU ``gpus[n]`` at load ``loads[k, n]``: [K, N] -> [K, N]."""
     if not cluster.has_curves:
@@ -631,6 +788,40 @@ def _solve_layer(
     budget_s: float,
     workers: int,
     deterministic: bool,
+    dispatch: str,
+) -> _LayerResult:
+    """One layer: the even-split pipeline, then (``dispatch="best"``) the dispatcher-aware
+    polish and the choice by the exact best-split objective."""
+    if dispatch != "best":
+        return _solve_layer_even(
+            problem, options, layer, hint_row, budget_s, workers, deterministic
+        )
+    start = time.monotonic()
+    even = _solve_layer_even(
+        problem, options, layer, hint_row, (1 - _FLEX_SHARE) * budget_s, workers, deterministic
+    )
+    sub = _layer_problem(problem, layer)
+    candidates = [hint_row, even.row]
+    if not problem.cluster.has_curves:
+        loads = scenarios(problem)[:, layer, :]
+        deadline = math.inf if deterministic else start + budget_s
+        S = problem.slots_per_gpu
+        moves = 4 * hint_row.size
+        candidates.append(_flex_polish(loads, even.row, problem.cluster.speeds, S, deadline, moves))
+    objs = [float(layer_objective(r[None, :], sub, options.hedge, "best")[0]) for r in candidates]
+    pick = int(np.argmin(objs))  # first of equals: greedy's row is kept unless beaten
+    bound = min(float(_hedged_fluid(sub, options.hedge)[0]), objs[pick])
+    return _LayerResult(candidates[pick], bound, objs[pick] <= bound * (1 + _GAP_LIMIT), pick > 0)
+
+
+def _solve_layer_even(
+    problem: Problem,
+    options: SolveOptions,
+    layer: int,
+    hint_row: IntArray,
+    budget_s: float,
+    workers: int,
+    deterministic: bool,
 ) -> _LayerResult:
     """Polish the warm start, then CP-SAT on the layer; ``budget_s`` seconds in all.
 
@@ -698,7 +889,7 @@ def _solve_layer(
 
 
 def _solve_independent(
-    problem: Problem, options: SolveOptions, hint: IntArray, t0: float
+    problem: Problem, options: SolveOptions, hint: IntArray, t0: float, dispatch: str
 ) -> tuple[IntArray, float, str, dict[str, float]]:
     """Layers in a thread pool: ``threads // 2`` layers at a time (CP-SAT's search needs two
     workers for its large-neighbourhood search), each an even share of the time left."""
@@ -714,13 +905,13 @@ def _solve_independent(
 
     def run(layer: int) -> _LayerResult:
         if deterministic:  # fixed share, no wall-clock dependence
-            return _solve_layer(problem, options, layer, hint[layer], share, 1, True)
+            return _solve_layer(problem, options, layer, hint[layer], share, 1, True, dispatch)
         with lock:
             waiting = L - started[0]  # layers not started yet, this one included
             started[0] += 1
         left = max(deadline - time.monotonic(), 0.0)
         budget = left * min(concurrent, waiting) / max(waiting, 1)
-        return _solve_layer(problem, options, layer, hint[layer], budget, workers, False)
+        return _solve_layer(problem, options, layer, hint[layer], budget, workers, False, dispatch)
 
     results: list[_LayerResult] = []
     with ThreadPoolExecutor(max_workers=concurrent) as pool:
@@ -816,12 +1007,19 @@ def _solve_coupled(
 
 
 @register("cpsat")
-def solve_cpsat(problem: Problem, options: SolveOptions) -> Solution:
-    """Solve ``problem`` with CP-SAT (see the module docstring for the model)."""
+def solve_cpsat(problem: Problem, options: SolveOptions, *, dispatch: str = "even") -> Solution:
+    """Solve ``problem`` with CP-SAT (see the module docstring for the model).
+
+    ``dispatch="even"`` (the registered strategy): placements for engines that split an
+    expert's tokens evenly over its copies. ``dispatch="best"``: for a speed-aware dispatcher
+    that splits each batch optimally over the copies; the objective is then the hedged
+    best-split straggler time and the reported bound the fluid/copy bound."""
     from placement.solvers.greedy import greedy_table
 
     if options.hedge not in ("expected", "robust"):
         raise ValueError(f"hedge must be 'expected' or 'robust', got {options.hedge!r}")
+    if dispatch not in ("even", "best"):
+        raise ValueError(f"dispatch must be 'even' or 'best', got {dispatch!r}")
     t0 = time.monotonic()
     # greedy's own swap refinement is what _polish does first; it is skipped where it would
     # cost seconds (latency curves, large instances), so that the polish gets the time
@@ -837,9 +1035,11 @@ def solve_cpsat(problem: Problem, options: SolveOptions) -> Solution:
     if coupled:
         table, bound, status, details = _solve_coupled(problem, options, hint, t0)
     else:
-        table, bound, status, details = _solve_independent(problem, options, hint, t0)
-    obj = objective(table, problem, options.hedge)
-    hint_obj = objective(hint, problem, options.hedge)
+        table, bound, status, details = _solve_independent(problem, options, hint, t0, dispatch)
+    obj = objective(table, problem, options.hedge, dispatch)
+    hint_obj = objective(hint, problem, options.hedge, dispatch)
+    if dispatch == "best":
+        bound = min(bound, float(_hedged_fluid(problem, options.hedge).sum()))
     if hint_obj < obj:  # never worse than the warm start
         table, obj = hint, hint_obj
     details["greedy_objective"] = hint_obj
@@ -849,6 +1049,7 @@ def solve_cpsat(problem: Problem, options: SolveOptions) -> Solution:
         problem.cluster.size,
         "cpsat",
         hedge=options.hedge,
+        dispatch=dispatch,
         seed=options.seed,
         time_limit_s=options.time_limit_s,
     )
