@@ -118,6 +118,7 @@ class Reconcile:
         return int(self.body["metadata"].get("generation", 0))
 
     async def run(self) -> None:
+        generation = self.generation  # the live body may move on while we work
         spec = MoEDeploymentSpec.model_validate(self.body["spec"])
         status = MoEDeploymentStatus.model_validate(self.body.get("status") or {})
         kube = self.runtime.kube
@@ -135,8 +136,8 @@ class Reconcile:
             self.announce_degradation(status, degraded)
             kept = in_service.hash if in_service else None
             updates = [*degraded.updates, *degraded_updates(degraded.reason, str(degraded), kept)]
-        conditions = merge_conditions(status.conditions, updates, self.generation, self.now)
-        patch = status_patch(generation=self.generation, conditions=conditions, summary=summary)
+        conditions = merge_conditions(status.conditions, updates, generation, self.now)
+        patch = status_patch(generation=generation, conditions=conditions, summary=summary)
         if not already_applied(patch, {"status": dict(self.body.get("status") or {})}):
             await self.runtime.io(kube.patch_status, self.namespace, self.name, patch)
 
