@@ -124,9 +124,11 @@ def build_problem(
     cluster: Cluster,
     load: FloatArray,
     redundant: int,
-    transitions: FloatArray | None = None,
-    traffic_weight: float = 0.0,
+    *,
     samples: FloatArray | None = None,
+    transitions: FloatArray | None = None,
+    current: Placement | None = None,
+    weights: Weights | None = None,
 ) -> Problem:
     with bad_input("problem"):
         return Problem.build(
@@ -136,7 +138,8 @@ def build_problem(
             redundant,
             samples=samples,
             transitions=transitions,
-            weights=Weights(traffic=traffic_weight),
+            current=current,
+            weights=weights or Weights(),
         )
 
 

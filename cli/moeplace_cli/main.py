@@ -43,7 +43,7 @@ from moeplace_cli.options import (
 )
 from placement.evaluate import Evaluation, evaluate
 from placement.model import FloatArray, Placement
-from placement.problem import Problem
+from placement.problem import Problem, Weights
 from placement.solvers.base import Solution
 
 app = typer.Typer(
@@ -132,20 +132,37 @@ def window_spec(samples: Path | None, window: int, prompts: str | None) -> Windo
     return WindowSpec(samples, window, prompts)
 
 
+@dataclass(frozen=True)
+class ProblemExtras:
+    """Optional parts of a problem: traffic, the current placement, the model's metadata."""
+
+    transitions: Path | None = None
+    traffic_weight: float = 0.0
+    current: Path | None = None
+    migration_weight: float = 0.0
+    dense_layers: int | None = None
+    top_k: int = 1
+
+
 def make_problem(
-    loaded: LoadInput,
-    gpus: Path,
-    redundant: int,
-    transitions: Path | None,
-    traffic_weight: float = 0.0,
-    dense_layers: int | None = None,
-    top_k: int = 1,
+    loaded: LoadInput, gpus: Path, redundant: int, extras: ProblemExtras | None = None
 ) -> Problem:
+    more = extras or ProblemExtras()
     cluster = inputs.read_cluster(gpus)
-    trans = inputs.read_transitions_file(transitions, loaded.load)
-    model = loaded.model(dense_layers, top_k)
+    trans = inputs.read_transitions_file(more.transitions, loaded.load)
+    model = loaded.model(more.dense_layers, more.top_k)
+    current = None
+    if more.current is not None:
+        current = inputs.read_placement(more.current, model, cluster.size)
     return inputs.build_problem(
-        model, cluster, loaded.load, redundant, trans, traffic_weight, loaded.samples
+        model,
+        cluster,
+        loaded.load,
+        redundant,
+        samples=loaded.samples,
+        transitions=trans,
+        current=current,
+        weights=Weights(traffic=more.traffic_weight, migration=more.migration_weight),
     )
 
 
@@ -174,6 +191,18 @@ def solve(
         float,
         typer.Option("--traffic-weight", min=0.0, help="Cost per token changing GPU (cpsat)."),
     ] = 0.0,
+    current: Annotated[
+        Path | None,
+        typer.Option("--current", help="Placement in service (any format): report moved copies."),
+    ] = None,
+    migration_weight: Annotated[
+        float,
+        typer.Option(
+            "--migration-weight",
+            min=0.0,
+            help="With --current: cost of one moved copy, in the time unit (cpsat, greedy).",
+        ),
+    ] = 0.0,
     hedge: HedgeOpt = Hedge.expected,
     time_limit: TimeLimitOpt = 10.0,
     seed: SeedOpt = 0,
@@ -188,16 +217,19 @@ def solve(
     """Compute a placement for one load and write it in an engine's format."""
     check_strategy(strategy)
     loaded = inputs.resolve_load(load, window_spec(samples, window, prompts))
-    problem = make_problem(
-        loaded, gpus, redundant, transitions, traffic_weight, dense_layers, top_k
+    if current is None and migration_weight > 0:
+        raise CliError("--migration-weight needs --current")
+    extras = ProblemExtras(
+        transitions, traffic_weight, current, migration_weight, dense_layers, top_k
     )
+    problem = make_problem(loaded, gpus, redundant, extras)
     settings = SolverSettings(time_limit, seed, threads, hedge)
     solution = run_solver(problem, strategy, settings, not as_json)
     inputs.write_placement(solution.placement, fmt.value, out)
-    ev = score(solution.placement, problem, loaded.scored, DispatchRule.even)
+    ev = score(solution.placement, problem, loaded.scored, DispatchRule.even, problem.current)
     summary = {
         **report.solution_summary(strategy, solution),
-        **report.evaluation_summary(ev),
+        **report.evaluation_summary(ev, moved=problem.current is not None),
         **report.problem_summary(problem),
         "load": loaded.source,
         "out": str(out),
@@ -231,9 +263,8 @@ def evaluate_cmd(
     model = loaded.model(dense_layers, 1)
     chosen = inputs.read_placement(placement, model, cluster.size)
     before = inputs.read_placement(previous, model, cluster.size) if previous else None
-    problem = make_problem(
-        loaded, gpus, chosen.num_slots - model.experts, transitions, dense_layers=dense_layers
-    )
+    extras = ProblemExtras(transitions=transitions, dense_layers=dense_layers)
+    problem = make_problem(loaded, gpus, chosen.num_slots - model.experts, extras)
     ev = score(chosen, problem, loaded.scored, dispatch, before)
     summary = {
         "placement": str(placement),
@@ -287,7 +318,8 @@ def compare(
     spec = window_spec(samples, window, prompts)
     loaded = inputs.resolve_load(load, spec)
     scored = scoring_load(loaded, spec, score_prompts)
-    problem = make_problem(loaded, gpus, redundant, transitions, dense_layers=dense_layers)
+    extras = ProblemExtras(transitions=transitions, dense_layers=dense_layers)
+    problem = make_problem(loaded, gpus, redundant, extras)
     settings = SolverSettings(time_limit, seed, threads, hedge)
     rows: list[dict[str, Any]] = []
     evaluations: list[Evaluation] = []

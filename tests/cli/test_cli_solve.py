@@ -111,3 +111,22 @@ def test_seed_is_reproducible(scenario: Scenario, tmp_path: Path) -> None:
                   "--json")  # fmt: skip
         hashes.add(ran.json()["contentHash"])
     assert len(hashes) == 1
+
+
+def test_current_placement_and_migration_weight(scenario: Scenario) -> None:
+    current = scenario.tmp / "current.eplb.json"
+    base = ("solve", "--load", scenario.load, "--gpus", scenario.gpus, "--redundant", 4)
+    assert run(*base, "--strategy", "eplb", "--format", "eplb", "--out", current).exit_code == 0
+    moved = {}
+    for weight in (0.0, 1e6):
+        ran = run(*base, "--strategy", "greedy", "--current", current, "--migration-weight",
+                  weight, "--out", scenario.tmp / "p.json", "--json")  # fmt: skip
+        assert ran.exit_code == 0, ran.stderr
+        moved[weight] = ran.json()["moved"]
+    assert isinstance(moved[1e6], int) and moved[1e6] <= moved[0.0]  # type: ignore[operator]
+
+
+def test_migration_weight_needs_current(scenario: Scenario) -> None:
+    ran = run("solve", "--load", scenario.load, "--gpus", scenario.gpus, "--migration-weight", 1,
+              "--out", scenario.tmp / "p.json")  # fmt: skip
+    assert ran.exit_code == 2 and "--migration-weight needs --current" in ran.stderr
