@@ -255,6 +255,9 @@ def evaluate_cmd(
         Path | None, typer.Option("--previous", help="Earlier placement: count moved copies.")
     ] = None,
     dense_layers: DenseOpt = None,
+    per_layer: Annotated[
+        bool, typer.Option("--per-layer", help="Also print one row per MoE layer.")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Score a placement file on a load: straggler time, bounds, balancedness, traffic."""
@@ -274,10 +277,14 @@ def evaluate_cmd(
         **report.problem_summary(problem),
         "load": loaded.source,
         "batches": int(ev.layer_time.shape[0]),
+        "layerIds": loaded.layer_ids,
         "layerTime": ev.layer_time.mean(0).tolist(),
         "layerFluid": ev.layer_fluid.mean(0).tolist(),
+        "layerSlowestGpu": ev.gpu_time.mean(0).argmax(-1).tolist(),
     }
     emit(f"moeplace evaluate: {placement} ({dispatch.value} dispatch)", summary, as_json)
+    if per_layer and not as_json:
+        out_console.print(report.per_layer_table(ev, loaded.layer_ids))
 
 
 @app.command()

@@ -152,3 +152,24 @@ def compare_table(rows: Sequence[Summary]) -> Table:
     for row in rows:
         table.add_row(*(fmt(row.get(key)) for key, _, fmt in columns))
     return table
+
+
+def per_layer_table(ev: Evaluation, layer_ids: Sequence[int]) -> Table:
+    """One row per MoE layer: slowest GPU's time, fluid bound, their ratio, which GPU."""
+    table = Table(box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)
+    for label in ("layer", "time", "fluid", "/fluid", "slowest GPU", "its tokens"):
+        table.add_column(label, justify="right")
+    times, fluid = ev.layer_time.mean(0), ev.layer_fluid.mean(0)
+    gpu_time, gpu_load = ev.gpu_time.mean(0), ev.gpu_load.mean(0)
+    for i, layer in enumerate(layer_ids):
+        slowest = int(gpu_time[i].argmax())
+        ratio = times[i] / fluid[i] if fluid[i] > 0 else 1.0
+        table.add_row(
+            str(layer),
+            _big(float(times[i])),
+            _big(float(fluid[i])),
+            _ratio(float(ratio)),
+            str(slowest),
+            _big(float(gpu_load[i, slowest])),
+        )
+    return table

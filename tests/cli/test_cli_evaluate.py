@@ -61,3 +61,14 @@ def test_table_output(scenario: Scenario) -> None:
               "--gpus", scenario.gpus)  # fmt: skip
     assert ran.exit_code == 0, ran.stderr
     assert "straggler / fluid bound" in ran.stdout
+
+
+def test_per_layer_table(scenario: Scenario) -> None:
+    ran = run("evaluate", "--placement", _solve(scenario), "--load", scenario.load, "--gpus",
+              scenario.gpus, "--per-layer")  # fmt: skip
+    assert ran.exit_code == 0, ran.stderr
+    assert "slowest GPU" in ran.stdout
+    summary = _evaluate(scenario, _solve(scenario))
+    assert summary["layerIds"] == [1, 2, 3]
+    slowest = summary["layerSlowestGpu"]
+    assert isinstance(slowest, list) and len(slowest) == LAYERS
