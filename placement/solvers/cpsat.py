@@ -45,15 +45,27 @@ layer is about 10^5 units)
     coupled mode the replica counts are fixed to the warm start's, so ``1 / (r_i r_j)`` is a
     constant.
 
-Solving
-    Without traffic coupling (``weights.traffic == 0`` or no transitions) every layer is its own
-    model, solved in a thread pool; the time budget is split evenly over the layers (a layer
-    that finishes early leaves its time to the rest). Each model is warm-started
-    (``AddHint``) from :func:`placement.solvers.greedy.greedy_table`, stops at a relative gap of
-    1e-4, and its answer is kept only if it is better than the warm start under the exact
-    (float) objective, so ``cpsat`` is never worse than ``greedy``.
-    The reported bound is, per layer, ``max(CP-SAT's bound, fluid bound)`` summed over layers
-    (traffic and migration terms have bound 0 in that sum).
+Solving, per layer (without traffic coupling: ``weights.traffic == 0`` or no transitions)
+    1. Warm start :func:`placement.solvers.greedy.greedy_table` (its own swap refinement is
+       skipped on large latency-curve problems, where it costs seconds).
+    2. Local search on the exact float objective (40% of the layer's budget): best-improvement
+       swaps of two copies touching a bottleneck GPU, then relocations of a redundant copy to
+       another expert (changes replica counts); plateaus are crossed by a sum-of-squares
+       tie-break.
+    3. CP-SAT on the model above, hinted (``add_hint``) with the polished row, for the rest
+       of the budget; stops at a relative gap of 1e-4. Skipped when the polished row already
+       meets the lower bound, or when building the model would not fit in the budget.
+    The layer keeps the best of greedy's, the polished and CP-SAT's row under the exact (float)
+    objective, so ``cpsat`` is never worse than its greedy warm start.
+    Layers run in a thread pool, ``threads // 2`` at a time with two CP-SAT workers each
+    (``threads`` = ``options.threads``, 0 = all cores; one worker for ``threads == 1``); each
+    layer gets an even share of the time still left, so layers that finish early leave time
+    to the rest. ``progress`` is called after each layer.
+    Reported bound: per layer the largest of CP-SAT's bound, the fluid bound and the copy
+    bound (the heaviest expert has at most ``min(G, 1 + redundant)`` copies; without
+    redundancy its GPU also holds the S - 1 lightest experts), summed over layers; traffic and
+    migration terms count 0 in it. With traffic coupling, one model holds all layers (replica
+    counts fixed to greedy's, no local search) and gets the whole budget.
 
 Dispatch-aware mode (``solve_cpsat(..., dispatch="best")``, not the registered default)
     For a speed-aware dispatcher that splits each batch's tokens optimally over an expert's
@@ -66,11 +78,14 @@ Dispatch-aware mode (``solve_cpsat(..., dispatch="best")``, not the registered d
     the fluid/copy bound (valid for any dispatch).
 
 Determinism
-    The search uses ``interleave_search`` (CP-SAT's deterministic portfolio: the same result for
-    any number of worker threads), ``random_seed = options.seed`` and a deterministic-time
-    limit equal to the wall-clock one. Results are reproducible for a fixed seed and time limit
-    as long as the deterministic limit or the gap limit stops the search before the wall-clock
-    cap (``max_time_in_seconds``) does, which holds except on a heavily loaded machine.
+    ``threads == 1``: deterministic for a seed and time limit. The local search is bounded by
+    a move count, not the clock; every layer gets the fixed share ``time_limit_s / L``; CP-SAT
+    runs one worker with ``random_seed = options.seed`` and is stopped by its deterministic
+    time limit (the wall-clock cap is a safety net at 10x + 1 s, reached only on a heavily
+    overloaded machine). ``threads > 1``: CP-SAT's parallel portfolio (with large-neighbourhood
+    search, which is what finds improvements in short budgets; ``interleave_search`` was tried
+    and is much weaker) stopped by the wall clock: results can differ from run to run, never
+    to worse than the polished greedy start.
 """
 
 from __future__ import annotations
