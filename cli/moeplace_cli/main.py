@@ -124,6 +124,15 @@ def score(
     )
 
 
+def check_writable(path: Path, option: str) -> None:
+    """Fail before a long solve, not after it, when the output cannot be written."""
+    folder = path.parent if str(path.parent) else Path()
+    if not folder.is_dir():
+        raise CliError(f"{option}: folder {folder} does not exist")
+    if path.is_dir():
+        raise CliError(f"{option}: {path} is a folder")
+
+
 def window_spec(samples: Path | None, window: int, prompts: str | None) -> WindowSpec | None:
     if samples is None:
         if prompts is not None:
@@ -216,6 +225,7 @@ def solve(
 ) -> None:
     """Compute a placement for one load and write it in an engine's format."""
     check_strategy(strategy)
+    check_writable(out, "--out")
     loaded = inputs.resolve_load(load, window_spec(samples, window, prompts))
     if current is None and migration_weight > 0:
         raise CliError("--migration-weight needs --current")
@@ -266,6 +276,11 @@ def evaluate_cmd(
     model = loaded.model(dense_layers, 1)
     chosen = inputs.read_placement(placement, model, cluster.size)
     before = inputs.read_placement(previous, model, cluster.size) if previous else None
+    if before is not None and before.num_slots != chosen.num_slots:
+        raise CliError(
+            f"previous: {previous} has {before.num_slots} slots per layer, "
+            f"{placement} has {chosen.num_slots}"
+        )
     extras = ProblemExtras(transitions=transitions, dense_layers=dense_layers)
     problem = make_problem(loaded, gpus, chosen.num_slots - model.experts, extras)
     ev = score(chosen, problem, loaded.scored, dispatch, before)
@@ -322,6 +337,8 @@ def compare(
 ) -> None:
     """Run every strategy on one scenario and compare them (table, optional PNG)."""
     names = strategy_list(strategies)
+    if png is not None:
+        check_writable(png, "--png")
     spec = window_spec(samples, window, prompts)
     loaded = inputs.resolve_load(load, spec)
     scored = scoring_load(loaded, spec, score_prompts)

@@ -77,6 +77,22 @@ def _placement_for_other_load(s: Scenario) -> list[str | Path]:
     return ["evaluate", "--placement", out, "--load", other, "--gpus", s.gpus]
 
 
+def _out_folder_missing(s: Scenario) -> list[str | Path]:
+    return _solve_args(s, out=s.tmp / "no" / "such" / "p.json")
+
+
+def _png_folder_missing(s: Scenario) -> list[str | Path]:
+    return ["compare", "--load", s.load, "--gpus", s.gpus, "--png", s.tmp / "no" / "c.png"]
+
+
+def _previous_other_slots(s: Scenario) -> list[str | Path]:
+    four, eight = s.tmp / "r4.json", s.tmp / "r8.json"
+    assert run(*_solve_args(s, strategy="linear", redundant="4", out=four)).exit_code == 0
+    assert run(*_solve_args(s, strategy="linear", redundant="8", out=eight)).exit_code == 0
+    return ["evaluate", "--placement", four, "--previous", eight, "--load", s.load,
+            "--gpus", s.gpus]  # fmt: skip
+
+
 def _empty_strategy_list(s: Scenario) -> list[str | Path]:
     return ["compare", "--load", s.load, "--gpus", s.gpus, "--strategies", ","]
 
@@ -95,6 +111,9 @@ CASES: dict[str, tuple[Callable[[Scenario], list[str | Path]], str]] = {
     "placement gpus": (_placement_for_other_gpus, "placement"),
     "placement load": (_placement_for_other_load, "placement"),
     "empty strategies": (_empty_strategy_list, "--strategies is empty"),
+    "out folder": (_out_folder_missing, "--out: folder"),
+    "png folder": (_png_folder_missing, "--png: folder"),
+    "previous slots": (_previous_other_slots, "has 16 slots per layer"),
 }
 
 
