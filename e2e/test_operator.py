@@ -469,6 +469,16 @@ def test_invalid_specs_are_rejected_readably(
     assert result.returncode != 0 and message in result.stderr, result.stderr
 
 
+def test_minimal_manifest_is_defaulted(cluster: Cluster, crd: None, namespace: str) -> None:
+    obj = manifest("minimal", namespace, "none")
+    for optional in ("placement", "rollout", "reconcileIntervalSeconds"):
+        del obj["spec"][optional]
+    apply(cluster, obj)
+    spec = (get(cluster, "moed", "minimal", namespace) or {})["spec"]
+    assert spec["placement"]["strategy"] == "cpsat" and spec["rollout"]["mode"] == "Auto"
+    assert spec["rollout"]["minImprovementPercent"] == 5 and spec["reconcileIntervalSeconds"] == 60
+
+
 def test_model_shape_is_immutable(cluster: Cluster, crd: None, namespace: str) -> None:
     apply(cluster, manifest("shape", namespace, "none"))
     result = apply(

@@ -75,7 +75,8 @@ def to_structural(node: Schema, defs: Schema) -> Schema:
             out[bound.replace("exclusive", "").lower()] = out[bound]
             out[bound] = True
     if isinstance(out.get("default"), dict):
-        out["default"] = {}  # the API server fills nested defaults itself
+        # explicit (not {}): the API server checks a default against CEL rules as written
+        out["default"] = {k: v for k, v in out["default"].items() if v is not None}
     if node.get("type") == "object":
         if "properties" in node:
             out["properties"] = {k: to_structural(v, defs) for k, v in node["properties"].items()}

@@ -296,11 +296,11 @@ class MoEDeploymentSpec(Camel):
     model: ModelSpec = Field(description="The MoE model served.")
     gpus: GPUSpec = Field(description="The GPUs of the expert-parallel group.")
     placement: PlacementSpec = Field(
-        default_factory=PlacementSpec, description="How to compute the placement."
+        default=PlacementSpec(), description="How to compute the placement."
     )
     load: LoadSpec = Field(description="Where the per-expert load comes from.")
     rollout: RolloutSpec = Field(
-        default_factory=RolloutSpec, description="When and how placements reach serving."
+        default=RolloutSpec(), description="When and how placements reach serving."
     )
     reconcile_interval_seconds: int = Field(
         default=60,
