@@ -149,7 +149,7 @@ def read_gpus_csv(path: str | Path) -> Cluster:
     """Read ``GPUS.csv`` (columns ``gpu,node,speed``) into a cluster in GPU-index order."""
     p = Path(path)
     try:
-        with p.open(newline="") as f:
+        with p.open(newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             header = [c.strip() for c in reader.fieldnames or []]
             missing = [c for c in GPUS_CSV_COLUMNS if c not in header]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import ParamSpec, TypeVar
 
 import typer
@@ -35,19 +36,24 @@ def _one_line(err: BaseException) -> str:
         text = f"{err.filename}: {err.strerror}"
     else:
         text = str(err)
+    if "allow_pickle" in text:  # numpy's words for "this is not an .npy/.npz file"
+        text = "not a NumPy .npy/.npz file"
     return " ".join(text.split())
 
 
 @contextmanager
-def bad_input(what: str) -> Iterator[None]:
+def bad_input(what: str, path: Path | None = None) -> Iterator[None]:
     """Turn the library's input errors (ValueError, OSError, KeyError) into a :class:`CliError`
-    prefixed with ``what``."""
+    prefixed with ``what`` (and ``path`` when the message does not name the file)."""
     try:
         yield
     except CliError:
         raise
     except (ValueError, OSError, KeyError) as err:
-        raise CliError(f"{what}: {_one_line(err)}") from err
+        text = _one_line(err)
+        if path is not None and path.name not in text:
+            text = f"{path}: {text}"
+        raise CliError(f"{what}: {text}") from err
 
 
 def reports_errors(fn: Callable[P, R]) -> Callable[P, R]:

@@ -72,7 +72,7 @@ def parse_range(text: str | None) -> tuple[int, int | None]:
 def read_windows(spec: WindowSpec) -> LoadInput:
     """Per-window counts [K, L, E]; the load is their mean (tokens per window)."""
     start, stop = parse_range(spec.prompts)
-    with bad_input("samples"):
+    with bad_input("samples", spec.path):
         counts = read_per_prompt(spec.path)
         samples = windows(counts, spec.size, start, stop)
     K, L, _ = samples.shape
@@ -86,7 +86,7 @@ def read_windows(spec: WindowSpec) -> LoadInput:
 
 
 def read_load(path: Path) -> LoadInput:
-    with bad_input("load"):
+    with bad_input("load", path):
         load, layer_ids = read_counts_csv(path)
     return LoadInput(load=load, layer_ids=layer_ids, source=path.name)
 
@@ -101,7 +101,7 @@ def resolve_load(path: Path | None, spec: WindowSpec | None) -> LoadInput:
 
 
 def read_cluster(path: Path) -> Cluster:
-    with bad_input("gpus"):
+    with bad_input("gpus", path):
         return load_cluster(path)
 
 
@@ -109,7 +109,7 @@ def read_transitions_file(path: Path | None, load: FloatArray) -> FloatArray | N
     """[L-1, E, E] transitions, checked against the load's shape."""
     if path is None:
         return None
-    with bad_input("transitions"):
+    with bad_input("transitions", path):
         trans = read_transitions(path)
     L, E = load.shape
     if trans.shape != (max(L - 1, 0), E, E):

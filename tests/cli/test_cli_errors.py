@@ -93,6 +93,10 @@ def _previous_other_slots(s: Scenario) -> list[str | Path]:
             "--gpus", s.gpus]  # fmt: skip
 
 
+def _transitions_not_numpy(s: Scenario) -> list[str | Path]:
+    return _solve_args(s, transitions=s.load)
+
+
 def _empty_strategy_list(s: Scenario) -> list[str | Path]:
     return ["compare", "--load", s.load, "--gpus", s.gpus, "--strategies", ","]
 
@@ -112,6 +116,7 @@ CASES: dict[str, tuple[Callable[[Scenario], list[str | Path]], str]] = {
     "placement load": (_placement_for_other_load, "placement"),
     "empty strategies": (_empty_strategy_list, "--strategies is empty"),
     "out folder": (_out_folder_missing, "--out: folder"),
+    "transitions not numpy": (_transitions_not_numpy, "load.csv: not a NumPy .npy/.npz file"),
     "png folder": (_png_folder_missing, "--png: folder"),
     "previous slots": (_previous_other_slots, "has 16 slots per layer"),
 }

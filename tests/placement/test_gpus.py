@@ -137,3 +137,9 @@ def test_h200_profile() -> None:
     assert times[0] == times[2]
     with pytest.raises(GPUInputError, match="expert shape"):
         h200_profile(H200, "gpt-9")
+
+
+def test_csv_with_byte_order_mark(tmp_path: Path) -> None:
+    p = tmp_path / "g.csv"
+    p.write_bytes(b"\xef\xbb\xbfgpu,node,speed\r\n0,a,1\r\n1,a,2\r\n")
+    assert read_gpus_csv(p).speeds.tolist() == [1.0, 2.0]
