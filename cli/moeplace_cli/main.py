@@ -198,7 +198,9 @@ def solve(
     transitions: TransOpt = None,
     traffic_weight: Annotated[
         float,
-        typer.Option("--traffic-weight", min=0.0, help="Cost per token changing GPU (cpsat)."),
+        typer.Option(
+            "--traffic-weight", min=0.0, help="Cost per token changing GPU (cpsat, greedy)."
+        ),
     ] = 0.0,
     current: Annotated[
         Path | None,
