@@ -146,3 +146,18 @@ def test_same_tables_under_an_older_version_are_a_no_op(tmp_path: Path) -> None:
     assert watcher.poll() is not None
     write_atomic(tmp_path, _files(tiny_placement(1)))  # same tables, version reset
     assert watcher.poll() is None and not errors
+
+
+def test_swap_during_read_is_retried(tmp_path: Path) -> None:
+    """``..data`` names a directory that is gone (swapped and cleaned up mid-read): no refusal,
+    the next poll reads whatever ``..data`` names then."""
+    errors: list[str] = []
+    watcher = _watcher(tmp_path, errors)
+    (tmp_path / "..data").symlink_to("..2026_11_22_06_00_00.gone")
+    (tmp_path / "placement.json").symlink_to("..data/placement.json")
+    assert watcher.poll() is None and not errors
+    gone = tmp_path / "..2026_11_22_06_00_00.gone"
+    gone.mkdir()
+    (gone / "placement.json").write_text(tiny_placement(1).to_json())
+    got = watcher.poll()
+    assert got is not None and got.version == 1 and not errors
