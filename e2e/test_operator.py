@@ -34,6 +34,7 @@ T = TypeVar("T")
 
 # DeepSeek-V2-Lite: 26 MoE layers x 64 experts (top-6), one dense layer first; 4 nodes x 8 GPUs.
 LAYERS, EXPERTS, NODES, GPUS = 26, 64, 4, 8
+NAMESPACE_PREFIX = "moed-"
 
 
 def free_port() -> int:
@@ -70,6 +71,8 @@ class OperatorProcess:
             "MOEPLACE_METRICS_PORT": str(self.metrics_port),
             "MOEPLACE_LIVENESS_ENDPOINT": f"http://127.0.0.1:{self.liveness_port}/healthz",
             "MOEPLACE_SOLVER_WORKERS": "2",
+            # only this module's namespaces: other suites may run their own operator
+            "MOEPLACE_NAMESPACES": f"{NAMESPACE_PREFIX}*",
         }
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
@@ -129,7 +132,7 @@ def operator(
 
 @pytest.fixture
 def namespace(cluster: Cluster) -> Iterator[str]:
-    name = f"moed-{uuid.uuid4().hex[:8]}"
+    name = f"{NAMESPACE_PREFIX}{uuid.uuid4().hex[:8]}"
     cluster.kubectl("create", "namespace", name)
     yield name
     cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
