@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
 from moeplace_cli import inputs, report
+from moeplace_cli import strategies as strategies_mod
 from moeplace_cli.errors import CliError, bad_input, err_console, reports_errors
 from moeplace_cli.gpus_cmd import gpus_app
 from moeplace_cli.inputs import LoadInput, WindowSpec
@@ -65,13 +66,6 @@ class SolverSettings:
     hedge: Hedge = Hedge.expected
 
 
-def check_strategy(strategy: str) -> None:
-    from placement.solvers import strategies
-
-    if strategy not in strategies():
-        raise CliError(f"unknown strategy {strategy!r}; choose from {', '.join(strategies())}")
-
-
 @contextmanager
 def progress_bar(label: str, enabled: bool) -> Iterator[Callable[[float], None] | None]:
     """A transient rich progress bar on stderr fed by ``SolveOptions.progress``."""
@@ -92,7 +86,7 @@ def progress_bar(label: str, enabled: bool) -> Iterator[Callable[[float], None] 
 def run_solver(
     problem: Problem, strategy: str, settings: SolverSettings, show_progress: bool
 ) -> Solution:
-    from placement.solvers import SolveOptions, solve
+    from placement.solvers import SolveOptions
 
     label = f"{strategy} ({settings.time_limit:g} s limit)"
     with progress_bar(label, show_progress) as progress:
@@ -103,7 +97,7 @@ def run_solver(
             hedge=settings.hedge.value,
             progress=progress,
         )
-        return solve(problem, strategy, options)
+        return strategies_mod.solve_named(problem, strategy, options)
 
 
 def score(
@@ -193,7 +187,12 @@ def solve(
     prompts: PromptsOpt = None,
     redundant: RedundantOpt = 0,
     strategy: Annotated[
-        str, typer.Option("--strategy", help="cpsat, greedy, eplb, round-robin, linear, ...")
+        str,
+        typer.Option(
+            "--strategy",
+            help="cpsat, cpsat-best (for a best-split dispatcher), greedy, eplb, eplb-global, "
+            "round-robin or linear.",
+        ),
     ] = "cpsat",
     transitions: TransOpt = None,
     traffic_weight: Annotated[
@@ -226,7 +225,7 @@ def solve(
     as_json: JsonOpt = False,
 ) -> None:
     """Compute a placement for one load and write it in an engine's format."""
-    check_strategy(strategy)
+    strategies_mod.check(strategy)
     check_writable(out, "--out")
     loaded = inputs.resolve_load(load, window_spec(samples, window, prompts))
     if current is None and migration_weight > 0:
@@ -323,7 +322,11 @@ def compare(
     redundant: RedundantOpt = 0,
     strategies: Annotated[
         str | None,
-        typer.Option("--strategies", help="Comma-separated subset; default: every strategy."),
+        typer.Option(
+            "--strategies",
+            help="Comma-separated; default: every registered strategy (and cpsat-best with "
+            "--dispatch best).",
+        ),
     ] = None,
     transitions: TransOpt = None,
     hedge: HedgeOpt = Hedge.expected,
@@ -338,7 +341,7 @@ def compare(
     as_json: JsonOpt = False,
 ) -> None:
     """Run every strategy on one scenario and compare them (table, optional PNG)."""
-    names = strategy_list(strategies)
+    names = strategy_list(strategies, dispatch)
     if png is not None:
         check_writable(png, "--png")
     spec = window_spec(samples, window, prompts)
@@ -382,14 +385,14 @@ def scoring_load(loaded: LoadInput, spec: WindowSpec | None, prompts: str | None
     return scored
 
 
-def strategy_list(text: str | None) -> list[str]:
-    from placement.solvers import strategies
-
-    names = strategies() if text is None else [s.strip() for s in text.split(",") if s.strip()]
+def strategy_list(text: str | None, dispatch: DispatchRule) -> list[str]:
+    if text is None:
+        return strategies_mod.defaults(dispatch == DispatchRule.best)
+    names = [s.strip() for s in text.split(",") if s.strip()]
     if not names:
         raise CliError("--strategies is empty")
     for name in names:
-        check_strategy(name)
+        strategies_mod.check(name)
     return names
 
 

@@ -40,3 +40,12 @@ def test_compare_without_eplb_has_no_relative_column(scenario: Scenario) -> None
     assert ran.exit_code == 0, ran.stderr
     rows = ran.json()["strategies"]
     assert isinstance(rows, list) and rows[0]["vsEplb"] is None
+
+
+def test_best_dispatch_adds_cpsat_best(scenario: Scenario) -> None:
+    ran = run("compare", "--load", scenario.load, "--gpus", scenario.gpus, "--redundant", 4,
+              "--dispatch", "best", "--time-limit", 0.3, "--threads", 1, "--json")  # fmt: skip
+    assert ran.exit_code == 0, ran.stderr
+    rows = ran.json()["strategies"]
+    assert isinstance(rows, list)
+    assert [r["strategy"] for r in rows] == sorted([*strategies(), "cpsat-best"])

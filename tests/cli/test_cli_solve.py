@@ -19,7 +19,7 @@ from placement.validate import validate
 FAST = ("--time-limit", "0.5", "--threads", "1")
 
 
-@pytest.mark.parametrize("strategy", strategies())
+@pytest.mark.parametrize("strategy", [*strategies(), "cpsat-best"])
 def test_solve_every_strategy(scenario: Scenario, strategy: str) -> None:
     out = scenario.tmp / f"{strategy}.json"
     ran = run("solve", "--load", scenario.load, "--gpus", scenario.gpus, "--redundant", 4,

@@ -1,0 +1,55 @@
+"""Strategy names the command line accepts: the library's registered strategies, plus
+``cpsat-best``, cpsat placing copies for a speed-aware dispatcher that splits each batch
+optimally over them (``solve_cpsat(..., dispatch="best")``; not a registered strategy). A
+strategy the library registers under the same name takes precedence."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from moeplace_cli.errors import CliError
+from placement.problem import Problem
+from placement.solvers.base import Solution, SolveOptions
+
+CPSAT_BEST = "cpsat-best"
+
+
+def available() -> list[str]:
+    from placement.solvers import strategies
+
+    names = strategies()
+    if "cpsat" in names and CPSAT_BEST not in names:
+        names.append(CPSAT_BEST)
+    return sorted(names)
+
+
+def check(name: str) -> None:
+    names = available()
+    if name not in names:
+        raise CliError(f"unknown strategy {name!r}; choose from {', '.join(names)}")
+
+
+def defaults(best_dispatch: bool) -> list[str]:
+    """``compare``'s strategies: every registered one, plus cpsat-best when scoring with the
+    best split."""
+    from placement.solvers import strategies
+
+    return available() if best_dispatch else strategies()
+
+
+def solve_named(problem: Problem, name: str, options: SolveOptions) -> Solution:
+    """Solve with ``name``; the result is validated against the problem's model."""
+    from placement.solvers import solve, strategies
+
+    if name in strategies():
+        return solve(problem, name, options)
+    if name != CPSAT_BEST:
+        raise CliError(f"unknown strategy {name!r}; choose from {', '.join(available())}")
+    from placement.solvers import cpsat
+    from placement.validate import validate
+
+    # ``register`` types the solver as (problem, options) -> Solution; its keyword is real
+    solve_cpsat: Callable[..., Solution] = cpsat.solve_cpsat
+    solution = solve_cpsat(problem, options, dispatch="best")
+    validate(solution.placement, problem.model)
+    return solution
