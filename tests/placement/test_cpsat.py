@@ -188,3 +188,18 @@ def test_best_split_mode_never_worse_than_greedy() -> None:
     assert sol.bound <= sol.objective
     with pytest.raises(ValueError, match="dispatch"):
         solve_cpsat(problem, FAST, dispatch="fastest")
+
+
+def test_coupled_mode_reports_progress_and_never_claims_optimal() -> None:
+    L, E = 2, 4
+    model = MoEModelShape(moe_layers=L, experts=E)
+    cluster = Cluster.uniform(2)
+    load = np.full((L, E), 10.0)
+    trans = np.zeros((L - 1, E, E))
+    trans[0, 0, 1] = trans[0, 1, 0] = trans[0, 2, 3] = trans[0, 3, 2] = 10.0
+    problem = Problem.build(model, cluster, load, transitions=trans, weights=Weights(traffic=1.0))
+    seen: list[float] = []
+    sol = solve(problem, "cpsat", SolveOptions(time_limit_s=1.0, threads=1, progress=seen.append))
+    assert seen == [1.0]
+    assert sol.status in ("FEASIBLE", "OPTIMAL")  # OPTIMAL only via the proven bound
+    assert sol.bound <= sol.objective
