@@ -135,6 +135,8 @@ def namespace(cluster: Cluster) -> Iterator[str]:
     name = f"{NAMESPACE_PREFIX}{uuid.uuid4().hex[:8]}"
     cluster.kubectl("create", "namespace", name)
     yield name
+    # MoEDeployments first, while the operator still runs to release its finalizer
+    cluster.kubectl("delete", "moed", "--all", "-n", name, "--timeout=60s", check=False)
     cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
