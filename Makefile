@@ -24,7 +24,7 @@ go-tools:
 prometheus:
 	@if [ ! -x /usr/bin/prometheus ] || ! command -v openssl >/dev/null; then \
 	  $(SUDO) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq prometheus openssl; \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus openssl; \
 	fi
 
 tools: venv go-tools prometheus

@@ -41,6 +41,23 @@ mkdir -p "$BIN" "$GOMODCACHE" "$GOCACHE"
 cd "$TOOLS_DIR"
 echo "tools/build.sh: $GOVER; kubernetes $K8S, etcd $ETCD, kwok $KWOK, helm $HELM -> $BIN"
 
+# Preflight: a Go new enough for the pins, and every pinned module reachable, each failure named.
+need="$(awk '$1 == "go" { print $2; exit }' go.mod)"
+if [[ "$(printf '%s\n%s\n' "go$need" "$GOVER" | sort -V | head -1)" != "go$need" ]]; then
+  echo "tools/build.sh: $GOVER is older than go $need, which tools/go.mod (k8s.io/kubernetes" \
+    "$K8S) needs; GOTOOLCHAIN=local forbids downloading a toolchain: install Go >= $need" >&2
+  exit 2
+fi
+if [[ ! -x "$BIN/kube-apiserver" || ! -x "$BIN/helm" || ! -x "$BIN/kwok" || ! -x "$BIN/etcd" ]]; then
+  for mv in "k8s.io/kubernetes@$K8S" "go.etcd.io/etcd/server/v3@$ETCD" "sigs.k8s.io/kwok@$KWOK" \
+    "helm.sh/helm/v3@$HELM"; do
+    if ! err="$("$GO" mod download "$mv" 2>&1)"; then
+      echo "tools/build.sh: cannot get $mv from the Go module proxy ($("$GO" env GOPROXY)): $err" >&2
+      exit 2
+    fi
+  done
+fi
+
 # Version stamps: without them the binaries report v0.0.0, which breaks kubeVersion checks.
 minor="${K8S#v1.}"
 minor="${minor%%.*}"
