@@ -156,15 +156,14 @@ def records(report: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in lines]
 
 
-def replayed_batches(prompts: tuple[int, int], tokens: int = TOKENS) -> np.ndarray:
-    """[K, 26, 64] token counts of the batches the stand-in replays from the slice (one pass)."""
+def batch_counts(prompts: tuple[int, int], steps: list[int]) -> np.ndarray:
+    """[K, 26, 64] token counts of the batches the stand-in replayed at ``steps``."""
     trace = Trace(DEFAULT_ROUTING, prompts)
-    steps = -(-trace.ids.shape[0] // tokens)
-    counts = np.zeros((steps, 26, 64))
-    for step in range(steps):
-        ids = trace.batch(step, tokens)[1]  # [T, 26, 6]
+    counts = np.zeros((len(steps), 26, 64))
+    for k, step in enumerate(steps):
+        ids = trace.batch(step, TOKENS)[1]  # [T, 26, 6]
         for layer in range(26):
-            counts[step, layer] = np.bincount(ids[:, layer].ravel(), minlength=64)
+            counts[k, layer] = np.bincount(ids[:, layer].ravel(), minlength=64)
     return counts
 
 
@@ -269,34 +268,52 @@ def predicted(placement: Placement, load: np.ndarray, dispatch: Dispatch) -> flo
 
 
 def before_after(
-    rows: list[dict[str, Any]], old: tuple[int, Placement], new: tuple[int, Placement],
+    recs: list[dict[str, Any]], old: tuple[int, Placement], new: tuple[int, Placement],
     prompts: tuple[int, int],
-) -> list[str]:  # fmt: skip
-    """Lines comparing ``old`` -> ``new`` on ``prompts``, per dispatch rule, as ratios new/old:
-    the ranks' measured straggler (CPU-time emulation); the straggler of the pairs the ranks
-    actually computed, under the time model ("realized"); the prediction on the replayed batches
-    (``placement.evaluate`` on the same [K, L, E] batches for both); and on the slice's whole
-    load (aggregated, as the operator scores a window)."""
-    batches = replayed_batches(prompts)
-    whole = batches.sum(axis=0)
-    lines = []
+) -> tuple[list[str], list[tuple[float, float]]]:  # fmt: skip
+    """Lines comparing ``old`` -> ``new`` on ``prompts``, per dispatch rule, as ratios new/old
+    of the mean straggler per step: measured by the ranks (CPU-time emulation); realized (the
+    pairs the ranks computed, under the time model) and ``placement.evaluate`` on exactly the
+    batches each version served (they must agree: the ranks served what was rolled out); both
+    versions on the same batches (all batches of the slice: the placement's own effect); and on
+    the slice's aggregate load (how the operator scores a window). Also returns (realized,
+    predicted on the served batches) per rule."""
+    trace_steps = -(-Trace(DEFAULT_ROUTING, prompts).ids.shape[0] // TOKENS)
+    every = batch_counts(prompts, list(range(trace_steps)))
+    lines, checks = [], []
     rules: tuple[tuple[str, Dispatch], ...] = (("even", "even"), ("speed", "best"))
     for mode, rule in rules:
-        got = {
-            r["version"]: (r["straggler_us"], r["realized"])
-            for r in rows
-            if r["dispatch"] == mode and r["prompts"] == "{}:{}".format(*prompts)
-        }
-        nan = (float("nan"), float("nan"))
-        (m_old, r_old), (m_new, r_new) = got.get(old[0], nan), got.get(new[0], nan)
-        per_batch = predicted(new[1], batches, rule) / predicted(old[1], batches, rule)
-        aggregate = predicted(new[1], whole, rule) / predicted(old[1], whole, rule)
+        served = [
+            [
+                r for r in recs
+                if r["version"] == version and tuple(r["prompts"]) == prompts
+                and r["dispatch"] == mode
+            ]
+            for version in (old[0], new[0])
+        ]  # fmt: skip
+        if not all(served):
+            lines.append(f"  {mode:<5} dispatch: not served by both versions")
+            continue
+        means = [{k: float(np.mean([r[k] for r in v])) for k in _MEASURED} for v in served]
+        on_served = [
+            predicted(p, batch_counts(prompts, [r["step"] for r in v]), rule)
+            for p, v in zip((old[1], new[1]), served, strict=True)
+        ]
+        realized = means[1]["realized"] / means[0]["realized"]
+        checks.append((realized, on_served[1] / on_served[0]))
+        same = predicted(new[1], every, rule) / predicted(old[1], every, rule)
+        whole = predicted(new[1], every.sum(0), rule) / predicted(old[1], every.sum(0), rule)
         lines.append(
-            f"  {mode:<5} dispatch: measured {m_old:5.0f} -> {m_new:5.0f} µs/step "
-            f"(x{m_new / m_old:.3f}) | realized x{r_new / r_old:.3f} | predicted per batch "
-            f"x{per_batch:.3f}, on the aggregate load x{aggregate:.3f}"
+            f"  {mode:<5} dispatch: measured "
+            f"x{means[1]['straggler_us'] / means[0]['straggler_us']:.3f} | realized "
+            f"x{realized:.3f} (predicted on the served "
+            f"batches x{on_served[1] / on_served[0]:.3f}) | same batches x{same:.3f} | "
+            f"aggregate load x{whole:.3f}"
         )
-    return lines
+    return lines, checks
+
+
+_MEASURED = ("straggler_us", "realized")
 
 
 def test_closed_loop(cluster: Cluster, loop: dict[str, Any]) -> None:
@@ -353,7 +370,7 @@ def test_closed_loop(cluster: Cluster, loop: dict[str, Any]) -> None:
 
     recs = records(report)
     rows = summarize(recs)
-    placements = _placements(syncer)
+    placements = _placements(syncer, recs)
     print("\n" + format_summary(rows))
     before = _busiest(rows, BEFORE, lambda v: v >= 1)
     print(
@@ -361,8 +378,8 @@ def test_closed_loop(cluster: Cluster, loop: dict[str, Any]) -> None:
         f"{summary['stragglerOverBound']}, gain over EPLB {summary['gainOverEplbPercent']}), "
         f"replayed prompts {BEFORE}:"
     )
-    for line in before_after(rows, (0, placements[0]), (before, placements[before]), BEFORE):
-        print(line)
+    lines, checks = before_after(recs, (0, placements[0]), (before, placements[before]), BEFORE)
+    print("\n".join(lines))
     old = max(r["version"] for r in recs if tuple(r["prompts"]) == BEFORE)
     new = _busiest(rows, AFTER, lambda v: v > old)
     print(
@@ -370,8 +387,9 @@ def test_closed_loop(cluster: Cluster, loop: dict[str, Any]) -> None:
         f"later (window {WINDOW_S} s; operator's predicted gain on its window "
         f"{summary_shift['gainPercent']}); compared: v{old} (in service at the shift) -> v{new}"
     )
-    for line in before_after(rows, (old, placements[old]), (new, placements[new]), AFTER):
-        print(line)
+    lines, more = before_after(recs, (old, placements[old]), (new, placements[new]), AFTER)
+    print("\n".join(lines))
+    checks += more
     for rec in recs:
         if rec["switch"]:
             sw = rec["switch"]
@@ -390,18 +408,26 @@ def test_closed_loop(cluster: Cluster, loop: dict[str, Any]) -> None:
     mixed = sum(int(r["mixed_versions"]) for r in recs)
     print(f"{len(recs)} steps: lost pairs {lost}, misrouted pairs {misrouted}, mixed steps {mixed}")
     assert lost == misrouted == mixed == 0
+    # the ranks served exactly what was rolled out: realized == predicted on the same batches
+    assert all(abs(realized / served - 1) < 0.02 for realized, served in checks), checks
     assert all(r["version"] >= kept for r in recs[corrupt_at:])
     realized = {(r["version"], r["prompts"], r["dispatch"]): r["realized"] for r in rows}
     slice_before = "{}:{}".format(*BEFORE)
     assert realized[(before, slice_before, "speed")] < 0.9 * realized[(0, slice_before, "speed")]
 
 
-def _placements(syncer: Syncer) -> dict[int, Placement]:
-    """Version 0 (the stand-in's initial) and every valid version the syncer delivered."""
-    out = {0: initial_placement(_shape(), RANKS, SLOTS)}
+def _placements(syncer: Syncer, recs: list[dict[str, Any]]) -> dict[int, Placement]:
+    """The placement each served version stood for, by the content hash the ranks reported
+    (a version number alone is ambiguous: the operator reuses 1 after an unreadable map)."""
+    by_hash = {}
     for data in syncer.seen.values():
         if _parses(data["placement.json"]):
-            out[int(data["version"])] = Placement.model_validate_json(data["placement.json"])
+            placement = Placement.model_validate_json(data["placement.json"])
+            by_hash[placement.content_hash()] = placement
+    out = {0: initial_placement(_shape(), RANKS, SLOTS)}
+    for rec in recs:
+        if rec["version"] not in out:
+            out[rec["version"]] = by_hash[rec["hash"]]
     return out
 
 
