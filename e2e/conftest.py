@@ -1,8 +1,9 @@
 """pytest fixtures for end-to-end tests against the real local cluster (see e2e/README.md).
 
 `cluster` (session scope) brings the cluster up, or reuses one already running, and yields a
-`Cluster`. If this session started it, the session brings it down at the end (set
-MOEPLACE_KEEP_CLUSTER=1 to leave it running); a cluster that was already up is left as found.
+`Cluster`. If this session started it, the session brings it down at the end unless another
+pytest session is still using it (set MOEPLACE_KEEP_CLUSTER=1 to leave it running); a cluster
+that was already up is left as found.
 Every test that uses it must be marked `e2e`.
 """
 
@@ -199,8 +200,13 @@ def cluster() -> Iterator[Cluster]:
         prometheus_url=f"http://127.0.0.1:{ports['prometheus']}",
         started_here=started_here,
     )
+    me = lc.register_user(state)
     try:
         yield handle
     finally:
-        if started_here and os.environ.get("MOEPLACE_KEEP_CLUSTER", "") not in ("1", "true"):
+        # Another pytest session still using this cluster keeps it up (it is reused later).
+        others = lc.other_users(me)
+        me.unlink(missing_ok=True)
+        keep = os.environ.get("MOEPLACE_KEEP_CLUSTER", "") in ("1", "true")
+        if started_here and not keep and not others:
             lc.down(state)

@@ -703,6 +703,31 @@ def status(state: Path | None = None) -> dict[str, Any]:
     return out
 
 
+def register_user(state: Path | None = None) -> Path:
+    """Record this process as a user of the cluster (pytest sessions share one cluster)."""
+    paths = Paths(state or default_state())
+    users = paths.state / "users"
+    users.mkdir(parents=True, exist_ok=True)
+    pid = os.getpid()
+    f = users / f"{pid}-{_proc_start_time(pid)}"
+    f.touch()
+    return f
+
+
+def other_users(mine: Path) -> int:
+    """How many other recorded users still run (stale records are removed)."""
+    alive = 0
+    for f in mine.parent.iterdir():
+        if f == mine:
+            continue
+        pid, _, start = f.name.partition("-")
+        if pid.isdigit() and _proc_start_time(int(pid)) == start:
+            alive += 1
+        else:
+            f.unlink(missing_ok=True)
+    return alive
+
+
 def env_lines(state: Path | None = None) -> list[str]:
     paths = Paths(state or default_state())
     p = ports(paths)
