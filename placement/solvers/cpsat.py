@@ -78,14 +78,18 @@ Dispatch-aware mode (``solve_cpsat(..., dispatch="best")``, not the registered d
     the fluid/copy bound (valid for any dispatch).
 
 Determinism
-    ``threads == 1``: deterministic for a seed and time limit. The local search is bounded by
-    a move count, not the clock; every layer gets the fixed share ``time_limit_s / L``; CP-SAT
-    runs one worker with ``random_seed = options.seed`` and is stopped by its deterministic
-    time limit (the wall-clock cap is a safety net at 10x + 1 s, reached only on a heavily
-    overloaded machine). ``threads > 1``: CP-SAT's parallel portfolio (with large-neighbourhood
-    search, which is what finds improvements in short budgets; ``interleave_search`` was tried
-    and is much weaker) stopped by the wall clock: results can differ from run to run, never
-    to worse than the polished greedy start.
+    ``threads == 1``: deterministic for a seed and time limit. Every layer gets the fixed
+    share ``time_limit_s / L``; the local search is bounded by a cost model of its moves, and
+    CP-SAT is built only when a cost model of the build fits the share, then runs one worker
+    with ``random_seed = options.seed``, stopped by its deterministic time limit (half a unit
+    per second of share; the wall-clock cap, 10x + 1 s, is a safety net). Nothing reads the
+    clock, so the answer is reproducible; the price is that the wall time can overrun the
+    limit by the warm start's time and the cost models' errors (measured: DeepSeek-V2-Lite on
+    32 GPUs, 1 s limit: 0.4 s with speed factors, 2.2 s with latency curves).
+    ``threads > 1``: CP-SAT's parallel portfolio (with large-neighbourhood search, which is
+    what finds improvements in short budgets; ``interleave_search`` was tried and is much
+    weaker) and the local search are stopped by the wall clock: results can differ from run
+    to run, never to worse than the greedy start.
 """
 
 from __future__ import annotations
@@ -111,6 +115,14 @@ _POLISH_SHARE = 0.4  # of a layer's budget for the local search before CP-SAT
 _FREE_COUNTS_MAX = 20000  # E * G up to which CP-SAT may change replica counts
 _BUILD_S_PER_TERM = 2e-6  # rough cost of building the CP-SAT model, seconds per term
 _MIN_SOLVE_S = 0.05
+# cost model of the local search (deterministic mode): seconds per swap, per S * P * K, and
+# per relocation, per candidate x K x G (measured on the benchmark machine, rounded up)
+_SWAP_S_PER_UNIT = 2.5e-7
+_BUILD_S_PER_VAR = 6e-6  # CP-SAT model building (deterministic mode): per boolean c[e, g, r]
+_BUILD_S_PER_TERM_DET = 5e-7  # ... and per linear term
+_BUILD_S_PER_CURVE = 3e-3  # ... and per (sample, GPU) latency-curve block
+_DET_PER_WALL_S = 0.5  # deterministic-time units given per wall second of budget
+_RELOCATE_S_PER_UNIT = 5e-8
 _FLEX_SHARE = 0.25  # of a layer's budget for the dispatcher-aware polish (dispatch="best")
 _REFINE_CURVES_MAX = 100_000  # L * P * K * G above which greedy's refinement is skipped
 
@@ -415,11 +427,13 @@ def _polish(
     deadline: float = math.inf,
     relocate: bool = True,
     max_moves: int | None = None,
+    work_s: float = math.inf,
 ) -> IntArray:
     """Local search on one layer's [P] slot row; ``w`` is [K, E] (this layer's samples).
 
-    Two neighbourhoods, best improvement, until ``deadline`` (``time.monotonic()``) or
-    ``max_moves`` moves (default 20 P):
+    Two neighbourhoods, best improvement, until ``deadline`` (``time.monotonic()``),
+    ``max_moves`` moves (default 20 P) or ``work_s`` seconds of estimated work (a fixed cost
+    model per move, so that the bound is deterministic):
     swaps of two copies on different GPUs (among swaps that touch a GPU that is the slowest
     in some sample), and, when no swap helps, relocations (a redundant copy of one expert
     becomes a copy of another expert, which changes both experts' per-copy loads). A move is
@@ -428,14 +442,22 @@ def _polish(
     state = _LocalState(w, row, cluster, S, hedge, current_row, migration)
     moves = 0
     limit = max_moves if max_moves is not None else 20 * row.size
+    K, E = w.shape
+    G = row.size // S
+    spent = 0.0  # estimated seconds by the cost model (deterministic, unlike the clock)
 
     def go_on() -> bool:
-        return time.monotonic() < deadline and moves < limit
+        return time.monotonic() < deadline and moves < limit and spent < work_s
 
     while go_on():
         while go_on() and state.best_swap():
             moves += 1
-        if not relocate or not go_on() or not state.best_relocation():
+            spent += _SWAP_S_PER_UNIT * S * row.size * K
+        if not relocate or not go_on():
+            break
+        candidates = int((state.counts[state.row] >= 2).sum()) * E
+        spent += _RELOCATE_S_PER_UNIT * candidates * K * G
+        if not state.best_relocation():
             break
         moves += 1
     return state.row
@@ -822,6 +844,9 @@ def _solve_layer(
         deadline = math.inf if deterministic else start + budget_s
         S = problem.slots_per_gpu
         moves = 4 * hint_row.size
+        if deterministic:  # a flex move scores about 2 G candidates per sample and slot
+            unit = _SWAP_S_PER_UNIT * 2 * problem.cluster.size * S * hint_row.size * len(loads)
+            moves = max(5, min(moves, int(_FLEX_SHARE * budget_s / unit)))
         candidates.append(_flex_polish(loads, even.row, problem.cluster.speeds, S, deadline, moves))
     objs = [float(layer_objective(r[None, :], sub, options.hedge, "best")[0]) for r in candidates]
     pick = int(np.argmin(objs))  # first of equals: greedy's row is kept unless beaten
@@ -840,8 +865,8 @@ def _solve_layer_even(
 ) -> _LayerResult:
     """Polish the warm start, then CP-SAT on the layer; ``budget_s`` seconds in all.
 
-    ``deterministic``: the local search is bounded by its move count only, and the CP-SAT
-    model is built whatever it costs, so that wall-clock time never changes the answer."""
+    ``deterministic``: the local search is bounded by a move count and the decision to build
+    the CP-SAT model by a cost model, so that wall-clock time never changes the answer."""
     start = time.monotonic()
     E, G, S = problem.model.experts, problem.cluster.size, problem.slots_per_gpu
     loads = scenarios(problem)[:, layer, :]  # [K, E]
@@ -860,6 +885,7 @@ def _solve_layer_even(
         current,
         problem.weights.migration,
         deadline=math.inf if deterministic else start + _POLISH_SHARE * budget_s,
+        work_s=_POLISH_SHARE * budget_s if deterministic else math.inf,
     )
     obj = float(layer_objective(row[None, :], sub, hedge)[0])
     if obj > greedy_obj:  # cannot happen (the search only accepts improvements); be safe
@@ -870,9 +896,19 @@ def _solve_layer_even(
     # CP-SAT, if the model can be built and searched in what is left of the budget
     free = E * G <= _FREE_COUNTS_MAX
     terms = K * G * E * (3 if free else 1)
-    left = budget_s - (time.monotonic() - start)
-    if not deterministic and terms * _BUILD_S_PER_TERM > 0.5 * left:
-        return _LayerResult(row, min(fluid, obj), False, improved)
+    if deterministic:  # by the cost model only, never by the clock
+        left = (1 - _POLISH_SHARE) * budget_s
+        variables = G * E * (3 if free else 1)
+        build = variables * _BUILD_S_PER_VAR + terms * _BUILD_S_PER_TERM_DET
+        if problem.cluster.has_curves:
+            build += K * G * _BUILD_S_PER_CURVE
+        if build > 0.5 * left:
+            return _LayerResult(row, min(fluid, obj), False, improved)
+        left -= build
+    else:
+        left = budget_s - (time.monotonic() - start)
+        if terms * _BUILD_S_PER_TERM > 0.5 * left:
+            return _LayerResult(row, min(fluid, obj), False, improved)
     scale = _layer_scale(problem, loads)
     m = cp_model.CpModel()
     v = _add_layer(m, problem, loads, row, current, scale, hedge, free)
@@ -885,9 +921,10 @@ def _solve_layer_even(
     else:
         m.minimize(cp_model.LinearExpr.sum([*v.straggler, *v.objective_terms]))
         div = float(scale * K)
-    left = (
-        (1 - _POLISH_SHARE) * budget_s if deterministic else budget_s - (time.monotonic() - start)
-    )
+    if deterministic:  # deterministic time runs slower than the wall clock on a busy machine
+        left *= _DET_PER_WALL_S
+    else:
+        left = budget_s - (time.monotonic() - start)
     solver = _params(options, max(left, _MIN_SOLVE_S), workers)
     status = solver.solve(m)
     bound = fluid
@@ -914,7 +951,7 @@ def _solve_independent(
     workers = max(1, threads // concurrent)
     deadline = t0 + options.time_limit_s
     deterministic = threads == 1
-    share = max(options.time_limit_s - (time.monotonic() - t0), 0.0) / L
+    share = options.time_limit_s / L  # fixed, so that the clock never changes the answer
     lock = threading.Lock()
     started = [0]
 
