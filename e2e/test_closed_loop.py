@@ -213,6 +213,9 @@ def loop(cluster: Cluster, tmp_path: Path) -> Iterator[dict[str, Any]]:
     finally:
         syncer.stop.set()
         standin.stop()
+        cluster.kubectl(  # while the operator runs, so its finalizer is released
+            "delete", "moed", "--all", "-n", namespace, "--timeout=60s", check=False
+        )
         operator.stop()
         cluster.remove_scrape_target(job)
         cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
