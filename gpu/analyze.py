@@ -181,7 +181,8 @@ def stack_summary(plan: dict[str, Any], stack: dict[str, Any]) -> dict[str, Any]
         out[name] = {
             "strategies": res,
             "check": scen.get("checkRelErr"),
-            "cotenant": scen.get("cotenant"),
+            "cotenant": scen.get("cotenant")
+            or next((r["cotenant"] for r in scen.get("perRank") or [] if r.get("cotenant")), None),
             "perRank": scen.get("perRank"),
         }
     return out

@@ -400,6 +400,8 @@ def worker(rank: int, world: int, cfg: dict[str, Any]) -> None:
                         f"layer median {np.median(layer_max):.0f} µs, compute straggler median "
                         f"{np.median(compute_max):.0f} µs"
                     )
+            # the co-tenant runs on the slowed rank only; rank 0 reports for the group
+            sres["cotenant"] = next((g["cot"] for g in gathered if g["cot"]), None)
             sres["perRank"] = [
                 {
                     "rank": g["rank"],

@@ -132,6 +132,19 @@ def configmap_body(
     }
 
 
+def published_version(configmap: Mapping[str, Any] | None) -> int:
+    """The version a ConfigMap we wrote carries (0 when absent), read even when its placement is
+    unreadable, so a republished map never goes backwards for serving's "newer only" check."""
+    if not configmap:
+        return 0
+    data = configmap.get("data") or {}
+    annotations = configmap.get("metadata", {}).get("annotations") or {}
+    for raw in (data.get("version"), annotations.get(VERSION_ANNOTATION)):
+        if isinstance(raw, str) and raw.isdigit():
+            return int(raw)
+    return 0
+
+
 def read_published(configmap: Mapping[str, Any] | None) -> Published | None:
     """The placement in a ConfigMap we wrote, or None when absent or unreadable (a corrupt or
     hand-edited map is treated as no placement, never loaded half-valid)."""

@@ -31,6 +31,7 @@ from moeplace_operator.build import (
     percent_text,
     placement_configmap_name,
     proposal_configmap_name,
+    published_version,
     ratio_text,
     read_published,
     rfc3339,
@@ -294,7 +295,7 @@ class Reconcile:
         existing = read_published(raw)
         if existing and existing.hash == placement.content_hash():
             return existing
-        version = existing.version + 1 if existing else 1
+        version = published_version(raw) + 1
         body = configmap_body(
             name=name,
             namespace=self.namespace,

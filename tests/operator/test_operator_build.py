@@ -13,6 +13,7 @@ from moeplace_operator.build import (
     decide_rollout,
     false,
     merge_conditions,
+    published_version,
     read_published,
     target_patch,
     true,
@@ -115,6 +116,14 @@ def test_configmap_round_trip() -> None:
 @pytest.mark.parametrize("data", [None, {}, {PLACEMENT_KEY: "{not json"}])
 def test_unreadable_configmap_is_no_placement(data: dict | None) -> None:
     assert read_published({"metadata": {}, "data": data} if data is not None else None) is None
+
+
+def test_corrupt_map_keeps_its_version_so_the_next_one_is_newer() -> None:
+    corrupt = {"metadata": {}, "data": {PLACEMENT_KEY: "{not json", "version": "5"}}
+    assert read_published(corrupt) is None
+    assert published_version(corrupt) == 5
+    assert published_version(None) == 0
+    assert published_version({"metadata": {}, "data": {"version": "x"}}) == 0
 
 
 def test_sglang_map_pads_dense_layers() -> None:
