@@ -166,23 +166,18 @@ def test_rbac_and_policy_limit_the_profiler_to_its_own_node(
                 return needle in str(getattr(err, "body", "") or err) or needle in str(err)
             return False
 
-        # another node: denied by the policy (RBAC alone would allow it)
-        assert eventually(
-            lambda: denied(
-                lambda: publish(profile_for(nodes[1], [2.0]), node=nodes[1], api=api), "403"
-            )
-        )
-        assert (
-            nodes[1]
-            and api.read_node(nodes[1]).metadata.labels.get("gpu.moeplace.io/speed-0") != "2.0000"
-        )
-        # own node, but a label outside gpu.moeplace.io/: denied
+        # own node, but a label outside gpu.moeplace.io/: denied (retried while the policy
+        # binding propagates)
         assert eventually(
             lambda: denied(
                 lambda: api.patch_node(nodes[0], {"metadata": {"labels": {"evil": "1"}}}),
                 "gpu.moeplace.io/",
             )
         )
+        # another node: denied by the policy (RBAC alone would allow it); the policy is in
+        # force now (the check above waited for it), so the first attempt must already fail
+        assert denied(lambda: publish(profile_for(nodes[1], [2.0]), node=nodes[1], api=api), "403")
+        assert api.read_node(nodes[1]).metadata.labels.get("gpu.moeplace.io/speed-0") != "2.0000"
         # deleting nodes: RBAC says no
         assert denied(lambda: api.delete_node(nodes[1]), "Forbidden")
     finally:
