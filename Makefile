@@ -53,6 +53,9 @@ test: tools lint
 	.venv/bin/pytest
 
 # The demo script (e2e/demo.py) creates its kwok GPU nodes, the CRD, the operator and one
-# MoEDeployment, prints the placement and removes them; the cluster stays up (make cluster-down).
+# MoEDeployment, prints the placement and removes them; then the closed loop (serving stand-in
+# ranks -> Prometheus -> operator -> lock-step reload) runs and prints its before/after table.
+# The loop is driven by its e2e scenario (-s shows the tables); the cluster stays up.
 demo: cluster-up
 	$(PY) e2e/demo.py
+	MOEPLACE_KEEP_CLUSTER=1 .venv/bin/pytest -q -s -p no:cacheprovider e2e/test_closed_loop.py
