@@ -443,3 +443,31 @@ def status(name: NameArg, namespace: NamespaceOpt = None) -> None:
     from moeplace_cli.cluster_cmd import run_operator_command
 
     typer.echo(run_operator_command("status", name, namespace))
+
+
+@app.command()
+@reports_errors
+def profile(
+    shape: Annotated[
+        str, typer.Option(help="Expert shape: deepseek-v2-lite, mixtral-8x7b, deepseek-v3 or HxI.")
+    ] = "deepseek-v2-lite",
+    out: Annotated[Path | None, typer.Option("--out", help="GPU-profile JSON to write.")] = None,
+    budget: Annotated[float, typer.Option(help="Seconds of timed passes per GPU.")] = 60.0,
+    publish: Annotated[
+        bool, typer.Option(help="Patch this node's speed labels and curve annotation.")
+    ] = False,
+    node: Annotated[
+        str | None, typer.Option(help="Node to publish to; default $NODE_NAME.")
+    ] = None,
+) -> None:
+    """Measure every local GPU's expert-FFN latency curve (needs torch and CUDA)."""
+    from moeplace_profiler.runner import ProfilerUnavailableError, run_profile
+
+    try:
+        result = run_profile(
+            shape=shape, out=out, node=node, budget_s=budget, publish_to_node=publish
+        )
+    except (ProfilerUnavailableError, ValueError) as err:
+        raise CliError(str(err)) from None
+    for gpu in result.gpus:
+        typer.echo(f"GPU {gpu.gpu} on {gpu.node}: speed {gpu.speed:.4f}")
