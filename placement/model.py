@@ -177,6 +177,15 @@ class Placement(Frozen):
             raise ValueError("phy2log must be a non-empty rectangular [layers][slots] table")
         return v
 
+    def __eq__(self, other: object) -> bool:
+        # field-wise: the cached ``table`` array must not take part (arrays have no truth value)
+        if not isinstance(other, Placement):
+            return NotImplemented
+        return self.model_dump() == other.model_dump()
+
+    def __hash__(self) -> int:
+        return hash(self.content_hash())
+
     @property
     def num_slots(self) -> int:
         return self.num_gpus * self.slots_per_gpu

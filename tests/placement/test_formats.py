@@ -96,3 +96,13 @@ def test_canonical_checks_expected_shape() -> None:
     other = MoEModelShape(name="m", moe_layers=2, experts=4)
     with pytest.raises(InvalidPlacementError):
         loads(p.to_json(), "canonical", other, 2)
+
+
+def test_placements_compare_by_fields_after_their_table_is_cached() -> None:
+    shape = MoEModelShape(moe_layers=1, experts=4)
+    first = Placement.from_table([[0, 1, 2, 3, 0, 1, 2, 3]], shape, num_gpus=2, strategy="x")
+    again = Placement.model_validate_json(first.to_json())
+    other = Placement.from_table([[1, 0, 2, 3, 0, 1, 2, 3]], shape, num_gpus=2, strategy="x")
+    assert first.table.shape == again.table.shape == other.table.shape  # caches the arrays
+    assert first == again and hash(first) == hash(again)
+    assert first != other
