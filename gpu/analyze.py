@@ -178,14 +178,22 @@ def stack_summary(plan: dict[str, Any], stack: dict[str, Any]) -> dict[str, Any]
                 base = res["eplb"][key]
                 for v in res.values():
                     v[key + "VsEplb"] = v[key] / base - 1
+        cots = [r["cotenant"] for r in scen.get("perRank") or [] if r.get("cotenant")]
+        if not cots and scen.get("cotenant"):
+            cots = [scen["cotenant"]]
         out[name] = {
             "strategies": res,
             "check": scen.get("checkRelErr"),
-            "cotenant": scen.get("cotenant")
-            or next((r["cotenant"] for r in scen.get("perRank") or [] if r.get("cotenant")), None),
+            "cotenant": scen.get("cotenant") or (cots[0] if cots else None),
+            "cotenantRanks": sorted({int(c["rank"]) for c in cots}),
             "perRank": scen.get("perRank"),
         }
     return out
+
+
+def ranks_label(ranks: list[Any]) -> str:
+    """[1] -> 'rank 1', [1, 3] -> 'ranks 1, 3'."""
+    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(str(r) for r in ranks)
 
 
 def stack_table(summary: dict[str, Any]) -> list[str]:
@@ -194,7 +202,7 @@ def stack_table(summary: dict[str, Any]) -> list[str]:
         lines += [
             f"\n**Scenario `{name}`**"
             + (
-                f" (co-tenant {sc['cotenant']['name']} on rank {sc['cotenant']['rank']})"
+                f" (co-tenant {sc['cotenant']['name']} on {ranks_label(sc['cotenantRanks'])})"
                 if sc.get("cotenant")
                 else " (no co-tenant)"
             )
@@ -352,8 +360,9 @@ def main() -> None:
         lines.append(
             f"\nBatches of {plan.get('batchTokens')} tokens ({plan.get('numBatches')} held-out "
             f"batches, prompts > {plan.get('calibLastPrompt')}), {plan.get('redundant')} redundant "
-            f"slots; co-tenant for `slowed`: {plan.get('cotenant', {}).get('name')} on rank "
-            f"{plan.get('slowRank')} (layer slowdown near the load "
+            f"slots; co-tenant for `slowed`: {plan.get('cotenant', {}).get('name')} on "
+            f"{ranks_label(plan.get('slowRanks') or [plan.get('slowRank')])} "
+            "(layer slowdown near the load "
             f"{fmt(plan.get('cotenantSlowdownNearLoad', float('nan')), 3)}). Implementation: "
             f"{stack.get('impl', '?')}; world {stack.get('world', '?')}."
         )

@@ -5,8 +5,9 @@
   make_placements.py solve --call1 DIR   (after call 1) reads DIR/call1.json and
                                DIR/layer_profile.json, picks the co-tenant setting that slows the
                                GPU closest to the target, builds a Cluster of measured layer
-                               curves, solves cpsat, greedy, eplb and round-robin for each
-                               scenario, writes gpu/placements/<scenario>/<strategy>.json and
+                               curves (the slowed curve on every GPU of --slow-ranks, e.g.
+                               1,3; default 1), solves cpsat, greedy, eplb and round-robin for
+                               each scenario, writes gpu/placements/<scenario>/<strategy>.json and
                                gpu/placements/plan.json (scenarios, co-tenant, predictions)
 
 The trace splits by prompt: prompts 1..600 calibrate (the load the solvers see: mean and
@@ -131,6 +132,23 @@ def pick_cotenant(call1: dict[str, Any], center: float, target: float, name: str
     return min(table, key=lambda k: abs(table[k] - target))
 
 
+def slow_ranks_of(args: argparse.Namespace, num_gpus: int) -> list[int]:
+    """--slow-ranks 1,3 or --slow-rank 1 (one rank; same as --slow-ranks 1); default [1]."""
+    if args.slow_ranks is not None and args.slow_rank is not None:
+        raise SystemExit("give --slow-ranks or --slow-rank, not both")
+    if args.slow_ranks is not None:
+        try:
+            ranks = [int(r) for r in args.slow_ranks.split(",") if r.strip()]
+        except ValueError:
+            raise SystemExit(f"--slow-ranks: not a list of ranks: {args.slow_ranks!r}") from None
+    else:
+        ranks = [1 if args.slow_rank is None else args.slow_rank]
+    ranks = sorted(set(ranks))
+    if not ranks or any(r < 0 or r >= num_gpus for r in ranks):
+        raise SystemExit(f"slowed ranks {ranks} not within the {num_gpus} GPUs of call 1")
+    return ranks
+
+
 def cmd_solve(args: argparse.Namespace) -> None:
     from placement.evaluate import evaluate
     from placement.model import GPU, Cluster, LatencyCurve, MoEModelShape
@@ -146,9 +164,13 @@ def cmd_solve(args: argparse.Namespace) -> None:
     gpus = sorted(base, key=int)
     num_gpus = len(gpus)
     center = batch_tokens * TOPK / num_gpus
+    slow_ranks = slow_ranks_of(args, num_gpus)
     chosen = pick_cotenant(call1, center, args.target_slowdown, args.cotenant)
     spec = call1["C"]["cotenant"][chosen]["spec"]
-    print(f"co-tenant for the slowed scenario: {chosen} on GPU {args.slow_rank}")
+    print(
+        f"co-tenant for the slowed scenario: {chosen} on GPU{'s' if len(slow_ranks) > 1 else ''} "
+        + ", ".join(map(str, slow_ranks))
+    )
     base_curves = {g: curve_from_rows(base[g]) for g in gpus}
     slowed_curve = curve_from_rows(call1["C"]["cotenant"][chosen]["rows"])
     model = MoEModelShape(
@@ -156,7 +178,7 @@ def cmd_solve(args: argparse.Namespace) -> None:
         expert_bytes=3 * 2048 * 1408 * 2, dense_layers_before=1,
     )  # fmt: skip
     scenarios = {
-        "slowed": {g: (slowed_curve if int(g) == args.slow_rank else base_curves[g]) for g in gpus},
+        "slowed": {g: (slowed_curve if int(g) in slow_ranks else base_curves[g]) for g in gpus},
         "asis": base_curves,
     }
     out_dir = HERE / "placements"
@@ -166,7 +188,8 @@ def cmd_solve(args: argparse.Namespace) -> None:
         "numBatches": int(parts["eval_ids"].shape[0]),
         "calibLastPrompt": calib_last,
         "redundant": args.redundant,
-        "slowRank": args.slow_rank,
+        "slowRanks": slow_ranks,
+        "slowRank": slow_ranks[0],  # the first, for readers of one-rank plans
         "cotenant": spec,
         "cotenantSlowdownNearLoad": slowdown_at(
             call1["C"]["cotenant"][chosen]["rows"], 0.6 * center, 1.2 * center
@@ -242,7 +265,10 @@ def main() -> None:
     s = sub.add_parser("solve")
     s.add_argument("--call1", type=Path, required=True, help="folder with call1.json")
     s.add_argument("--shared", type=Path)
-    s.add_argument("--slow-rank", type=int, default=1)
+    s.add_argument(
+        "--slow-ranks", help="comma-separated ranks slowed by the co-tenant, e.g. 1,3 (default 1)"
+    )
+    s.add_argument("--slow-rank", type=int, help="one slowed rank (same as --slow-ranks N)")
     s.add_argument("--redundant", type=int, default=8)
     s.add_argument("--target-slowdown", type=float, default=1.3)
     s.add_argument("--cotenant", help="force a measured co-tenant setting by name")

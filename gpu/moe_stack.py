@@ -9,8 +9,8 @@ SwiGLU experts 2048x1408 in bf16; the rank holds the experts of its S slots):
 Routing is replayed from the held-out part of the real trace (gpu/carry/routing.npz); each
 batch of B tokens is split evenly over the ranks; a logical expert's tokens are split evenly
 over its copies (round-robin by token order), which is what the placement library predicts.
-The rank named in plan.json runs a co-tenant (k SMs held, see kernels.CoTenant) in the
-"slowed" scenario.
+Every rank named in plan.json's slowRanks (older plans: slowRank) runs a co-tenant (k SMs held,
+see kernels.CoTenant) in the "slowed" scenario.
 
 Timing: CUDA events on each rank around dispatch, expert compute and combine of every layer,
 and around each step (all 26 layers); a layer's time is the max over ranks. Placements of one
@@ -258,7 +258,8 @@ def worker(rank: int, world: int, cfg: dict[str, Any]) -> None:
         "batches": int(eval_ids.shape[0]),
         "scenarios": [],
     }
-    slow_rank = int(plan.get("slowRank", 1))
+    # every rank in slowRanks runs the co-tenant; plans from before slowRanks name one slowRank
+    slow_ranks = {int(r) for r in plan.get("slowRanks") or [plan.get("slowRank", 1)]}
     tokens_per_rank = eval_ids.shape[1] // world
 
     def agree(ok: bool) -> bool:
@@ -310,7 +311,9 @@ def worker(rank: int, world: int, cfg: dict[str, Any]) -> None:
         }
         spec = scen.get("cotenant") and plan.get("cotenant")
         tenant = (
-            CoTenant(CoTenantSpec.parse(spec["name"]), rank) if spec and rank == slow_rank else None
+            CoTenant(CoTenantSpec.parse(spec["name"]), rank)
+            if spec and rank in slow_ranks
+            else None
         )
         try:
             if tenant is not None:
@@ -400,8 +403,10 @@ def worker(rank: int, world: int, cfg: dict[str, Any]) -> None:
                         f"layer median {np.median(layer_max):.0f} µs, compute straggler median "
                         f"{np.median(compute_max):.0f} µs"
                     )
-            # the co-tenant runs on the slowed rank only; rank 0 reports for the group
+            # the co-tenant runs on the slowed ranks only; rank 0 reports for the group
+            # ("cotenant": the first slowed rank's, "cotenantRanks": every rank that ran one)
             sres["cotenant"] = next((g["cot"] for g in gathered if g["cot"]), None)
+            sres["cotenantRanks"] = [g["rank"] for g in gathered if g["cot"]]
             sres["perRank"] = [
                 {
                     "rank": g["rank"],
