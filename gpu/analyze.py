@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -374,7 +375,8 @@ def main() -> None:
                 f"(rel. error vs float32 reference): {sc['check']}"
             )
     made = figures(call1, plan, ssum, args.out)
-    lines += ["", *[f"![{m}](gpu/{m})" for m in made], "", END]
+    figures_dir = os.path.relpath(args.out.resolve(), args.doc.resolve().parent)
+    lines += ["", *[f"![{m}]({figures_dir}/{m})" for m in made], "", END]
     (args.out / "summary.json").write_text(
         json.dumps({"gpus": gsum, "cotenant": csum, "stack": ssum}, indent=1)
     )
