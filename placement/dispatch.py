@@ -218,6 +218,63 @@ def even_split(table: IntArray, load: FloatArray, num_gpus: int) -> tuple[FloatA
 
 
 @dataclass(frozen=True)
+class _Layout:
+    """What :func:`best_split` needs of one layer's ``row`` [P], whatever the batch.
+
+    ``gpu_of_slot`` [P]; ``copies`` [P] copies of each slot's expert; ``single`` [P] whether
+    the slot's expert has one copy, ``single_gpu`` / ``single_expert`` [n_single] its GPU and
+    expert; ``replicated`` the experts with more than one copy, ascending; ``nbr[e]`` the
+    distinct GPUs holding expert e, ascending, and ``slot_of[e][g]`` e's first slot on GPU g
+    (both empty for experts with one copy).
+    """
+
+    gpu_of_slot: IntArray
+    copies: IntArray
+    single: BoolArray
+    single_gpu: IntArray
+    single_expert: IntArray
+    replicated: list[int]
+    nbr: list[tuple[int, ...]]
+    slot_of: list[dict[int, int]]
+
+
+_LAYOUTS: dict[tuple[str, bytes, int, int, int], _Layout] = {}
+
+
+def _layout(row: IntArray, slots_per_gpu: int, num_gpus: int, experts: int) -> _Layout:
+    """The cached :class:`_Layout` of ``row`` [P] (the serving side asks for the same rows
+    every step)."""
+    key = (row.dtype.str, row.tobytes(), slots_per_gpu, num_gpus, experts)
+    lay = _LAYOUTS.get(key)
+    if lay is not None:
+        return lay
+    gpu_of_slot = np.arange(row.size) // slots_per_gpu
+    counts = np.bincount(row, minlength=experts)
+    copies = counts[row]
+    single = copies == 1
+    nbr: list[list[int]] = [[] for _ in range(experts)]
+    slot_of: list[dict[int, int]] = [{} for _ in range(experts)]
+    for s, (e, g) in enumerate(zip(row.tolist(), gpu_of_slot.tolist(), strict=True)):
+        if counts[e] > 1 and g not in slot_of[e]:
+            nbr[e].append(g)
+            slot_of[e][g] = s
+    lay = _Layout(
+        gpu_of_slot=gpu_of_slot,
+        copies=copies,
+        single=single,
+        single_gpu=gpu_of_slot[single],
+        single_expert=row[single],
+        replicated=np.flatnonzero(counts > 1).tolist(),
+        nbr=[tuple(sorted(n)) for n in nbr],
+        slot_of=slot_of,
+    )
+    if len(_LAYOUTS) >= 4096:
+        _LAYOUTS.clear()
+    _LAYOUTS[key] = lay
+    return lay
+
+
+@dataclass(frozen=True)
 class Split:
     """One layer's dispatch: ``slot_load`` [P] tokens per slot, ``gpu_load`` [G], ``time`` the
     slowest GPU's time, ``bound`` the optimum on the monotone hull (== time for speeds)."""
@@ -245,34 +302,27 @@ def best_split(row: IntArray, load: FloatArray, model: TimeModel, slots_per_gpu:
     G = model.num_gpus
     E = load.shape[0]
     w = np.asarray(load, dtype=np.float64)
-    gpu_of_slot = np.arange(row.size) // slots_per_gpu
-    counts = np.bincount(row, minlength=E)
-    single = counts[row] == 1
-    base = _fbincount(gpu_of_slot[single], w[row[single]], G)
+    lay = _layout(row, slots_per_gpu, G, E)
+    base = _fbincount(lay.single_gpu, w[lay.single_expert], G)
     # even split, the fallback and upper end
-    even_slot = w[row] / counts[row]
-    even_gpu = _fbincount(gpu_of_slot, even_slot, G)
+    even_slot = w[row] / lay.copies
+    even_gpu = _fbincount(lay.gpu_of_slot, even_slot, G)
     even_time = float(model.time(even_gpu).max())
-    rep = np.flatnonzero((counts > 1) & (w > 0))
-    if rep.size == 0:
+    wl = w.tolist()
+    rep = [e for e in lay.replicated if wl[e] > 0]
+    if not rep:
         t = even_time
         return Split(even_slot, even_gpu, t, float(model.hull_time(even_gpu).max()))
     # adjacency: replicated expert index r -> distinct GPUs holding a copy (and their slot)
-    rs = np.flatnonzero((counts[row] > 1) & (w[row] > 0))  # slots of replicated experts
-    r_of = np.searchsorted(rep, row[rs])
-    key, first = np.unique(r_of * G + gpu_of_slot[rs], return_index=True)  # sorted by r, g
-    kr, kg, ks = (key // G).tolist(), (key % G).tolist(), rs[first].tolist()
-    nbr: list[list[int]] = [[] for _ in range(rep.size)]
-    slot_of: list[dict[int, int]] = [{} for _ in range(rep.size)]
-    for r, g, s in zip(kr, kg, ks, strict=True):
-        nbr[r].append(g)
-        slot_of[r][g] = s
-    supply = w[rep].tolist()
-    fill_order = sorted(range(rep.size), key=lambda i: (len(nbr[i]), -supply[i]))
+    nbr = [lay.nbr[e] for e in rep]
+    slot_of = [lay.slot_of[e] for e in rep]
+    supply = [wl[e] for e in rep]
+    order_key = [(len(n), -s) for n, s in zip(nbr, supply, strict=True)]
+    fill_order = sorted(range(len(rep)), key=order_key.__getitem__)
     total = float(w.sum())
     T = max(float(model.level(np.array(total))), float(model.hull_time(base).max()))
     flow: list[dict[int, float]] = [dict.fromkeys(n, 0.0) for n in nbr]
-    out = [0.0] * rep.size
+    out = [0.0] * len(rep)
     gin = [0.0] * G
     users: list[set[int]] = [set() for _ in range(G)]
     tol = 1e-12 * max(total, 1.0)
@@ -284,7 +334,14 @@ def best_split(row: IntArray, load: FloatArray, model: TimeModel, slots_per_gpu:
             need = supply[r] - out[r]
             if need <= tol:
                 continue
-            for g in sorted(nbr[r], key=lambda h: gin[h] - capv[h]):
+            gpus = nbr[r]
+            if len(gpus) == 2:  # the common case, without sorted()'s per-call cost
+                a, b = gpus
+                if gin[b] - capv[b] < gin[a] - capv[a]:
+                    gpus = (b, a)
+            else:
+                gpus = tuple(sorted(gpus, key=lambda h: gin[h] - capv[h]))
+            for g in gpus:
                 if need <= tol:
                     break
                 room = capv[g] - gin[g]
@@ -306,18 +363,19 @@ def best_split(row: IntArray, load: FloatArray, model: TimeModel, slots_per_gpu:
         T_new = float(model.level(np.array(demand), mask))
         T = max(T_new, T * (1.0 + 1e-12))
     # any rounding shortfall goes to the expert's copy on the least loaded GPU
-    for r in range(rep.size):
+    for r in range(len(rep)):
         rest = supply[r] - out[r]
         if rest > 0:
             g = min(nbr[r], key=lambda h: gin[h])
             flow[r][g] += rest
             gin[g] += rest
             out[r] += rest
-    slot_load = np.where(single, w[row], 0.0)
-    for r in range(rep.size):
+    slots = np.where(lay.single, w[row], 0.0).tolist()
+    for r in range(len(rep)):
         for g, f in flow[r].items():
-            slot_load[slot_of[r][g]] = f
-    gpu_load = _fbincount(gpu_of_slot, slot_load, G)
+            slots[slot_of[r][g]] = f
+    slot_load = np.array(slots)
+    gpu_load = _fbincount(lay.gpu_of_slot, slot_load, G)
     t = float(model.time(gpu_load).max())
     if t > even_time:
         return Split(even_slot, even_gpu, even_time, min(T, even_time))
@@ -331,7 +389,7 @@ def _fbincount(index: IntArray, weights: FloatArray, size: int) -> FloatArray:
 def _augment(
     supply: list[float],
     out: list[float],
-    nbr: list[list[int]],
+    nbr: list[tuple[int, ...]],
     flow: list[dict[int, float]],
     gin: list[float],
     capv: list[float],
@@ -340,36 +398,38 @@ def _augment(
 ) -> tuple[set[int], set[int]]:
     """Augment along shortest paths until none is left; return the experts and GPUs still
     reachable from the source (the source side of a min cut)."""
+    R, G = len(supply), len(capv)
+    starts = [r for r in range(R) if supply[r] - out[r] > tol]  # experts short of supply
     while True:
-        prev_g: dict[int, int] = {}  # gpu -> expert it was reached from
-        prev_r: dict[int, int] = {}  # expert -> gpu it was reached from (reverse edge)
-        starts = [r for r in range(len(supply)) if supply[r] - out[r] > tol]
-        seen_r = set(starts)
-        queue = list(starts)
+        prev_g = [-1] * G  # gpu -> expert it was reached from
+        prev_r = [-1] * R  # expert -> gpu it was reached from (reverse edge)
+        queue = starts.copy()
+        seen_r = [False] * R
+        for r in queue:
+            seen_r[r] = True
         end = -1
-        qi = 0
-        while qi < len(queue) and end < 0:
-            r = queue[qi]
-            qi += 1
+        for r in queue:  # grows while it is walked: breadth first
             for g in nbr[r]:
-                if g in prev_g:
+                if prev_g[g] >= 0:
                     continue
                 prev_g[g] = r
                 if capv[g] - gin[g] > tol:
                     end = g
                     break
                 for r2 in users[g]:
-                    if r2 not in seen_r and flow[r2][g] > tol:
-                        seen_r.add(r2)
+                    if not seen_r[r2] and flow[r2][g] > tol:
+                        seen_r[r2] = True
                         prev_r[r2] = g
                         queue.append(r2)
+            if end >= 0:
+                break
         if end < 0:
-            return seen_r, set(prev_g)
+            return set(queue), {g for g in range(G) if prev_g[g] >= 0}
         # bottleneck
         delta = capv[end] - gin[end]
         g = end
         r = prev_g[g]
-        while r in prev_r:
+        while prev_r[r] >= 0:
             g2 = prev_r[r]
             delta = min(delta, flow[r][g2])
             g = g2
@@ -382,10 +442,12 @@ def _augment(
         while True:
             flow[r][g] += delta
             users[g].add(r)
-            if r not in prev_r:
-                out[r] += delta
-                break
             g2 = prev_r[r]
+            if g2 < 0:
+                out[r] += delta
+                if supply[r] - out[r] <= tol:
+                    starts.remove(r)
+                break
             flow[r][g2] -= delta
             if flow[r][g2] <= tol:
                 users[g2].discard(r)
