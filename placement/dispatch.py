@@ -19,6 +19,7 @@ Shapes: L layers, E experts, G GPUs, S slots per GPU, P = G * S slots; ``table``
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -238,16 +239,17 @@ class _Layout:
     slot_of: list[dict[int, int]]
 
 
-_LAYOUTS: dict[tuple[str, bytes, int, int, int], _Layout] = {}
-
-
 def _layout(row: IntArray, slots_per_gpu: int, num_gpus: int, experts: int) -> _Layout:
-    """The cached :class:`_Layout` of ``row`` [P] (the serving side asks for the same rows
-    every step)."""
-    key = (row.dtype.str, row.tobytes(), slots_per_gpu, num_gpus, experts)
-    lay = _LAYOUTS.get(key)
-    if lay is not None:
-        return lay
+    """The :class:`_Layout` of ``row`` [P], memoised by content (the serving side asks for the
+    same rows every step)."""
+    return _layout_of(row.tobytes(), row.dtype.str, slots_per_gpu, num_gpus, experts)
+
+
+@functools.lru_cache(maxsize=4096)
+def _layout_of(
+    row_bytes: bytes, dtype: str, slots_per_gpu: int, num_gpus: int, experts: int
+) -> _Layout:
+    row = np.frombuffer(row_bytes, dtype=dtype).astype(np.int64)
     gpu_of_slot = np.arange(row.size) // slots_per_gpu
     counts = np.bincount(row, minlength=experts)
     copies = counts[row]
@@ -258,7 +260,7 @@ def _layout(row: IntArray, slots_per_gpu: int, num_gpus: int, experts: int) -> _
         if counts[e] > 1 and g not in slot_of[e]:
             nbr[e].append(g)
             slot_of[e][g] = s
-    lay = _Layout(
+    return _Layout(
         gpu_of_slot=gpu_of_slot,
         copies=copies,
         single=single,
@@ -268,10 +270,6 @@ def _layout(row: IntArray, slots_per_gpu: int, num_gpus: int, experts: int) -> _
         nbr=[tuple(sorted(n)) for n in nbr],
         slot_of=slot_of,
     )
-    if len(_LAYOUTS) >= 4096:
-        _LAYOUTS.clear()
-    _LAYOUTS[key] = lay
-    return lay
 
 
 @dataclass(frozen=True)
