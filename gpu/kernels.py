@@ -132,46 +132,6 @@ def grouped_ffn(x: Any, w13: Any, w2: Any, offs: Any, counts: list[int], impl: G
 # --------------------------------------------------------------------------- timing
 
 
-def capture(fn: Any, device: Any, warmup: int = 3) -> Any:
-    """Capture ``fn`` (no arguments) into a CUDA graph on ``device`` after warm-up."""
-    import torch
-
-    with torch.cuda.device(device):
-        s = torch.cuda.Stream(device=device)
-        s.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(s):
-            for _ in range(warmup):
-                fn()
-        torch.cuda.current_stream(device).wait_stream(s)
-        torch.cuda.synchronize(device)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=s):
-            fn()
-        torch.cuda.synchronize(device)
-    return graph
-
-
-def time_replays(graph: Any, device: Any, reps: int, per_replay: int, warmup: int = 2) -> float:
-    """Median µs per unit of work over ``reps`` timed replays (``per_replay`` units a replay)."""
-    import torch
-
-    with torch.cuda.device(device):
-        for _ in range(warmup):
-            graph.replay()
-        torch.cuda.synchronize(device)
-        ts = []
-        for _ in range(reps):
-            a = torch.cuda.Event(enable_timing=True)
-            b = torch.cuda.Event(enable_timing=True)
-            a.record()
-            graph.replay()
-            b.record()
-            b.synchronize()
-            ts.append(a.elapsed_time(b) * 1000.0 / per_replay)
-    ts.sort()
-    return ts[len(ts) // 2]
-
-
 # --------------------------------------------------------------------------- co-tenant
 
 _SPIN_SRC = r"""

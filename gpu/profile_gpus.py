@@ -47,9 +47,9 @@ from kernels import (  # noqa: E402
     make_expert,
     pick_grouped_impl,
     smi,
-    time_replays,
 )
 from moeplace_profiler import PROFILE_API_VERSION, PROFILE_KIND  # noqa: E402
+from moeplace_profiler.cuda_timing import capture, time_replays  # noqa: E402
 from moeplace_profiler.plan import split_tokens, tile_plan, window_plan  # noqa: E402
 from moeplace_profiler.stats import (  # noqa: E402
     clean_curve,
@@ -108,7 +108,7 @@ def build_ffn_graphs(dev: Any, hidden: int, inter: int, plan: list[int]) -> dict
                 w13, w2 = weights[i % sets]
                 ffn(x, w13, w2)
 
-        graphs[t] = (capture_pool(work, dev, pool), per, x)
+        graphs[t] = (capture(work, dev, pool=pool), per, x)
     graphs[-1] = (weights, None, None)  # the graphs read these: keep them alive
     return graphs
 
@@ -122,24 +122,6 @@ class Eager:
 
     def replay(self) -> None:
         self.fn()
-
-
-def capture_pool(fn: Any, dev: Any, pool: Any) -> Any:
-    import torch
-
-    with torch.cuda.device(dev):
-        s = torch.cuda.Stream(device=dev)
-        s.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(s):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream(dev).wait_stream(s)
-        torch.cuda.synchronize(dev)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, stream=s, pool=pool):
-            fn()
-        torch.cuda.synchronize(dev)
-    return g
 
 
 def run_passes(
@@ -303,7 +285,7 @@ def build_layer_graphs(
                 grouped_ffn(x, w13, w2, offs, counts, impl)
 
         try:
-            runner: Any = capture_pool(work, dev, pool)
+            runner: Any = capture(work, dev, pool=pool)
         except Exception as e:  # a kernel that syncs cannot be captured: time it eagerly
             log(f"C: graph capture failed on {dev} at {t} tokens ({e}); timing eagerly")
             runner = Eager(work)

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from moeplace_profiler.cuda_timing import capture, time_replays
 from moeplace_profiler.document import GPUMeasurement, build_profile, write_profile
 from moeplace_profiler.plan import tile_plan
 from placement.gpus import H200_SHAPES, ExpertShape, GPUProfile
@@ -70,36 +71,7 @@ def _graph(torch: Any, dev: Any, hidden: int, inter: int, tokens: int, weights: 
             a = x @ w13
             (torch.nn.functional.silu(a[:, :inter]) * a[:, inter:]) @ w2
 
-    with torch.cuda.device(dev):
-        s = torch.cuda.Stream(device=dev)
-        s.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(s):
-            for _ in range(2):
-                work()
-        torch.cuda.current_stream(dev).wait_stream(s)
-        torch.cuda.synchronize(dev)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, stream=s):
-            work()
-        torch.cuda.synchronize(dev)
-    return g, per, x
-
-
-def _time(torch: Any, dev: Any, graph: Any, per: int, reps: int) -> float:
-    with torch.cuda.device(dev):
-        graph.replay()
-        torch.cuda.synchronize(dev)
-        ts = []
-        for _ in range(reps):
-            a = torch.cuda.Event(enable_timing=True)
-            b = torch.cuda.Event(enable_timing=True)
-            a.record()
-            graph.replay()
-            b.record()
-            b.synchronize()
-            ts.append(a.elapsed_time(b) * 1000.0 / per)
-    ts.sort()
-    return float(ts[len(ts) // 2])
+    return capture(work, dev), per, x
 
 
 def run_profile(
@@ -150,7 +122,7 @@ def run_profile(
         for t in plan:
             for d in order:
                 g, per, _ = graphs[d.index][t]
-                row[d.index].append(_time(torch, d, g, per, reps))
+                row[d.index].append(time_replays(g, d, reps, per, warmup=1))
         for k, v in row.items():
             passes[k].append(v)
         if progress is not None:
