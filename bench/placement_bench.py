@@ -30,7 +30,7 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from placement.evaluate import evaluate  # noqa: E402
+from placement.evaluate import Evaluation, evaluate  # noqa: E402
 from placement.gpus import h200_curves, pal_cluster  # noqa: E402
 from placement.load import estimate  # noqa: E402
 from placement.model import GPU, Cluster, FloatArray, MoEModelShape, Placement  # noqa: E402
@@ -238,15 +238,13 @@ def run_real(sc: Scenario, rd: RealData, shape: MoEModelShape, opts: SolveOption
         o = run_solve(oracle, strategy, opts)
         po = Placement.from_table(o["table"], shape, sc.cluster.size, strategy)
         ev = evaluate(po, sc.cluster, rd.eval_total)
-        sc.oracle[strategy] = {
-            "straggler": ev.straggler,
-            "fluid": ev.fluid_bound,
-            "bound": o["bound"],
-            "gap": o["gap"],
-            "status": o["status"],
-            "wall_s": o["wall_s"],
-            "peak_rss_mb": o["peak_rss_mb"],
-        }
+        sc.oracle[strategy] = oracle_row(o, ev)
+
+
+def oracle_row(solved: dict[str, Any], ev: Evaluation) -> dict[str, Any]:
+    """One strategy's calibrate = evaluate figures: its time, the bound and how it solved."""
+    keys = ("bound", "gap", "status", "wall_s", "peak_rss_mb")
+    return {"straggler": ev.straggler, "fluid": ev.fluid_bound, **{k: solved[k] for k in keys}}
 
 
 def run_synthetic(sc: Scenario, shape: MoEModelShape, load: FloatArray, opts: SolveOptions) -> None:
@@ -256,15 +254,7 @@ def run_synthetic(sc: Scenario, shape: MoEModelShape, load: FloatArray, opts: So
         o = run_solve(problem, strategy, opts)
         p = Placement.from_table(o["table"], shape, sc.cluster.size, strategy)
         ev = evaluate(p, sc.cluster, load)
-        sc.oracle[strategy] = {
-            "straggler": ev.straggler,
-            "fluid": ev.fluid_bound,
-            "bound": o["bound"],
-            "gap": o["gap"],
-            "status": o["status"],
-            "wall_s": o["wall_s"],
-            "peak_rss_mb": o["peak_rss_mb"],
-        }
+        sc.oracle[strategy] = oracle_row(o, ev)
 
 
 # ------------------------------------------------------------------------------------------
