@@ -7,10 +7,12 @@ token-times with speed factors), summed over layers.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from placement.model import Placement
+from placement.evaluate import evaluate, fluid_bound
+from placement.model import IntArray, Placement
 from placement.problem import Problem
 from placement.validate import validate
 
@@ -52,6 +54,26 @@ def register(name: str) -> Callable[[SolverFn], SolverFn]:
         return fn
 
     return wrap
+
+
+def heuristic_solution(
+    problem: Problem,
+    table: IntArray,
+    name: str,
+    started: float,
+    details: dict[str, float] | None = None,
+) -> Solution:
+    """A heuristic's [L, P] ``table`` as a :class:`Solution`: objective = straggler time on the
+    problem's mean load (even split), bound = the fluid bound; ``started`` from perf_counter."""
+    placement = Placement.from_table(table, problem.model, problem.cluster.size, name)
+    return Solution(
+        placement=placement,
+        objective=evaluate(placement, problem.cluster, problem.load).straggler,
+        bound=float(fluid_bound(problem.cluster, problem.load).sum()),
+        wall_s=time.perf_counter() - started,
+        status="HEURISTIC",
+        details=details or {},
+    )
 
 
 def strategies() -> list[str]:

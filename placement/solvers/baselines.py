@@ -15,10 +15,9 @@ import time
 
 import numpy as np
 
-from placement.evaluate import evaluate, fluid_bound
-from placement.model import FloatArray, IntArray, Placement
+from placement.model import FloatArray, IntArray
 from placement.problem import Problem
-from placement.solvers.base import Solution, SolveOptions, register
+from placement.solvers.base import Solution, SolveOptions, heuristic_solution, register
 
 
 def _fill_redundant(row: IntArray, free: list[int], load: FloatArray, slots_per_gpu: int) -> None:
@@ -74,25 +73,13 @@ def round_robin_table(problem: Problem) -> IntArray:
     return table
 
 
-def _solution(problem: Problem, table: IntArray, name: str, start: float) -> Solution:
-    placement = Placement.from_table(table, problem.model, problem.cluster.size, name)
-    ev = evaluate(placement, problem.cluster, problem.load)
-    return Solution(
-        placement=placement,
-        objective=ev.straggler,
-        bound=float(fluid_bound(problem.cluster, problem.load).sum()),
-        wall_s=time.perf_counter() - start,
-        status="HEURISTIC",
-    )
-
-
 @register("linear")
 def solve_linear(problem: Problem, options: SolveOptions) -> Solution:
     start = time.perf_counter()
-    return _solution(problem, linear_table(problem), "linear", start)
+    return heuristic_solution(problem, linear_table(problem), "linear", start)
 
 
 @register("round-robin")
 def solve_round_robin(problem: Problem, options: SolveOptions) -> Solution:
     start = time.perf_counter()
-    return _solution(problem, round_robin_table(problem), "round-robin", start)
+    return heuristic_solution(problem, round_robin_table(problem), "round-robin", start)

@@ -22,10 +22,9 @@ import time
 
 import numpy as np
 
-from placement.evaluate import evaluate, fluid_bound
-from placement.model import FloatArray, IntArray, Placement
+from placement.model import FloatArray, IntArray
 from placement.problem import Problem
-from placement.solvers.base import Solution, SolveOptions, register
+from placement.solvers.base import Solution, SolveOptions, heuristic_solution, register
 
 
 def balanced_packing(weight: FloatArray, num_packs: int) -> tuple[IntArray, IntArray]:
@@ -202,21 +201,13 @@ def _solve(problem: Problem, groups: int, nodes: int, name: str) -> Solution:
     G = problem.cluster.size
     phy2log, _, _ = rebalance_experts(problem.load, problem.num_slots, groups, nodes, G)
     table, swaps, replaced = repair_duplicates(phy2log, G, problem.load)
-    placement = Placement.from_table(table, problem.model, G, name)
-    ev = evaluate(placement, problem.cluster, problem.load)
-    return Solution(
-        placement=placement,
-        objective=ev.straggler,
-        bound=float(fluid_bound(problem.cluster, problem.load).sum()),
-        wall_s=time.perf_counter() - start,
-        status="HEURISTIC",
-        details={
-            "duplicate_repairs": float(swaps),
-            "duplicate_replacements": float(replaced),
-            "nodes": float(nodes),
-            "groups": float(groups),
-        },
-    )
+    details = {
+        "duplicate_repairs": float(swaps),
+        "duplicate_replacements": float(replaced),
+        "nodes": float(nodes),
+        "groups": float(groups),
+    }
+    return heuristic_solution(problem, table, name, start, details)
 
 
 @register("eplb")
