@@ -16,10 +16,10 @@ import sys
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import localcluster as lc
 import pytest
@@ -210,3 +210,18 @@ def cluster() -> Iterator[Cluster]:
         keep = os.environ.get("MOEPLACE_KEEP_CLUSTER", "") in ("1", "true")
         if started_here and not keep and not others:
             lc.down(state)
+
+
+T = TypeVar("T")
+
+
+def wait_for(what: str, fn: Callable[[], T | None], timeout: float = 60, every: float = 0.2) -> T:
+    """Poll ``fn`` until it returns something truthy; fail naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(every)

@@ -36,11 +36,11 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import pytest
-from conftest import Cluster
+from conftest import Cluster, wait_for
 from moeplace_serving.configdir import write_atomic
 from moeplace_serving.standin import (
     DEFAULT_ROUTING,
@@ -60,7 +60,6 @@ pytestmark = [
 ]
 
 ROOT = Path(__file__).resolve().parents[1]
-T = TypeVar("T")
 NODES, GPUS = 2, 2
 RANKS = NODES * GPUS
 # A ±20% spread: the slowest of Longhorn's 392 V100s runs SGEMM 1.20x the median (PAL data).
@@ -70,17 +69,6 @@ BEFORE, AFTER = (1, 51), (700, 751)  # prompt slices replayed before / after the
 KUBELET_LAG_S = 0.5  # rank r gets each ConfigMap version r * lag after rank 0
 WINDOW_S = 30  # operator's load window (3 sub-windows of 10 s)
 TOKENS = 128  # per step
-
-
-def wait_for(what: str, fn: Callable[[], T | None], timeout: float, every: float = 0.3) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(every)
 
 
 def free_ports(count: int) -> int:

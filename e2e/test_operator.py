@@ -16,13 +16,13 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import pytest
-from conftest import Cluster
+from conftest import Cluster, wait_for
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
 pytestmark = pytest.mark.e2e
@@ -30,7 +30,6 @@ pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[1]
 ROUTING_CSV = ROOT.parent / "shared/data/routing/deepseek-v2-lite-chat/expert_counts.csv"
 needs_data = pytest.mark.skipif(not ROUTING_CSV.exists(), reason="../shared/data is absent")
-T = TypeVar("T")
 
 # DeepSeek-V2-Lite: 26 MoE layers x 64 experts (top-6), one dense layer first; 4 nodes x 8 GPUs.
 LAYERS, EXPERTS, NODES, GPUS = 26, 64, 4, 8
@@ -41,17 +40,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def wait_for(what: str, fn: Callable[[], T | None], timeout: float = 60, every: float = 0.2) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(every)
 
 
 class OperatorProcess:
