@@ -92,7 +92,7 @@ def test_publish_and_read_back(cluster: Cluster, nodes: list[str]) -> None:
         publish(profile_for("elsewhere", [1.0]), node=node, api=api)
 
 
-def eventually(fn: Callable[[], bool], timeout: float = 15.0) -> bool:
+def eventually(fn: Callable[[], bool], timeout: float = 30.0) -> bool:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if fn():
@@ -167,13 +167,16 @@ def test_rbac_and_policy_limit_the_profiler_to_its_own_node(
             return False
 
         # own node, but a label outside gpu.moeplace.io/: denied (retried while the policy
-        # binding propagates)
-        assert eventually(
-            lambda: denied(
-                lambda: api.patch_node(nodes[0], {"metadata": {"labels": {"evil": "1"}}}),
-                "gpu.moeplace.io/",
-            )
-        )
+        # binding propagates). Each try sets a new value: a try that got through before the
+        # policy was in force leaves its label behind, and re-sending that same value would be
+        # a no-op update that no validation can refuse.
+        tries = iter(range(1_000))
+
+        def foreign_label_denied() -> bool:
+            patch = {"metadata": {"labels": {"evil": str(next(tries))}}}
+            return denied(lambda: api.patch_node(nodes[0], patch), "gpu.moeplace.io/")
+
+        assert eventually(foreign_label_denied), "a label outside gpu.moeplace.io/ got through"
         # another node: denied by the policy (RBAC alone would allow it); the policy is in
         # force now (the check above waited for it), so the first attempt must already fail
         assert denied(lambda: publish(profile_for(nodes[1], [2.0]), node=nodes[1], api=api), "403")
