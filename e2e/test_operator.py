@@ -377,6 +377,65 @@ def test_speed_change_rolls_out_and_small_load_change_does_not(
     assert len(json.loads(events)["items"]) >= 1
 
 
+def transitions_csv_gz() -> str:
+    """The real layer-to-layer transitions as a gzipped CSV, base64 for binaryData (102,400
+    pairs: 1.3 MB as plain CSV, over a ConfigMap's 1 MiB; 0.4 MB gzipped)."""
+    import base64
+    import gzip
+
+    counts = np.load(ROUTING_CSV.parent / "layer_transition_counts.npy")
+    layer, src, dst = np.nonzero(counts)
+    values = counts[layer, src, dst].tolist()
+    rows = zip(layer.tolist(), src.tolist(), dst.tolist(), values, strict=True)
+    # layers numbered like load.csv (from 1)
+    text = "moe_layer_index,src_expert,dst_expert,count\n" + "".join(
+        f"{a + 1},{b},{c},{d}\n" for a, b, c, d in rows
+    )
+    return base64.b64encode(gzip.compress(text.encode())).decode()
+
+
+@needs_data
+def test_traffic_weight_reports_missing_transitions_then_the_traffic_share(
+    cluster: Cluster, operator: OperatorProcess, namespace: str, pool: str
+) -> None:
+    put_load(cluster, namespace, routing_csv())
+    traffic = {"strategy": "cpsat", "timeLimitSeconds": 2, "trafficWeight": 0.001}
+    static = {"configMapName": "routing", "transitionsKey": "transitions.csv.gz"}
+    apply(cluster, manifest("traffic", namespace, pool, placement=traffic, load={"static": static}))
+    obj = wait_condition(
+        cluster, "traffic", namespace, "PlacementSolved", reason="SolvedWithoutTraffic"
+    )
+    assert "TransitionsMissing" in condition(obj, "PlacementSolved")["message"]
+    assert condition(obj, "Ready")["status"] == "True"  # solved without the term, not degraded
+
+    def warnings() -> list[str] | None:
+        events = cluster.kubectl(
+            "get", "events", "-n", namespace, "--field-selector",
+            "reason=TransitionsUnavailable", "-o", "json",
+        ).stdout  # fmt: skip
+        return [e["type"] for e in json.loads(events)["items"]] or None
+
+    assert wait_for("a TransitionsUnavailable Event", warnings, timeout=30) == ["Warning"]
+    cm = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "routing", "namespace": namespace},
+        "data": {"load.csv": routing_csv()},
+        "binaryData": {"transitions.csv.gz": transitions_csv_gz()},
+    }
+    apply(cluster, cm)
+    obj = wait_condition(
+        cluster, "traffic", namespace, "PlacementSolved", reason="Solved", timeout=120
+    )
+    summary = obj["status"]["placement"]
+    ours = float(summary["trafficSharePercent"].rstrip("%"))
+    eplb = float(summary["eplbTrafficSharePercent"].rstrip("%"))
+    print(f"tokens changing GPU between layers: moeplace {ours}%, EPLB {eplb}%")
+    assert 0 < ours <= 100 and 0 < eplb <= 100
+    assert "transitions from ConfigMap routing" in condition(obj, "MetricsAvailable")["message"]
+    assert "tokens changing GPU between layers" in condition(obj, "PlacementSolved")["message"]
+
+
 def throttle_first_node(cluster: Cluster, pool: str) -> None:
     speeds = [[float(s) for s in row] for row in node_speeds(cluster, pool)]
     speeds[0] = [round(s * 0.6, 4) for s in speeds[0]]

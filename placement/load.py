@@ -10,7 +10,8 @@ Shapes: N prompts, K windows (samples), L MoE layers, E experts.
   samples [K, L, E], and how sure it is). Re-solving on the last small window chases noise;
   a long history with exponential decay (``half_life`` in windows) tracks drift while keeping
   the noise down;
-- :func:`read_transitions`: ``layer_transition_counts.npy`` [L-1, E, E].
+- :func:`read_transitions`: ``layer_transition_counts.npy`` [L-1, E, E];
+  :func:`parse_transitions_csv`: ``moe_layer_index,src_expert,dst_expert,count`` rows.
 
 Everything is a pure function of its inputs; files are read only by the ``read_*`` helpers.
 """
@@ -18,8 +19,10 @@ Everything is a pure function of its inputs; files are read only by the ``read_*
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -80,14 +83,68 @@ def read_per_prompt(path: str | Path, key: str = "counts") -> FloatArray:
     return arr
 
 
-def read_transitions(path: str | Path) -> FloatArray:
-    """``layer_transition_counts.npy`` -> [L-1, E, E] tokens with expert i in layer l and j in
-    layer l+1."""
-    p = Path(path)
-    arr = np.asarray(np.load(p), dtype=np.float64)
+def read_transitions(path: str | Path | BinaryIO) -> FloatArray:
+    """``layer_transition_counts.npy`` (a path or an open binary file) -> [L-1, E, E] tokens
+    with expert i in layer l and j in layer l+1."""
+    p = Path(path) if isinstance(path, str | Path) else path
+    try:
+        arr = np.asarray(np.load(p, allow_pickle=False), dtype=np.float64)
+    except (OSError, ValueError) as exc:  # not an .npy file, or an object array
+        raise LoadFileError(f"{p}: {exc}") from exc
     if arr.ndim != 3 or arr.shape[1] != arr.shape[2]:
         raise LoadFileError(f"{p}: shape {arr.shape}, expected [L-1, E, E]")
+    if not np.isfinite(arr).all() or (arr < 0).any():
+        raise LoadFileError(f"{p}: counts must be finite and >= 0")
     return arr
+
+
+TRANSITION_COLUMNS = ("moe_layer_index", "src_expert", "dst_expert", "count")
+
+
+def parse_transitions_csv(
+    text: str, experts: int, origin: str = "transitions"
+) -> tuple[FloatArray, list[int]]:
+    """``moe_layer_index,src_expert,dst_expert,count`` rows -> (transitions [B, E, E], sorted
+    original layer ids): tokens with ``src_expert`` in layer ``moe_layer_index`` and
+    ``dst_expert`` in the next MoE layer (every pair of the two top-k sets counts once per
+    token). Row ``b`` of the array is the b-th smallest layer id; missing pairs count 0;
+    duplicates, negative or non-finite counts and expert ids outside ``0..experts-1`` are
+    errors (``origin`` names the source in messages)."""
+    reader = csv.DictReader(io.StringIO(text))
+    if reader.fieldnames is None or not set(TRANSITION_COLUMNS) <= set(reader.fieldnames):
+        raise LoadFileError(
+            f"{origin}: need columns {list(TRANSITION_COLUMNS)}, got {reader.fieldnames}"
+        )
+    ints: list[tuple[int, int, int]] = []
+    counts: list[float] = []
+    for i, r in enumerate(reader, start=2):
+        try:
+            ints.append((int(r["moe_layer_index"]), int(r["src_expert"]), int(r["dst_expert"])))
+            counts.append(float(r["count"]))
+        except (TypeError, ValueError) as exc:
+            raise LoadFileError(f"{origin}:{i}: {exc}") from exc
+    if not ints:
+        raise LoadFileError(f"{origin}: no rows")
+    rows, values = np.asarray(ints, dtype=np.int64), np.asarray(counts, dtype=np.float64)
+    bad = ((rows[:, 1:] < 0) | (rows[:, 1:] >= experts)).any(axis=1)
+    bad |= ~np.isfinite(values) | (values < 0)
+    if bad.any():
+        first = int(np.argmax(bad))
+        raise LoadFileError(
+            f"{origin}:{first + 2}: expert ids must be in 0..{experts - 1} and the count "
+            f"finite and >= 0, got {tuple(rows[first].tolist())} count {values[first]}"
+        )
+    layer_ids, layer_row = np.unique(rows[:, 0], return_inverse=True)
+    flat = (layer_row * experts + rows[:, 1]) * experts + rows[:, 2]
+    unique, seen = np.unique(flat, return_counts=True)
+    if (seen > 1).any():
+        b, rest = divmod(int(unique[np.argmax(seen > 1)]), experts * experts)
+        raise LoadFileError(
+            f"{origin}: layer {int(layer_ids[b])} pair {divmod(rest, experts)} appears twice"
+        )
+    out = np.zeros(len(layer_ids) * experts * experts, dtype=np.float64)
+    out[flat] = values
+    return out.reshape(len(layer_ids), experts, experts), [int(x) for x in layer_ids]
 
 
 def windows(counts: FloatArray, size: int, start: int = 0, stop: int | None = None) -> FloatArray:

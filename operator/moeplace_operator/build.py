@@ -32,6 +32,8 @@ VERSION_ANNOTATION = f"{ANNOTATION_PREFIX}/placement-version"
 ROLLED_OUT_AT_ANNOTATION = f"{ANNOTATION_PREFIX}/rolled-out-at"
 OWNER_LABEL = f"{ANNOTATION_PREFIX}/deployment"
 ROLE_LABEL = f"{ANNOTATION_PREFIX}/role"
+# summary fields a merge patch removes (null) when unknown now: transitions come and go
+CLEARED_SUMMARY_FIELDS = ("trafficSharePercent", "eplbTrafficSharePercent")
 PLACEMENT_KEY = "placement.json"
 SGLANG_KEY = "sglang.json"
 
@@ -303,7 +305,10 @@ def status_patch(
         "conditions": [c.model_dump(by_alias=True, mode="json") for c in conditions],
     }
     if summary is not None:
-        patch["placement"] = summary.model_dump(by_alias=True, mode="json", exclude_none=True)
+        placement = summary.model_dump(by_alias=True, mode="json", exclude_none=True)
+        for key in CLEARED_SUMMARY_FIELDS:  # null removes a share no longer known
+            placement.setdefault(key, None)
+        patch["placement"] = placement
     return {"status": patch}
 
 

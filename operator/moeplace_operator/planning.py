@@ -4,6 +4,7 @@ Runs in the solver pool (a worker thread), never on the event loop; no Kubernete
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 
 import placement.solvers  # noqa: F401  (registers the strategies)
@@ -24,16 +25,28 @@ class Plan:
     proposal: Evaluation  # the solver's placement on the calibration load
     eplb: Evaluation  # DeepSeek EPLB on the same load: the baseline users run today
     current: Evaluation | None  # the placement in service, when it fits this group
+    traffic_weight: float = 0.0  # with transitions, gains count the traffic term too
+    transition_tokens: float = 0.0  # sum of the (scaled) transitions; 0 without them
+
+    def cost(self, scored: Evaluation) -> float:
+        """What gains compare: straggler time, plus trafficWeight x tokens changing GPU
+        between layers when transitions are known (the solver's objective, so a placement
+        that trades straggler time for less traffic is judged as the solver judged it)."""
+        if self.traffic_weight <= 0 or not math.isfinite(scored.traffic_share):
+            return scored.straggler
+        return scored.straggler + self.traffic_weight * scored.traffic_share * (
+            self.transition_tokens
+        )
 
     @property
     def gain_over_current(self) -> float:
         return (
-            gain_percent(self.current.straggler, self.proposal.straggler) if self.current else 0.0
+            gain_percent(self.cost(self.current), self.cost(self.proposal)) if self.current else 0.0
         )
 
     @property
     def gain_over_eplb(self) -> float:
-        return gain_percent(self.eplb.straggler, self.proposal.straggler)
+        return gain_percent(self.cost(self.eplb), self.cost(self.proposal))
 
 
 def slots_per_gpu(spec: MoEDeploymentSpec, group: GPUGroup) -> int:
@@ -61,6 +74,7 @@ def build_problem(
         load.load,
         redundant=spec.placement.redundant_experts,
         samples=load.samples,
+        transitions=load.transitions,
         current=current,
         weights=Weights(
             traffic=spec.placement.traffic_weight, migration=spec.placement.migration_weight
@@ -87,12 +101,20 @@ def plan(
     )
     solution = solve(problem, spec.placement.strategy.value, options)
     baseline = solve(problem, "eplb", options)
-    cluster = group.cluster
+    cluster, transitions = group.cluster, load.transitions
     return Plan(
         solution=solution,
-        proposal=evaluate(solution.placement, cluster, load.load, previous=in_service),
-        eplb=evaluate(baseline.placement, cluster, load.load),
-        current=evaluate(in_service, cluster, load.load) if in_service else None,
+        proposal=evaluate(
+            solution.placement, cluster, load.load, transitions=transitions, previous=in_service
+        ),
+        eplb=evaluate(baseline.placement, cluster, load.load, transitions=transitions),
+        current=(
+            evaluate(in_service, cluster, load.load, transitions=transitions)
+            if in_service
+            else None
+        ),
+        traffic_weight=spec.placement.traffic_weight,
+        transition_tokens=float(transitions.sum()) if transitions is not None else 0.0,
     )
 
 
@@ -107,6 +129,7 @@ def inputs_fingerprint(
     digest.update(load.load.tobytes())
     if load.samples is not None:
         digest.update(load.samples.tobytes())
+    digest.update(load.transitions.tobytes() if load.transitions is not None else b"-")
     digest.update((current.content_hash() if current else "-").encode())
     return digest.hexdigest()
 
@@ -123,4 +146,4 @@ def score_pinned(
             f"pinned placement is for {pinned.num_gpus} GPUs x {pinned.slots_per_gpu} slots, "
             f"the EP group has {group.cluster.size} GPUs x {slots_per_gpu(spec, group)} slots"
         )
-    return evaluate(pinned, group.cluster, load.load)
+    return evaluate(pinned, group.cluster, load.load, transitions=load.transitions)

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -44,8 +45,11 @@ from moeplace_operator.loadsource import (
     LoadData,
     MetricsUnavailableError,
     fetch_prometheus,
+    fetch_prometheus_transitions,
     parse_duration,
     parse_load_csv,
+    parse_static_transitions,
+    scale_transitions,
 )
 from moeplace_operator.nodes import GPUGroup, NodeGPUs, NodesUnavailableError, build_gpu_group
 from moeplace_operator.planning import Plan, fitting, inputs_fingerprint, plan, score_pinned
@@ -105,6 +109,7 @@ class Reconcile:
     last_refused: dict[str, str]  # shared by all objects: keyed by namespace/name/reason
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
     solved_at: datetime | None = None  # set when the plan comes from the cache
+    load_configmap: dict[str, Any] | None = None  # the static load's ConfigMap, as read
 
     @property
     def name(self) -> str:
@@ -154,6 +159,7 @@ class Reconcile:
     ) -> tuple[list[ConditionUpdate], PlacementSummary]:
         group, gpu_update = self.gpu_group(spec)
         load, metrics_update = await self.load(spec)
+        load, metrics_update, no_traffic = await self.transitions(spec, load, metrics_update)
         mode = spec.rollout.mode
         pinned = await self.pinned(spec, group, load) if mode is RolloutMode.PINNED else None
         current = in_service.placement if in_service else None
@@ -161,7 +167,7 @@ class Reconcile:
         candidate, candidate_eval = pinned or (result.solution.placement, result.proposal)
         # Pinned: how much the best proposal would gain over what git holds
         gain = (
-            gain_percent(pinned[1].straggler, result.proposal.straggler)
+            gain_percent(result.cost(pinned[1]), result.cost(result.proposal))
             if pinned
             else result.gain_over_current
         )
@@ -190,7 +196,7 @@ class Reconcile:
         updates = [
             gpu_update,
             metrics_update,
-            self.solved_update(result),
+            self.solved_update(spec, result, no_traffic),
             self.rolled_out_update(in_service, decision),
             false(ConditionType.DEGRADED, "AsExpected"),
             self.ready_update(spec, in_service, decision),
@@ -227,6 +233,7 @@ class Reconcile:
             found = await self.runtime.io(
                 self.runtime.kube.read_configmap, self.namespace, ref.config_map_name
             )
+            self.load_configmap = found
             text = ((found or {}).get("data") or {}).get(ref.key)
             if text is None:
                 raise MetricsUnavailableError(
@@ -241,6 +248,55 @@ class Reconcile:
         except MetricsUnavailableError as error:
             update = false(ConditionType.METRICS_AVAILABLE, error.reason, str(error))
             raise DegradedError(error.reason, str(error), [update]) from error
+
+    async def transitions(
+        self, spec: MoEDeploymentSpec, load: LoadData, update: ConditionUpdate
+    ) -> tuple[LoadData, ConditionUpdate, MetricsUnavailableError | None]:
+        """With ``trafficWeight > 0``: the load with its layer-to-layer transitions (scaled to
+        it), or the load without them and why. Missing or bad transitions never degrade the
+        object: the placement is solved without the traffic term, the MetricsAvailable and
+        PlacementSolved messages say why, and a Warning Event (once per cause) too."""
+        if spec.placement.traffic_weight <= 0:
+            return load, update, None
+        try:
+            if spec.load.prometheus is not None:
+                source = "Prometheus"
+                raw = await self.runtime.io(
+                    fetch_prometheus_transitions, spec.load.prometheus, spec.model, self.now
+                )
+            else:
+                assert spec.load.static is not None
+                key = spec.load.static.transitions_key
+                source = f"ConfigMap {spec.load.static.config_map_name} key {key}"
+                raw = await self.runtime.io(
+                    parse_static_transitions, self.load_configmap or {}, key, spec.model
+                )
+            transitions, factor = scale_transitions(raw, load.load, spec.model.top_k)
+        except MetricsUnavailableError as missing:
+            self.announce_missing_transitions(spec, missing)
+            message = f"{update.message}; transitions unavailable ({missing.reason}): {missing}"
+            return load, replace(update, message=message), missing
+        self.last_refused.pop(self.transitions_event_key, None)
+        message = f"{update.message}; transitions from {source} (x{factor:.3g} to the load)"
+        return replace(load, transitions=transitions), replace(update, message=message), None
+
+    @property
+    def transitions_event_key(self) -> str:
+        return f"{self.namespace}/{self.name}/TransitionsUnavailable"
+
+    def announce_missing_transitions(
+        self, spec: MoEDeploymentSpec, missing: MetricsUnavailableError
+    ) -> None:
+        """A Warning Event when transitions go missing or the reason changes, not every tick
+        (the condition messages carry the latest detail)."""
+        if self.last_refused.get(self.transitions_event_key) == missing.reason:
+            return
+        self.last_refused[self.transitions_event_key] = missing.reason
+        message = (
+            f"trafficWeight {spec.placement.traffic_weight:g} is set but transitions are "
+            f"unavailable ({missing.reason}: {missing}); solving without the traffic term"
+        )
+        kopf.event(self.body, type="Warning", reason="TransitionsUnavailable", message=message)
 
     async def pinned(
         self, spec: MoEDeploymentSpec, group: GPUGroup, load: LoadData
@@ -384,6 +440,8 @@ class Reconcile:
             straggler_over_bound=ratio_text(shown.ratio) if shown else None,
             gain_percent=percent_text(gain),
             gain_over_eplb_percent=percent_text(result.gain_over_eplb),
+            traffic_share_percent=share_text(shown.traffic_share) if shown else None,
+            eplb_traffic_share_percent=share_text(result.eplb.traffic_share),
             moved_experts=result.proposal.moved,
             proposed_hash=solution.placement.content_hash(),
             solver_gap=percent_text(100 * solution.gap),
@@ -395,12 +453,27 @@ class Reconcile:
             gpus=group.cluster.size,
         )
 
-    def solved_update(self, result: Plan) -> ConditionUpdate:
+    def solved_update(
+        self, spec: MoEDeploymentSpec, result: Plan, no_traffic: MetricsUnavailableError | None
+    ) -> ConditionUpdate:
         s = result.solution
         message = (
             f"{s.placement.strategy} {s.status} in {s.wall_s:.2f}s, gap {100 * s.gap:.2f}%, "
             f"straggler/bound {result.proposal.ratio:.3f}, {result.gain_over_eplb:.1f}% over EPLB"
         )
+        share, eplb_share = (
+            share_text(result.proposal.traffic_share),
+            share_text(result.eplb.traffic_share),
+        )
+        if share is not None:
+            message += f", tokens changing GPU between layers {share} (EPLB {eplb_share})"
+        if no_traffic is not None:
+            weight = spec.placement.traffic_weight
+            message = (
+                f"trafficWeight {weight:g} ignored, transitions unavailable "
+                f"({no_traffic.reason}: {no_traffic}): {message}"
+            )
+            return true(ConditionType.PLACEMENT_SOLVED, "SolvedWithoutTraffic", message)
         return true(ConditionType.PLACEMENT_SOLVED, "Solved", message)
 
     def rolled_out_update(
@@ -422,6 +495,11 @@ class Reconcile:
             "PlacementInService",
             f"placement {in_service.hash} v{in_service.version}",
         )
+
+
+def share_text(share: float) -> str | None:
+    """A traffic share (0..1, NaN without transitions) as a percentage, or None."""
+    return percent_text(100 * share) if math.isfinite(share) else None
 
 
 def gpu_nodes(index: Mapping[Any, Iterable[NodeGPUs]]) -> list[NodeGPUs]:

@@ -135,7 +135,9 @@ class PlacementSpec(Camel):
         default=0.0,
         ge=0,
         description="Cost of one token changing GPU between consecutive layers, in straggler "
-        "time units (0 ignores traffic).",
+        "time units (0 ignores traffic). Needs layer-to-layer transitions "
+        "(load.static.transitionsKey or load.prometheus.transitionsQuery); without them the "
+        "placement is solved without this term and PlacementSolved says why.",
     )
     migration_weight: float = Field(
         default=0.0,
@@ -182,6 +184,14 @@ class PrometheusLoad(Camel):
         description="Value of the `layer` label of the first MoE layer (1 when layers are "
         "numbered by hidden layer after one dense layer).",
     )
+    transitions_query: str | None = Field(
+        default=None,
+        description="PromQL returning one series per (layer, src, dst) with labels `layer` "
+        "(of src; numbered like the load's), `src` and `dst`: tokens with expert src in that "
+        "MoE layer and dst in the next; `$window` is replaced by the whole window. Read only "
+        "when placement.trafficWeight > 0. Default: sum by (layer, src, dst) "
+        '(increase(moe_expert_transitions_total{model="<name>"}[$window])).',
+    )
 
 
 class StaticLoad(Camel):
@@ -190,6 +200,15 @@ class StaticLoad(Camel):
 
     config_map_name: DNSName = Field(description="ConfigMap in the MoEDeployment's namespace.")
     key: str = Field(default="load.csv", min_length=1, description="Key holding the CSV.")
+    transitions_key: str = Field(
+        default="transitions.csv",
+        min_length=1,
+        description="Key holding layer-to-layer transitions, read only when "
+        "placement.trafficWeight > 0: in data, a CSV moe_layer_index,src_expert,dst_expert,"
+        "count (moe_layer_index of src, numbered like the load CSV; dst is in the next MoE "
+        "layer); in binaryData, the same CSV or a [L-1, E, E] .npy array, optionally gzipped "
+        "(DeepSeek-V2-Lite's 102,400 pairs exceed a ConfigMap's 1 MiB as plain CSV).",
+    )
 
 
 class LoadSpec(Camel):
@@ -355,10 +374,21 @@ class PlacementSummary(Camel):
     )
     gain_percent: str | None = Field(
         default=None,
-        description="Predicted improvement of the last solve over the placement in service.",
+        description="Predicted improvement of the last solve over the placement in service "
+        "(straggler time; plus trafficWeight x tokens changing GPU when transitions are used).",
     )
     gain_over_eplb_percent: str | None = Field(
-        default=None, description="Predicted improvement over DeepSeek EPLB on the same load."
+        default=None,
+        description="Predicted improvement over DeepSeek EPLB on the same load (same measure).",
+    )
+    traffic_share_percent: str | None = Field(
+        default=None,
+        description="Share of token transitions between consecutive MoE layers that change GPU "
+        "(even dispatch) with the placement shown; set when trafficWeight > 0 and transitions "
+        "are available.",
+    )
+    eplb_traffic_share_percent: str | None = Field(
+        default=None, description="The same share for DeepSeek EPLB's placement of the same load."
     )
     moved_experts: int | None = Field(
         default=None, description="Expert copies the last solve would move."

@@ -12,6 +12,7 @@ from placement.load import (
     LoadModelConfig,
     decay_weights,
     estimate,
+    parse_transitions_csv,
     read_counts_csv,
     read_per_prompt,
     read_transitions,
@@ -88,3 +89,33 @@ def test_transitions(tmp_path: Path) -> None:
     np.save(tmp_path / "bad.npy", np.ones((2, 3, 4)))
     with pytest.raises(LoadFileError):
         read_transitions(tmp_path / "bad.npy")
+    np.save(tmp_path / "neg.npy", -np.ones((2, 3, 3)))
+    with pytest.raises(LoadFileError, match=">= 0"):
+        read_transitions(tmp_path / "neg.npy")
+    with (tmp_path / "t.npy").open("rb") as f:  # an open file (a ConfigMap's bytes) works too
+        assert read_transitions(f).sum() == 18
+
+
+def test_transitions_csv_maps_layers_and_pairs() -> None:
+    text = "moe_layer_index,src_expert,dst_expert,count\n2,0,1,5\n1,2,0,3.5\n1,0,0,1\n"
+    counts, ids = parse_transitions_csv(text, experts=3)
+    assert ids == [1, 2] and counts.shape == (2, 3, 3)
+    assert counts[0, 2, 0] == 3.5 and counts[0, 0, 0] == 1 and counts[1, 0, 1] == 5
+    assert counts.sum() == 9.5
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("layer,src,dst,count\n1,0,0,1\n", "columns"),
+        ("moe_layer_index,src_expert,dst_expert,count\n", "no rows"),
+        ("moe_layer_index,src_expert,dst_expert,count\n1,0,x,1\n", "t:2"),
+        ("moe_layer_index,src_expert,dst_expert,count\n1,0,0,1\n1,0,3,1\n", "t:3.*0..2"),
+        ("moe_layer_index,src_expert,dst_expert,count\n1,0,0,-1\n", ">= 0"),
+        ("moe_layer_index,src_expert,dst_expert,count\n1,0,0,nan\n", "finite"),
+        ("moe_layer_index,src_expert,dst_expert,count\n1,0,2,1\n1,0,2,4\n", "twice"),
+    ],
+)
+def test_transitions_csv_errors(text: str, match: str) -> None:
+    with pytest.raises(LoadFileError, match=match):
+        parse_transitions_csv(text, experts=3, origin="t")

@@ -61,3 +61,91 @@ def test_routing_overhead_per_step() -> None:
     print(f"\nrouting metrics overhead: {per_step_us:.0f} µs CPU/step (26x64, 512 tokens, top-6)")
     assert metrics.expert_tokens().sum() == (rounds + 1) * 512 * 26 * 6
     assert per_step_us < 5000
+
+
+def _pairs_by_loop(steps: list[np.ndarray], layers: int, experts: int) -> np.ndarray:
+    expected = np.zeros((layers - 1, experts, experts), dtype=np.int64)
+    for ids in steps:
+        for token in ids:
+            for layer in range(layers - 1):
+                for src in token[layer]:
+                    for dst in token[layer + 1]:
+                        expected[layer, src, dst] += 1
+    return expected
+
+
+def test_transitions_are_opt_in_exact_and_exported() -> None:
+    rng = np.random.default_rng(3)
+    steps = [rng.integers(0, 5, size=(7, 3, 2), dtype=np.uint8) for _ in range(4)]
+    plain = ServingMetrics("m", layers=3, experts=5)
+    counted = ServingMetrics("m", layers=3, experts=5, transitions=True)
+    for ids in steps:
+        plain.observe_routing(ids)
+        counted.observe_routing(ids)
+    expected = _pairs_by_loop(steps, 3, 5)
+    assert (counted.transitions() == expected).all()
+    assert (counted.expert_tokens() == plain.expert_tokens()).all()  # the counter is unchanged
+    assert not plain.transitions().any()
+    labels = {"model": "m", "layer": "1", "src": "4", "dst": "0"}
+    sample = counted.registry.get_sample_value("moe_expert_transitions_total", labels)
+    assert sample == expected[1, 4, 0]
+    assert plain.registry.get_sample_value("moe_expert_transitions_total", labels) is None
+    series = [
+        s
+        for family in counted.registry.collect()
+        if family.name == "moe_expert_transitions"
+        for s in family.samples
+        if s.name.endswith("_total")
+    ]
+    assert len(series) == 2 * 5 * 5  # (L-1) * E * E, zeros included
+
+
+def test_transitions_stride_samples_rotating_tokens() -> None:
+    rng = np.random.default_rng(4)
+    steps = [rng.integers(0, 4, size=(6, 3, 2), dtype=np.int64) for _ in range(3)]
+    metrics = ServingMetrics("m", layers=3, experts=4, transitions=True, transitions_stride=2)
+    for ids in steps:
+        metrics.observe_routing(ids)
+    sampled = [ids[phase::2] for phase, ids in zip([0, 1, 0], steps, strict=True)]
+    assert (metrics.transitions() == _pairs_by_loop(sampled, 3, 4)).all()
+    assert (metrics.expert_tokens().sum()) == 3 * 6 * 3 * 2  # the load counter sees every token
+
+
+def test_transitions_csv_reads_back_with_the_placement_parser() -> None:
+    from placement.load import parse_transitions_csv
+
+    rng = np.random.default_rng(5)
+    metrics = ServingMetrics("m", layers=4, experts=6, transitions=True)
+    metrics.observe_routing(rng.integers(0, 6, size=(50, 4, 2)))
+    counts, layer_ids = parse_transitions_csv(metrics.transitions_csv(layer_offset=1), experts=6)
+    assert layer_ids == [1, 2, 3]
+    assert (counts == metrics.transitions()).all()
+
+
+def test_transitions_overhead_per_step() -> None:
+    """DeepSeek-V2-Lite shape, 512 tokens x top-6: counting transitions on top of the expert
+    counter, every token and every 8th; and one scrape of the 102,400 series."""
+    from prometheus_client import generate_latest
+
+    ids = np.random.default_rng(1).integers(0, 64, size=(512, 26, 6), dtype=np.uint8)
+    rounds = 100
+    figures = {}
+    for stride in (0, 1, 8):
+        metrics = ServingMetrics(
+            "m", 26, 64, transitions=stride > 0, transitions_stride=stride or 1
+        )
+        metrics.observe_routing(ids)
+        start = time.process_time()
+        for _ in range(rounds):
+            metrics.observe_routing(ids)
+        figures[stride] = (time.process_time() - start) / rounds * 1e6
+    start = time.process_time()
+    body = generate_latest(metrics.registry)
+    scrape_s = time.process_time() - start
+    print(
+        f"\nrouting metrics µs CPU/step: counter only {figures[0]:.0f}, with transitions "
+        f"{figures[1]:.0f} (every token), {figures[8]:.0f} (every 8th); scrape with "
+        f"transitions {scrape_s:.2f} s CPU, {len(body) / 1e6:.1f} MB"
+    )
+    assert metrics.transitions().sum() > 0
+    assert figures[1] < 50_000
