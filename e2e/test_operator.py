@@ -650,6 +650,73 @@ def test_prometheus_load_then_prometheus_down_keeps_placement(
         exporter.close()
 
 
+class ServingExporter:
+    """One serving rank's real ``ServingMetrics`` with transitions on (3 MoE layers x 32
+    experts, top-2, 256 tokens every 0.25 s): each token's first expert in layer l+1 is its
+    first in layer l plus one (a chain that placement can keep on one GPU), the second random."""
+
+    LAYERS, EXPERTS = 3, 32
+
+    def __init__(self, model: str) -> None:
+        from moeplace_serving.metrics import ServingMetrics
+
+        self.metrics = ServingMetrics(model, self.LAYERS, self.EXPERTS, transitions=True)
+        self.port = free_port()
+        self.metrics.serve(self.port)
+        self.stop = threading.Event()
+        threading.Thread(target=self.run, daemon=True).start()
+
+    def run(self) -> None:
+        rng = np.random.default_rng(0)
+        steps = np.arange(self.LAYERS)[None, :]
+        while not self.stop.wait(0.25):
+            first = (rng.integers(0, self.EXPERTS, size=(256, 1)) + steps) % self.EXPERTS
+            second = (first + rng.integers(1, self.EXPERTS, size=first.shape)) % self.EXPERTS
+            self.metrics.observe_routing(np.stack([first, second], axis=-1))
+
+    def close(self) -> None:
+        self.stop.set()
+
+
+def test_prometheus_transitions_from_serving_metrics_shape_the_placement(
+    cluster: Cluster, operator: OperatorProcess, namespace: str, pool: str
+) -> None:
+    """Serving's opt-in moe_expert_transitions_total, scraped by the real Prometheus, read by
+    the operator's default transitions query: the placement keeps the chained experts together
+    (fewer tokens change GPU than with EPLB)."""
+    model = f"chain-{namespace}"
+    exporter = ServingExporter(model)
+    job = f"serving-{namespace}"
+    cluster.add_scrape_target(job, f"127.0.0.1:{exporter.port}")
+    try:
+        cluster.wait_prom(
+            f'sum(rate(moe_expert_transitions_total{{model="{model}"}}[5s])) > 0', timeout=60
+        )
+        obj = manifest(
+            "chain",
+            namespace,
+            pool,
+            model={"name": model, "moeLayers": 3, "expertsPerLayer": 32, "topK": 2},
+            placement={"strategy": "cpsat", "timeLimitSeconds": 2, "trafficWeight": 1.0},
+        )
+        prometheus = {"url": cluster.prometheus_url, "window": "30s", "samples": 3}
+        obj["spec"]["load"] = {"prometheus": prometheus}
+        apply(cluster, obj)
+        obj = wait_condition(cluster, "chain", namespace, "PlacementSolved", reason="Solved")
+        assert "transitions from Prometheus" in condition(obj, "MetricsAvailable")["message"]
+        summary = obj["status"]["placement"]
+        ours = float(summary["trafficSharePercent"].rstrip("%"))
+        eplb = float(summary["eplbTrafficSharePercent"].rstrip("%"))
+        print(
+            f"chained routing, tokens changing GPU between layers: moeplace {ours}%, EPLB "
+            f"{eplb}%; {condition(obj, 'MetricsAvailable')['message']}"
+        )
+        assert ours < eplb - 10
+    finally:
+        cluster.remove_scrape_target(job)
+        exporter.close()
+
+
 def deployment(name: str, namespace: str) -> dict[str, Any]:
     labels = {"app": name}
     return {
