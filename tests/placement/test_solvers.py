@@ -93,19 +93,20 @@ def test_uses_samples_and_curves(strategy: str) -> None:
     assert sol.objective > 0
 
 
-def test_greedy_deepseek_v3_shape_is_fast() -> None:
-    import time
-
+def test_greedy_handles_the_deepseek_v3_shape() -> None:
+    """58 x 256 experts on 64 GPUs, +64 copies (its solve time is in the placement benchmark)."""
     rng = np.random.default_rng(0)
     L, E, G = 58, 256, 64
     ranks = rng.permuted(np.tile(np.arange(1, E + 1), (L, 1)), axis=1)
     load = 1e5 / ranks**1.0  # Zipf-skewed
     cluster = Cluster.uniform(G, 8, speeds=rng.uniform(0.9, 1.1, G).tolist())
     problem = Problem.build(MoEModelShape(moe_layers=L, experts=E), cluster, load, redundant=64)
-    start = time.process_time()  # CPU time: robust on a busy machine (measured ~1 s)
     table = greedy_table(problem)
-    assert time.process_time() - start < 10.0
     assert table.shape == (L, E + 64)
+    copies = np.stack([np.bincount(row, minlength=E) for row in table])
+    assert copies.min() >= 1 and (copies.sum(axis=1) == E + 64).all()
+    hot = np.argmax(load, axis=1)  # the hottest expert of each layer got a redundant copy
+    assert (copies[np.arange(L), hot] >= 2).all()
 
 
 @pytest.mark.parametrize("strategy", HEURISTICS)

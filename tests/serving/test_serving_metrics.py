@@ -1,9 +1,9 @@
-"""Routing and per-layer metrics: exact counts, /metrics over HTTP, hot-path overhead."""
+"""Routing and per-layer metrics: exact counts, /metrics over HTTP, transitions (the cost per
+step is measured by bench/serving_bench.py)."""
 
 from __future__ import annotations
 
 import socket
-import time
 import urllib.request
 
 import numpy as np
@@ -48,19 +48,15 @@ def test_layer_metrics_and_http() -> None:
     )
 
 
-def test_routing_overhead_per_step() -> None:
-    """DeepSeek-V2-Lite shape: 26 layers x 64 experts, 512 tokens x top-6 per step."""
+def test_routing_counts_accumulate_per_layer_and_expert() -> None:
+    """DeepSeek-V2-Lite shape: 26 layers x 64 experts, 512 tokens x top-6 per step (the cost
+    per step is measured by bench/serving_bench.py)."""
     metrics = ServingMetrics("m", layers=26, experts=64)
     ids = np.random.default_rng(1).integers(0, 64, size=(512, 26, 6), dtype=np.uint8)
-    metrics.observe_routing(ids)
-    rounds = 200
-    start = time.process_time()  # CPU time: robust to other work on the machine
-    for _ in range(rounds):
+    for _ in range(3):
         metrics.observe_routing(ids)
-    per_step_us = (time.process_time() - start) / rounds * 1e6
-    print(f"\nrouting metrics overhead: {per_step_us:.0f} µs CPU/step (26x64, 512 tokens, top-6)")
-    assert metrics.expert_tokens().sum() == (rounds + 1) * 512 * 26 * 6
-    assert per_step_us < 5000
+    expected = np.stack([np.bincount(ids[:, ly].reshape(-1), minlength=64) for ly in range(26)])
+    np.testing.assert_array_equal(metrics.expert_tokens(), 3 * expected)
 
 
 def _pairs_by_loop(steps: list[np.ndarray], layers: int, experts: int) -> np.ndarray:
@@ -120,32 +116,3 @@ def test_transitions_csv_reads_back_with_the_placement_parser() -> None:
     counts, layer_ids = parse_transitions_csv(metrics.transitions_csv(layer_offset=1), experts=6)
     assert layer_ids == [1, 2, 3]
     assert (counts == metrics.transitions()).all()
-
-
-def test_transitions_overhead_per_step() -> None:
-    """DeepSeek-V2-Lite shape, 512 tokens x top-6: counting transitions on top of the expert
-    counter, every token and every 8th; and one scrape of the 102,400 series."""
-    from prometheus_client import generate_latest
-
-    ids = np.random.default_rng(1).integers(0, 64, size=(512, 26, 6), dtype=np.uint8)
-    rounds = 100
-    figures = {}
-    for stride in (0, 1, 8):
-        metrics = ServingMetrics(
-            "m", 26, 64, transitions=stride > 0, transitions_stride=stride or 1
-        )
-        metrics.observe_routing(ids)
-        start = time.process_time()
-        for _ in range(rounds):
-            metrics.observe_routing(ids)
-        figures[stride] = (time.process_time() - start) / rounds * 1e6
-    start = time.process_time()
-    body = generate_latest(metrics.registry)
-    scrape_s = time.process_time() - start
-    print(
-        f"\nrouting metrics µs CPU/step: counter only {figures[0]:.0f}, with transitions "
-        f"{figures[1]:.0f} (every token), {figures[8]:.0f} (every 8th); scrape with "
-        f"transitions {scrape_s:.2f} s CPU, {len(body) / 1e6:.1f} MB"
-    )
-    assert metrics.transitions().sum() > 0
-    assert figures[1] < 50_000
