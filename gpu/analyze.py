@@ -71,6 +71,12 @@ def gpu_table(call1: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
     return lines, out
 
 
+def layer_label(call1: dict[str, Any]) -> str:
+    """'36 local deepseek-v2-lite experts' (call1.json from before expertShape: V2-Lite)."""
+    c = call1.get("C", {})
+    return f"{c.get('slots', 36)} local {c.get('expertShape', 'deepseek-v2-lite')} experts"
+
+
 def cotenant_table(call1: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
     lines: list[str] = []
     out: dict[str, Any] = {}
@@ -79,7 +85,7 @@ def cotenant_table(call1: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
     if cot and plan:
         pick = [t for t in plan if t in (2048, 8192, 16384, 24576, 32768, 49152)] or plan[::3]
         lines += [
-            "\n**MoE-stack layer work on the slowed GPU** (grouped GEMM of 36 local experts; "
+            f"\n**MoE-stack layer work on the slowed GPU** (grouped GEMM of {layer_label(call1)}; "
             "slowdown = time with co-tenant / without, paired passes)\n",
             "| co-tenant | " + " | ".join(f"{t} tok" for t in pick) + " |",
             "|" + " --- |" * (len(pick) + 1),
@@ -280,7 +286,7 @@ def figures(
                         label=f"GPU{call1.get('args', {}).get('slow_gpu', '1')} + {cname}",
                     )
             ax.set(
-                title="MoE-stack layer work (36 experts, grouped)",
+                title=f"MoE-stack layer work ({layer_label(call1)}, grouped)",
                 xlabel="tokens on the GPU",
                 ylabel="µs",
             )
@@ -365,7 +371,14 @@ def main() -> None:
             f"{ranks_label(plan.get('slowRanks') or [plan.get('slowRank')])} "
             "(layer slowdown near the load "
             f"{fmt(plan.get('cotenantSlowdownNearLoad', float('nan')), 3)}). Implementation: "
-            f"{stack.get('impl', '?')}; world {stack.get('world', '?')}."
+            f"{stack.get('impl', '?')}; world {stack.get('world', '?')}; experts "
+            f"{(stack.get('expertShape') or plan.get('expertShape') or {}).get('name', SHAPES[0])}"
+            + (
+                " (ONE set of slot weights for every layer and placement)"
+                if stack.get("sharedWeights")
+                else ""
+            )
+            + "."
         )
     lines += stack_table(ssum)
     for name, sc in ssum.items():

@@ -8,7 +8,10 @@
                                curves (the slowed curve on every GPU of --slow-ranks, e.g.
                                1,3; default 1), solves cpsat, greedy, eplb and round-robin for
                                each scenario, writes gpu/placements/<scenario>/<strategy>.json and
-                               gpu/placements/plan.json (scenarios, co-tenant, predictions)
+                               gpu/placements/plan.json (scenarios, co-tenant, predictions);
+                               --expert-shape mixtral-8x7b: the experts the layer curve of call 1
+                               was measured with (call1.json says which; the routing stays the
+                               DeepSeek-V2-Lite trace); --out DIR: another folder under gpu/
 
 The trace splits by prompt: prompts 1..600 calibrate (the load the solvers see: mean and
 per-batch samples), prompts 601.. are replayed by the stack (held out). A batch is
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -30,6 +34,9 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO / "profiler"))
+sys.path.insert(0, str(HERE))
+
+from kernels import DEFAULT_SHAPE, SHAPES, expert_bytes  # noqa: E402
 
 TRACE = "data/routing/deepseek-v2-lite-chat/routing_topk6_prompts_0001_1000.npz"
 STRATEGIES = ("cpsat", "greedy", "eplb", "round-robin")
@@ -149,6 +156,18 @@ def slow_ranks_of(args: argparse.Namespace, num_gpus: int) -> list[int]:
     return ranks
 
 
+def expert_shape_of(call1: dict[str, Any], asked: str | None) -> str:
+    """The experts call 1's layer curve timed (older call1.json: deepseek-v2-lite); an explicit
+    --expert-shape must agree, since the predictions come from that curve."""
+    measured = str(call1.get("C", {}).get("expertShape") or DEFAULT_SHAPE)
+    if asked is not None and asked != measured:
+        raise SystemExit(
+            f"--expert-shape {asked}, but call 1's layer curve timed {measured} experts: profile "
+            f"again with profile_gpus.py --expert-shape {asked}"
+        )
+    return measured
+
+
 def cmd_solve(args: argparse.Namespace) -> None:
     from placement.evaluate import evaluate
     from placement.model import GPU, Cluster, LatencyCurve, MoEModelShape
@@ -156,6 +175,8 @@ def cmd_solve(args: argparse.Namespace) -> None:
     from placement.solvers import SolveOptions, solve
 
     call1 = json.loads((args.call1 / "call1.json").read_text())
+    shape = expert_shape_of(call1, args.expert_shape)
+    hidden, inter = SHAPES[shape]
     with np.load(HERE / "carry" / "routing.npz") as z:
         batch_tokens = int(z["batch_tokens"])
         calib_last = int(z["calib_last_prompt"])
@@ -174,16 +195,18 @@ def cmd_solve(args: argparse.Namespace) -> None:
     base_curves = {g: curve_from_rows(base[g]) for g in gpus}
     slowed_curve = curve_from_rows(call1["C"]["cotenant"][chosen]["rows"])
     model = MoEModelShape(
-        name="deepseek-v2-lite", moe_layers=LAYERS, experts=EXPERTS, top_k=TOPK,
-        expert_bytes=3 * 2048 * 1408 * 2, dense_layers_before=1,
+        name=f"deepseek-v2-lite-routing-{shape}-experts" if shape != DEFAULT_SHAPE else shape,
+        moe_layers=LAYERS, experts=EXPERTS, top_k=TOPK, expert_bytes=expert_bytes(shape),
+        dense_layers_before=1,
     )  # fmt: skip
     scenarios = {
         "slowed": {g: (slowed_curve if int(g) in slow_ranks else base_curves[g]) for g in gpus},
         "asis": base_curves,
     }
-    out_dir = HERE / "placements"
-    out_dir.mkdir(exist_ok=True)
+    out_dir = args.out or HERE / "placements"
+    out_dir.mkdir(parents=True, exist_ok=True)
     plan: dict[str, Any] = {
+        "expertShape": {"name": shape, "hidden": hidden, "intermediate": inter},
         "batchTokens": batch_tokens,
         "numBatches": int(parts["eval_ids"].shape[0]),
         "calibLastPrompt": calib_last,
@@ -232,7 +255,7 @@ def cmd_solve(args: argparse.Namespace) -> None:
             path.write_text(sol.placement.to_json())
             ev = evaluate(sol.placement, cluster, parts["eval_load"], dispatch="even")
             cal = evaluate(sol.placement, cluster, parts["calib_load"], dispatch="even")
-            entry["placements"][strat] = str(path.relative_to(HERE))
+            entry["placements"][strat] = os.path.relpath(path, HERE)  # moe_stack: HERE / this
             entry["predicted"][strat] = {
                 "layerMicros": ev.layer_time.tolist(),  # [batch][layer]
                 "gpuLoad": ev.gpu_load.tolist(),  # [batch][layer][gpu]
@@ -275,6 +298,13 @@ def main() -> None:
     s.add_argument("--strategies", default=",".join(STRATEGIES))
     s.add_argument("--time-limit", type=float, default=30.0)
     s.add_argument("--threads", type=int, default=2)
+    s.add_argument(
+        "--expert-shape",
+        choices=sorted(SHAPES),
+        help="experts of the stack (default: what call 1's layer curve timed); routing stays the "
+        "DeepSeek-V2-Lite trace",
+    )
+    s.add_argument("--out", type=Path, help="placements folder (default gpu/placements)")
     args = ap.parse_args()
     {"routing": cmd_routing, "solve": cmd_solve}[args.cmd](args)
 

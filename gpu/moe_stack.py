@@ -1,8 +1,9 @@
 """GPU call 2: a real expert-parallel MoE layer stack over N GPUs (one process per GPU, NCCL),
 executing the placements that make_placements.py computed from call 1's profile.
 
-Per MoE layer on every rank (DeepSeek-V2-Lite: 26 MoE layers, 64 routed experts, top-6,
-SwiGLU experts 2048x1408 in bf16; the rank holds the experts of its S slots):
+Per MoE layer on every rank (DeepSeek-V2-Lite routing: 26 MoE layers, 64 routed experts, top-6;
+SwiGLU experts in bf16 of the plan's expert shape, 2048x1408 by default, or a heavier one such as
+mixtral-8x7b 4096x14336 (``--expert-shape``); the rank holds the experts of its S slots):
   rms_norm -> gather rows by destination -> all_to_all_single (dispatch) -> rows grouped by
   local slot -> grouped SwiGLU FFN of the S local experts (the kernel the profiler timed) ->
   all_to_all_single (combine) -> weighted sum into the residual stream.
@@ -11,6 +12,13 @@ batch of B tokens is split evenly over the ranks; a logical expert's tokens are 
 over its copies (round-robin by token order), which is what the placement library predicts.
 Every rank named in plan.json's slowRanks (older plans: slowRank) runs a co-tenant (k SMs held,
 see kernels.CoTenant) in the "slowed" scenario.
+
+Expert weights: per layer and expert (copies of an expert identical) where they fit; otherwise
+(``--shared-weights auto``: over 80 GiB per rank for all placements, e.g. mixtral-8x7b: 26 layers
+x 36 slots x 352 MB) ONE set of S slot weights per rank serves every layer and every placement.
+Timing is unchanged by that (each layer still streams all its S experts' weights from HBM, far
+more than L2), and the layer-0 check then compares against the weights of the slot each
+token-expert pair was sent to.
 
 Timing: CUDA events on each rank around dispatch, expert compute and combine of every layer,
 and around each step (all 26 layers); a layer's time is the max over ranks. Placements of one
@@ -39,9 +47,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from kernels import (  # noqa: E402
+    DEFAULT_SHAPE,
+    SHAPES,
     CoTenant,
     CoTenantSpec,
     ensure_safe_env,
+    expert_bytes,
     ffn,
     grouped_ffn,
     log,
@@ -50,7 +61,10 @@ from kernels import (  # noqa: E402
     smi,
 )
 
-HIDDEN, INTER = 2048, 1408
+TOPK = 6
+LAYERS = 26  # the routing trace's MoE layers (what the plan's placements hold)
+SHARED_SEED = 10_000_000  # shared slot weights: slot g (global index) has seed SHARED_SEED + g
+SHARED_ABOVE_BYTES = 80 * 2**30  # --shared-weights auto: share above this per rank
 
 
 def now_iso() -> str:
@@ -74,6 +88,19 @@ def copies_table(row: list[int], experts: int) -> tuple[np.ndarray, np.ndarray]:
     return table, counts
 
 
+def assign_slots(ids: np.ndarray, row: list[int], experts: int) -> np.ndarray:
+    """[B*K] global slot of every token-expert pair of ``ids`` [B, K]: the j-th assignment of
+    expert e (token order) goes to its copy j mod c_e."""
+    flat = ids.reshape(-1).astype(np.int64)
+    table, ncopy = copies_table(row, experts)
+    order = np.argsort(flat, kind="stable")
+    sorted_e = flat[order]
+    first = np.searchsorted(sorted_e, np.arange(experts))
+    occ = np.empty_like(flat)
+    occ[order] = np.arange(flat.size) - first[sorted_e]
+    return np.asarray(table[flat, occ % ncopy[flat]], dtype=np.int64)
+
+
 def layer_dispatch(
     ids: np.ndarray, row: list[int], world: int, slots_per_gpu: int, experts: int
 ) -> list[dict[str, Any]]:
@@ -89,13 +116,7 @@ def layer_dispatch(
     if B % world:
         raise ValueError(f"batch of {B} tokens does not split over {world} ranks")
     flat = ids.reshape(-1).astype(np.int64)
-    table, ncopy = copies_table(row, experts)
-    order = np.argsort(flat, kind="stable")
-    sorted_e = flat[order]
-    first = np.searchsorted(sorted_e, np.arange(experts))
-    occ = np.empty_like(flat)
-    occ[order] = np.arange(flat.size) - first[sorted_e]
-    slot = table[flat, occ % ncopy[flat]]
+    slot = assign_slots(ids, row, experts)
     dest = slot // slots_per_gpu
     local = slot % slots_per_gpu
     per_rank = flat.size // world
@@ -126,10 +147,34 @@ def layer_dispatch(
 # --------------------------------------------------------------------------- worker
 
 
-class Stack:
-    """One placement's experts and dispatch indices on this rank."""
+def slot_weights(rank: int, slots: int, hidden: int, inter: int, dev: Any) -> tuple[Any, Any]:
+    """One set of this rank's S slot weights ([S, H, 2I], [S, I, H]) for every layer and
+    placement; slot s of rank r is global slot g = r*S + s, seeded SHARED_SEED + g."""
+    import torch
 
-    def __init__(self, rank: int, world: int, placement: dict[str, Any], eval_ids: np.ndarray):
+    w13 = torch.empty(slots, hidden, 2 * inter, device=dev, dtype=torch.bfloat16)
+    w2 = torch.empty(slots, inter, hidden, device=dev, dtype=torch.bfloat16)
+    for s in range(slots):
+        a, b = make_expert(hidden, inter, dev, seed=SHARED_SEED + rank * slots + s)
+        w13[s].copy_(a)
+        w2[s].copy_(b)
+    return w13, w2
+
+
+class Stack:
+    """One placement's experts and dispatch indices on this rank. ``shared``: the rank's one
+    set of slot weights for all layers (see ``slot_weights``); None: weights per layer."""
+
+    def __init__(
+        self,
+        rank: int,
+        world: int,
+        placement: dict[str, Any],
+        eval_ids: np.ndarray,
+        hidden: int,
+        inter: int,
+        shared: tuple[Any, Any] | None = None,
+    ):
         import torch
 
         self.rank = rank
@@ -137,17 +182,28 @@ class Stack:
         self.S = int(placement["slotsPerGpu"])
         table = placement["phy2log"]
         self.L = len(table)
+        self.table0 = list(table[0])
+        self.hidden, self.inter = hidden, inter
         experts = int(placement["model"]["experts"])
+        self.experts = experts
         if int(placement["numGpus"]) != world:
             raise ValueError(f"placement for {placement['numGpus']} GPUs, running on {world}")
         mine = [row[rank * self.S : (rank + 1) * self.S] for row in table]
-        self.w13 = torch.empty(self.L, self.S, HIDDEN, 2 * INTER, device=dev, dtype=torch.bfloat16)
-        self.w2 = torch.empty(self.L, self.S, INTER, HIDDEN, device=dev, dtype=torch.bfloat16)
-        for layer in range(self.L):
-            for s, e in enumerate(mine[layer]):
-                a, b = make_expert(HIDDEN, INTER, dev, seed=layer * 1000 + e)
-                self.w13[layer, s].copy_(a)
-                self.w2[layer, s].copy_(b)
+        self.shared = shared is not None
+        if shared is not None:
+            self.w13, self.w2 = shared
+            if int(self.w13.shape[0]) != self.S:
+                raise ValueError(f"shared weights hold {self.w13.shape[0]} slots, need {self.S}")
+        else:
+            self.w13 = torch.empty(
+                self.L, self.S, hidden, 2 * inter, device=dev, dtype=torch.bfloat16
+            )
+            self.w2 = torch.empty(self.L, self.S, inter, hidden, device=dev, dtype=torch.bfloat16)
+            for layer in range(self.L):
+                for s, e in enumerate(mine[layer]):
+                    a, b = make_expert(hidden, inter, dev, seed=layer * 1000 + e)
+                    self.w13[layer, s].copy_(a)
+                    self.w2[layer, s].copy_(b)
         self.plans: list[list[dict[str, Any]]] = []  # [batch][layer]
         for b in range(eval_ids.shape[0]):
             per_layer = []
@@ -170,6 +226,11 @@ class Stack:
                 )
             self.plans.append(per_layer)
 
+    def weights(self, layer: int) -> tuple[Any, Any]:
+        if self.shared:
+            return self.w13, self.w2
+        return self.w13[layer], self.w2[layer]
+
 
 def moe_layer(x: Any, st: Stack, layer: int, p: dict[str, Any], impl: Any, ev: list[Any]) -> Any:
     """One MoE layer's output for ``x`` [tokens, H]; records 4 events into ``ev``."""
@@ -177,26 +238,28 @@ def moe_layer(x: Any, st: Stack, layer: int, p: dict[str, Any], impl: Any, ev: l
     import torch.distributed as dist
 
     ev[0].record()
-    h = torch.nn.functional.rms_norm(x, (HIDDEN,))
+    h = torch.nn.functional.rms_norm(x, (st.hidden,))
     send = h.index_select(0, p["send_tok"])
-    recv = torch.empty(sum(p["recv_splits"]), HIDDEN, device=x.device, dtype=x.dtype)
+    recv = torch.empty(sum(p["recv_splits"]), st.hidden, device=x.device, dtype=x.dtype)
     dist.all_to_all_single(recv, send, p["recv_splits"], p["send_splits"])
     xs = recv.index_select(0, p["perm"])
     ev[1].record()
-    ys = grouped_ffn(xs, st.w13[layer], st.w2[layer], p["offs"], p["counts"], impl)
+    w13, w2 = st.weights(layer)
+    ys = grouped_ffn(xs, w13, w2, p["offs"], p["counts"], impl)
     ev[2].record()
     back = torch.empty_like(recv)
     back.index_copy_(0, p["perm"], ys)
     ret = torch.empty_like(send)
     dist.all_to_all_single(ret, back, p["send_splits"], p["recv_splits"])
-    y = torch.zeros_like(x).index_add_(0, p["send_tok"], ret, alpha=1.0 / 6)
+    y = torch.zeros_like(x).index_add_(0, p["send_tok"], ret, alpha=1.0 / TOPK)
     ev[3].record()
     return y
 
 
 def check_layer(rank: int, st: Stack, x: Any, eval_ids: np.ndarray, impl: Any) -> float:
     """Relative error of layer 0's MoE output for this rank's first 64 tokens against a float32
-    reference computed locally from regenerated expert weights."""
+    reference computed locally from regenerated expert weights (shared slot weights: those of
+    the slot each token-expert pair was sent to)."""
     import torch
 
     dev = x.device
@@ -207,13 +270,20 @@ def check_layer(rank: int, st: Stack, x: Any, eval_ids: np.ndarray, impl: Any) -
     world = B // x.shape[0]
     first = rank * (B // world)
     ids = eval_ids[0, first : first + 64, 0, :]
-    h = torch.nn.functional.rms_norm(x[:64], (HIDDEN,)).float()
-    ref = torch.zeros(64, HIDDEN, device=dev)
-    for e in np.unique(ids):
-        w13, w2 = make_expert(HIDDEN, INTER, dev, seed=0 * 1000 + int(e))
-        rows = np.flatnonzero((ids == e).any(axis=1))
+    if st.shared:
+        slot = assign_slots(eval_ids[0, :, 0, :], st.table0, st.experts)
+        keys = slot.reshape(B, -1)[first : first + 64]
+        seeds = {int(g): SHARED_SEED + int(g) for g in np.unique(keys)}
+    else:
+        keys = ids
+        seeds = {int(e): 0 * 1000 + int(e) for e in np.unique(ids)}
+    h = torch.nn.functional.rms_norm(x[:64], (st.hidden,)).float()
+    ref = torch.zeros(64, st.hidden, device=dev)
+    for key, seed in seeds.items():
+        w13, w2 = make_expert(st.hidden, st.inter, dev, seed=seed)
+        rows = np.flatnonzero((keys == key).any(axis=1))
         idx = torch.from_numpy(rows).to(dev)
-        ref.index_add_(0, idx, ffn(h[idx], w13.float(), w2.float()) / 6)
+        ref.index_add_(0, idx, ffn(h[idx], w13.float(), w2.float()) / TOPK)
     err = float((y[:64] - ref).norm() / ref.norm())
     return err
 
@@ -240,9 +310,12 @@ def worker(rank: int, world: int, cfg: dict[str, Any]) -> None:
     impl = pick_grouped_impl(dev, force_loop=cfg["loop"] or profiled_impl == "loop")
     if impl.name != profiled_impl:
         log(f"rank {rank}: WARNING: stack runs {impl.name}, the profile timed {profiled_impl}")
+    hidden, inter = SHAPES[cfg["shape"]]
     results: dict[str, Any] = {
         "startedAt": now_iso(),
         "world": world,
+        "expertShape": {"name": cfg["shape"], "hidden": hidden, "intermediate": inter},
+        "sharedWeights": cfg["shared"],
         "impl": impl.name,
         "gpus": [torch.cuda.get_device_name(i) for i in range(world)],
         "torch": torch.__version__,
@@ -261,6 +334,16 @@ def worker(rank: int, world: int, cfg: dict[str, Any]) -> None:
     # every rank in slowRanks runs the co-tenant; plans from before slowRanks name one slowRank
     slow_ranks = {int(r) for r in plan.get("slowRanks") or [plan.get("slowRank", 1)]}
     tokens_per_rank = eval_ids.shape[1] // world
+    shared = None
+    if cfg["shared"]:
+        t0 = time.monotonic()
+        shared = slot_weights(rank, cfg["slots"], hidden, inter, dev)
+        torch.cuda.synchronize(dev)
+        log(
+            f"rank {rank}: one set of {cfg['slots']} {cfg['shape']} slot weights for every layer "
+            f"and placement ({shared[0].nbytes * 1.5 / 2**30:.1f} GiB, "
+            f"{time.monotonic() - t0:.1f}s)"
+        )
 
     def agree(ok: bool) -> bool:
         t = torch.tensor([1 if ok else 0], device=dev)
@@ -279,7 +362,7 @@ def worker(rank: int, world: int, cfg: dict[str, Any]) -> None:
         try:
             for strat, rel in scen["placements"].items():
                 placement = json.loads((HERE / rel).read_text())
-                stacks[strat] = Stack(rank, world, placement, eval_ids)
+                stacks[strat] = Stack(rank, world, placement, eval_ids, hidden, inter, shared)
             ok = True
         except Exception:
             sres["error"] = traceback.format_exc()
@@ -295,7 +378,7 @@ def worker(rank: int, world: int, cfg: dict[str, Any]) -> None:
         )
         gen = torch.Generator(device=dev).manual_seed(100 + rank)
         xs = [
-            torch.randn(tokens_per_rank, HIDDEN, device=dev, dtype=torch.bfloat16, generator=gen)
+            torch.randn(tokens_per_rank, hidden, device=dev, dtype=torch.bfloat16, generator=gen)
             for _ in range(eval_ids.shape[0])
         ]
         # correctness of the distributed layer against a local reference
@@ -319,7 +402,11 @@ def worker(rank: int, world: int, cfg: dict[str, Any]) -> None:
             if tenant is not None:
                 try:
                     tenant.__enter__()
-                    sres["cotenant"] = {"rank": rank, **tenant.spec.as_dict()}
+                    sres["cotenant"] = {
+                        "rank": rank,
+                        **tenant.spec.as_dict(),
+                        "heldSms": tenant.held_sms,
+                    }
                 except Exception as e:  # run on unslowed, and say so in the results
                     tenant.error = f"co-tenant did not start: {type(e).__name__}: {e}"
                     log(f"rank {rank}: {tenant.error}")
@@ -333,13 +420,14 @@ def worker(rank: int, world: int, cfg: dict[str, Any]) -> None:
                     for b in range(eval_ids.shape[0]):
                         x = xs[b]
                         dist.barrier(device_ids=[rank])
-                        torch.cuda.synchronize(dev)
+                        stream = torch.cuda.current_stream(dev)  # not the device: a hold
+                        stream.synchronize()  # co-tenant's seconds-long kernels run beside
                         w0 = time.perf_counter()
                         step_ev[0].record()
                         for layer in range(L):
                             x = x + moe_layer(x, st, layer, st.plans[b][layer], impl, ev[layer])
                         step_ev[1].record()
-                        torch.cuda.synchronize(dev)
+                        stream.synchronize()
                         wall = (time.perf_counter() - w0) * 1e6
                         if rep >= 0:
                             rec[strat]["phases"].append(
@@ -446,6 +534,19 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=420.0)
     ap.add_argument("--nccl-timeout-s", type=float, default=180.0)
     ap.add_argument("--loop", action="store_true", help="per-expert loop instead of grouped GEMM")
+    ap.add_argument(
+        "--expert-shape",
+        choices=sorted(SHAPES),
+        help="expert shape (default: plan.json's expertShape, else deepseek-v2-lite); must match "
+        "the plan's, whose predictions come from that shape's layer curve",
+    )
+    ap.add_argument(
+        "--shared-weights",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="one set of slot weights for every layer and placement (auto: where per-layer "
+        f"weights of all placements would exceed {SHARED_ABOVE_BYTES / 2**30:.0f} GiB per rank)",
+    )
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     env = ensure_safe_env()
@@ -459,14 +560,30 @@ def main() -> int:
 
     plan = json.loads(args.plan.read_text())
     world = torch.cuda.device_count()
-    need = None
+    need = slots = None
+    placements = 0
     for scen in plan["scenarios"]:
+        placements = max(placements, len(scen["placements"]))
         for rel in scen["placements"].values():
-            need = json.loads((HERE / rel).read_text())["numGpus"]
-            break
-    if need is None or world < need:
+            pl = json.loads((HERE / rel).read_text())
+            need, slots = pl["numGpus"], int(pl["slotsPerGpu"])
+    if need is None or slots is None or world < need:
         log(f"need {need} GPUs, have {world}")
         return 2
+    planned = (plan.get("expertShape") or {}).get("name", DEFAULT_SHAPE)
+    shape = args.expert_shape or planned
+    if shape != planned:
+        log(f"--expert-shape {shape}, but the plan was solved for {planned}: solve again")
+        return 2
+    per_layer_bytes = LAYERS * slots * expert_bytes(shape) * placements
+    shared = args.shared_weights == "yes" or (
+        args.shared_weights == "auto" and per_layer_bytes > SHARED_ABOVE_BYTES
+    )
+    log(
+        f"expert shape {shape} {SHAPES[shape]}; per-layer weights of {placements} placements "
+        f"would take {per_layer_bytes / 2**30:.1f} GiB per rank: "
+        + ("ONE set of slot weights serves every layer and placement" if shared else "per layer")
+    )
     cfg = {
         "port": free_port(),
         "plan": str(args.plan),
@@ -478,6 +595,9 @@ def main() -> int:
         "nccl_timeout_s": args.nccl_timeout_s,
         "out": str(args.out),
         "loop": args.loop,
+        "shape": shape,
+        "shared": shared,
+        "slots": slots,
     }
     log(f"spawning {need} ranks; smi {smi()}")
     try:

@@ -4,7 +4,8 @@
                         one per expert shape: per-GPU curve (median over passes, monotone
                         suffix-minimum) and speed factor (load-weighted, mean GPU = 1.0)
   layer_profile.json    the same document for the MoE stack's per-GPU work: all S local experts
-                        of the DeepSeek-V2-Lite shape in one grouped GEMM, vs total tokens
+                        of the stack's expert shape (--expert-shape, DeepSeek-V2-Lite by default)
+                        in one grouped GEMM, vs total tokens
   call1.json            everything: per-pass raw µs, medians with bootstrap CIs, GPU-to-GPU
                         paired differences, pass-to-pass spread, co-tenant slowdowns, nvidia-smi
 
@@ -12,8 +13,10 @@ Sections (each time-boxed; a section that runs out of time writes what it has):
   A  expert-FFN curves, three shapes, every GPU, tile-boundary plan, CUDA graphs (several FFNs
      per replay, weights rotated so L2 does not hold them), GPUs interleaved inside each pass
   C  layer curves (the MoE stack's grouped expert compute), every GPU; then the slowed GPU under
-     each co-tenant setting (what make_placements.py needs)
-  B  expert-FFN curves on the slowed GPU under each co-tenant setting
+     each co-tenant setting (what make_placements.py needs); a ``-hold`` co-tenant's passes replay
+     graphs captured under its SM carve-out (a graph keeps the grid it was captured with)
+  B  expert-FFN curves on the slowed GPU under each co-tenant setting (not the ``-hold`` ones:
+     they are made for the grouped layer GEMM, whose grid the carve-out sizes)
 
 Needs torch (and cupy for the co-tenant). Run from the repository root:
   python3 gpu/profile_gpus.py --out "$OUT"
@@ -38,6 +41,8 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "profiler"))
 
 from kernels import (  # noqa: E402
+    DEFAULT_SHAPE,
+    SHAPES,
     CoTenant,
     CoTenantSpec,
     ensure_safe_env,
@@ -46,6 +51,7 @@ from kernels import (  # noqa: E402
     log,
     make_expert,
     pick_grouped_impl,
+    sm_carveout,
     smi,
 )
 from moeplace_profiler import PROFILE_API_VERSION, PROFILE_KIND  # noqa: E402
@@ -60,13 +66,8 @@ from moeplace_profiler.stats import (  # noqa: E402
     speed_factors,
 )
 
-SHAPES = {
-    "deepseek-v2-lite": (2048, 1408),
-    "mixtral-8x7b": (4096, 14336),
-    "deepseek-v3": (7168, 2048),
-}
 L2_BYTES = 60 * 1024 * 1024
-DEFAULT_COTENANTS = "k8,k33,k66,k132-on40-off160,k132-on50-off150,k132-on60-off140"
+DEFAULT_COTENANTS = "k52-hold,k8,k33,k66,k132-on40-off160,k132-on50-off150,k132-on60-off140"
 
 
 class Deadline:
@@ -261,18 +262,32 @@ def section_a(args: argparse.Namespace, devs: list[Any], res: dict[str, Any], dl
 # --------------------------------------------------------------------------- section C
 
 
-def build_layer_graphs(
-    dev: Any, impl: Any, slots: int, plan: list[int], weights: list[float], per: int
-) -> dict[int, Any]:
-    """Graphs of ``per`` grouped expert computations (S experts, DeepSeek-V2-Lite shape)."""
+def layer_weights(dev: Any, shape: str, slots: int) -> tuple[Any, Any]:
+    """The S local experts' stacked weights ([S, H, 2I] and [S, I, H], bf16) of ``shape``."""
     import torch
 
-    hidden, inter = SHAPES["deepseek-v2-lite"]
+    hidden, inter = SHAPES[shape]
     g = torch.Generator(device=dev).manual_seed(7)
     w13 = torch.randn(slots, hidden, 2 * inter, device=dev, dtype=torch.bfloat16, generator=g)
     w13.mul_(hidden**-0.5)
     w2 = torch.randn(slots, inter, hidden, device=dev, dtype=torch.bfloat16, generator=g)
     w2.mul_(inter**-0.5)
+    return w13, w2
+
+
+def build_layer_graphs(
+    dev: Any,
+    impl: Any,
+    wts: tuple[Any, Any],
+    plan: list[int],
+    weights: list[float],
+    per: int,
+) -> dict[int, Any]:
+    """Graphs of ``per`` grouped expert computations over the S experts of ``wts``."""
+    import torch
+
+    w13, w2 = wts
+    slots, hidden = int(w13.shape[0]), int(w13.shape[1])
     pool = torch.cuda.graph_pool_handle()
     graphs: dict[int, Any] = {}
     for t in plan:
@@ -305,30 +320,33 @@ def section_c(
     import torch
 
     plan = window_plan(args.layer_center, hi=2 * args.layer_center, tile=128, points=16)
+    shape = args.expert_shape
+    per = args.layer_per or (3 if shape == DEFAULT_SHAPE else 1)
     res["C"] = {
         "plan": plan,
         "slots": args.layer_slots,
+        "expertShape": shape,
+        "perReplay": per,
         "impl": {str(k): v.name for k, v in impls.items()},
         "expertWeights": weights[: args.layer_slots],
     }
     t0 = time.monotonic()
+    wts = {d.index: layer_weights(d, shape, args.layer_slots) for d in devs}
     graphs = {
-        d.index: build_layer_graphs(
-            d, impls[d.index], args.layer_slots, plan, weights, args.layer_per
-        )
+        d.index: build_layer_graphs(d, impls[d.index], wts[d.index], plan, weights, per)
         for d in devs
     }
-    log(f"C: layer graphs built in {time.monotonic() - t0:.1f}s ({res['C']['impl']})")
+    log(f"C: {shape} layer graphs built in {time.monotonic() - t0:.1f}s ({res['C']['impl']})")
     passes = run_passes(graphs, plan, args.rounds, args.reps, dl, reserve_s=args.reserve_s)
     summ = summarise(passes, plan, None)
     summ["raw"] = passes
     res["C"]["base"] = summ
     if summ:
-        hidden, inter = SHAPES["deepseek-v2-lite"]
+        hidden, inter = SHAPES[shape]
         doc = profile_doc(
             summ,
             {
-                "name": f"deepseek-v2-lite-x{args.layer_slots}-grouped",
+                "name": f"{shape}-x{args.layer_slots}-grouped",
                 "hidden": hidden,
                 "intermediate": inter,
                 "dtype": "bf16",
@@ -355,7 +373,8 @@ def section_c(
         return
     specs = [CoTenantSpec.parse(s) for s in args.cotenants.split(",") if s]
     res["C"]["cotenant"] = {}
-    per_spec = (dl.left() - args.reserve_s) / max(1, len(specs)) / 2  # half for section B
+    share = 2 if "B" not in args.skip else 1  # half the time left for section B, if it runs
+    per_spec = (dl.left() - args.reserve_s) / max(1, len(specs)) / share
     for spec in specs:
         if dl.left() < args.reserve_s + 5:
             log(f"C {spec.name}: skipped, out of time")
@@ -364,13 +383,27 @@ def section_c(
         on: list[dict[str, float]] = []
         off: list[dict[str, float]] = []
         err = None
+        held: list[int | None] = []
+        on_graphs = graphs[slow]
+        if spec.carveout_sms is not None:  # the grouped GEMM's grid, sized for the SMs left
+            try:
+                with sm_carveout(spec.carveout_sms):
+                    on_graphs = build_layer_graphs(
+                        devs[slow], impls[slow], wts[slow], plan, weights, per
+                    )
+            except Exception as e:
+                err = f"carve-out capture failed: {type(e).__name__}: {e}"
+                log(f"C {spec.name}: {err}")
+                res["C"]["cotenant"][spec.name] = {"spec": spec.as_dict(), "error": err}
+                continue
         for _ in range(args.cotenant_rounds):
             if sdl.left() < 0:
                 break
             try:
                 with CoTenant(spec, slow) as ct:
-                    p = run_passes({slow: graphs[slow]}, plan, 1, args.reps, sdl, -1e9)
+                    p = run_passes({slow: on_graphs}, plan, 1, args.reps, sdl, -1e9)
                     err = err or ct.error
+                    held.append(ct.held_sms)
                 on.append(p[0][str(slow)])
                 q = run_passes({slow: graphs[slow]}, plan, 1, args.reps, sdl, -1e9)
                 off.append(q[0][str(slow)])
@@ -399,6 +432,9 @@ def section_c(
                 }
             )
         res["C"]["cotenant"][spec.name] = {"spec": spec.as_dict(), "rows": rows, "error": err}
+        if spec.hold:
+            res["C"]["cotenant"][spec.name]["heldSms"] = held
+        del on_graphs
         log(
             f"C {spec.name}: slowdown "
             + " ".join(
@@ -411,9 +447,10 @@ def section_c(
                 for r in rows
             )
             + (f" (error {err})" if err else "")
+            + (f" (SMs held per round {held})" if spec.hold else "")
         )
         dump(args.out / "call1.json", res)
-    del graphs
+    del graphs, wts
     torch.cuda.empty_cache()
 
 
@@ -444,6 +481,8 @@ def section_b(args: argparse.Namespace, devs: list[Any], res: dict[str, Any], dl
         for spec in specs:
             if dl.left() < args.reserve_s + 5:
                 break
+            if spec.hold:
+                continue
             try:
                 with CoTenant(spec, slow) as ct:
                     p = run_passes(graphs, plan, 2, args.reps, dl, -1e9)
@@ -499,16 +538,30 @@ def main() -> int:
     ap.add_argument("--cotenants", default=DEFAULT_COTENANTS)
     ap.add_argument("--cotenant-rounds", type=int, default=3)
     ap.add_argument("--cotenant-budget-s", type=float, default=25.0)
+    ap.add_argument(
+        "--expert-shape",
+        choices=sorted(SHAPES),
+        help="expert shape of the layer curve (section C): the MoE stack's experts (default "
+        "deepseek-v2-lite; with --cotenants plan:PATH the plan's expertShape)",
+    )
     ap.add_argument("--layer-slots", type=int, default=36)
     ap.add_argument("--layer-center", type=int, default=24576, help="typical tokens per GPU")
-    ap.add_argument("--layer-per", type=int, default=3, help="grouped computations per replay")
+    ap.add_argument(
+        "--layer-per",
+        type=int,
+        default=0,
+        help="grouped computations per replay (0: 3 for deepseek-v2-lite, 1 for larger shapes)",
+    )
     ap.add_argument("--routing", type=Path, default=HERE / "carry" / "routing.npz")
     ap.add_argument("--node", default=os.environ.get("NODE_NAME", socket.gethostname()))
     ap.add_argument("--skip", default="", help="sections to skip, e.g. B")
     args = ap.parse_args()
     if args.cotenants.startswith("plan:"):  # re-check the setting make_placements.py chose
-        chosen = json.loads(Path(args.cotenants[5:]).read_text())["cotenant"]["name"]
-        args.cotenants = chosen
+        plan = json.loads(Path(args.cotenants[5:]).read_text())
+        args.cotenants = plan["cotenant"]["name"]
+        if args.expert_shape is None:  # ... on the experts the stack ran
+            args.expert_shape = (plan.get("expertShape") or {}).get("name", DEFAULT_SHAPE)
+    args.expert_shape = args.expert_shape or DEFAULT_SHAPE
     args.out.mkdir(parents=True, exist_ok=True)
     dl = Deadline(args.budget_s)
     res: dict[str, Any] = {"startedAt": now_iso()}

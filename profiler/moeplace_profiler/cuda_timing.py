@@ -33,13 +33,14 @@ def capture(fn: Callable[[], object], device: Any, warmup: int = 2, pool: Any = 
 
 def time_replays(graph: Any, device: Any, reps: int, per_replay: int, warmup: int = 2) -> float:
     """Median µs per unit of work over ``reps`` timed replays (``per_replay`` units a replay),
-    each timed with CUDA events."""
+    each timed with CUDA events. Waits on the current stream only, not the whole device: work
+    on other streams (a co-tenant's seconds-long kernels) does not hold the timing loop up."""
     torch: Any = importlib.import_module("torch")
 
     with torch.cuda.device(device):
         for _ in range(warmup):
             graph.replay()
-        torch.cuda.synchronize(device)
+        torch.cuda.current_stream(device).synchronize()
         times = []
         for _ in range(reps):
             start = torch.cuda.Event(enable_timing=True)
