@@ -1059,15 +1059,18 @@ def _solve_coupled(
 
 
 @register("cpsat")
-def solve_cpsat(problem: Problem, options: SolveOptions, *, dispatch: str = "even") -> Solution:
+def solve_cpsat(
+    problem: Problem, options: SolveOptions, *, dispatch: str | None = None
+) -> Solution:
     """Solve ``problem`` with CP-SAT (see the module docstring for the model).
 
-    ``dispatch="even"`` (the registered strategy): placements for engines that split an
-    expert's tokens evenly over its copies. ``dispatch="best"``: for a speed-aware dispatcher
-    that splits each batch optimally over the copies; the objective is then the hedged
-    best-split straggler time and the reported bound the fluid/copy bound."""
+    ``dispatch`` (default ``options.dispatch``): ``"even"``, placements for engines that split
+    an expert's tokens evenly over its copies; ``"best"``, for a speed-aware dispatcher that
+    splits each batch optimally over the copies; the objective is then the hedged best-split
+    straggler time and the reported bound the fluid/copy bound."""
     from placement.solvers.greedy import greedy_table
 
+    dispatch = options.dispatch if dispatch is None else dispatch
     if options.hedge not in ("expected", "robust"):
         raise ValueError(f"hedge must be 'expected' or 'robust', got {options.hedge!r}")
     if dispatch not in ("even", "best"):

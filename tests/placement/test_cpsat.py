@@ -3,6 +3,8 @@ traffic- and migration-aware, deterministic with one worker. Short time limits t
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -188,6 +190,10 @@ def test_best_split_mode_never_worse_than_greedy() -> None:
     assert sol.bound <= sol.objective
     with pytest.raises(ValueError, match="dispatch"):
         solve_cpsat(problem, FAST, dispatch="fastest")
+    # the same placement through the registry, with the rule given as an option
+    by_option = solve(problem, "cpsat", replace(FAST, dispatch="best"))
+    assert by_option.placement.table.tolist() == sol.placement.table.tolist()
+    assert by_option.objective == pytest.approx(sol.objective)
 
 
 def test_coupled_mode_reports_progress_and_never_claims_optimal() -> None:
