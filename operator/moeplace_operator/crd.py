@@ -6,7 +6,7 @@ a unit test fails when the committed files differ from what this module generate
 
 from __future__ import annotations
 
-import sys
+import argparse
 from pathlib import Path
 from typing import Any
 
@@ -155,4 +155,10 @@ def main(root: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path.cwd())
+    parser = argparse.ArgumentParser(
+        prog="python -m moeplace_operator.crd",
+        description="Write the MoEDeployment CRD, generated from the spec models, to "
+        + " and ".join(str(p) for p in CRD_PATHS),
+    )
+    parser.add_argument("root", nargs="?", type=Path, default=Path.cwd(), help="repository root")
+    main(parser.parse_args().root)

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import placement.solvers  # noqa: F401  (registers the strategies)
 from moeplace_operator.build import fits, gain_percent, model_shape
 from moeplace_operator.loadsource import LoadData
 from moeplace_operator.nodes import GPUGroup
-from moeplace_operator.spec import MoEDeploymentSpec
+from moeplace_operator.spec import Dispatch, MoEDeploymentSpec
 from placement.evaluate import Evaluation, evaluate
-from placement.model import Placement
+from placement.model import FloatArray, Placement
 from placement.problem import Problem, Weights
 from placement.solvers.base import Solution, SolveOptions, solve
 from placement.validate import validate
@@ -23,7 +23,7 @@ from placement.validate import validate
 class Plan:
     solution: Solution
     proposal: Evaluation  # the solver's placement on the calibration load
-    eplb: Evaluation  # DeepSeek EPLB on the same load: the baseline users run today
+    eplb: Evaluation  # DeepSeek EPLB (the better policy) on the same load: what users run
     current: Evaluation | None  # the placement in service, when it fits this group
     traffic_weight: float = 0.0  # with transitions, gains count the traffic term too
     transition_tokens: float = 0.0  # sum of the (scaled) transitions; 0 without them
@@ -82,6 +82,32 @@ def build_problem(
     )
 
 
+def scored_load(spec: MoEDeploymentSpec, load: LoadData) -> FloatArray:
+    """What placements are scored on: [L, E] for even dispatch (the split does not depend on
+    the batch); the [K, L, E] samples for speed-aware dispatch, whose split is per batch."""
+    if spec.placement.dispatch is Dispatch.SPEED_AWARE and load.samples is not None:
+        return load.samples
+    return load.load
+
+
+def score(
+    placement: Placement,
+    spec: MoEDeploymentSpec,
+    group: GPUGroup,
+    load: LoadData,
+    previous: Placement | None = None,
+) -> Evaluation:
+    """``placement`` on the spec's scored load, under its dispatch rule."""
+    return evaluate(
+        placement,
+        group.cluster,
+        scored_load(spec, load),
+        dispatch=spec.placement.dispatch.rule,
+        transitions=load.transitions,
+        previous=previous,
+    )
+
+
 def plan(
     spec: MoEDeploymentSpec,
     group: GPUGroup,
@@ -89,8 +115,9 @@ def plan(
     current: Placement | None,
     solver_threads: int,
 ) -> Plan:
-    """Solve with the spec's strategy and score it, EPLB and ``current`` on the same load with
-    even dispatch (what the engines do)."""
+    """Solve with the spec's strategy and score it, EPLB and ``current`` on the same load
+    under the spec's dispatch rule. EPLB is the better of its two policies (hierarchical,
+    global) on this load: what an engine running EPLB would do at best."""
     in_service = fitting(current, spec, group)
     problem = build_problem(spec, group, load, in_service)
     options = SolveOptions(
@@ -98,24 +125,19 @@ def plan(
         seed=spec.placement.seed,
         threads=solver_threads,
         hedge=spec.placement.hedge.value,
+        dispatch=spec.placement.dispatch.rule,
     )
     solution = solve(problem, spec.placement.strategy.value, options)
-    baseline = solve(problem, "eplb", options)
-    cluster, transitions = group.cluster, load.transitions
-    return Plan(
+    result = Plan(
         solution=solution,
-        proposal=evaluate(
-            solution.placement, cluster, load.load, transitions=transitions, previous=in_service
-        ),
-        eplb=evaluate(baseline.placement, cluster, load.load, transitions=transitions),
-        current=(
-            evaluate(in_service, cluster, load.load, transitions=transitions)
-            if in_service
-            else None
-        ),
+        proposal=score(solution.placement, spec, group, load, previous=in_service),
+        eplb=score(solve(problem, "eplb", options).placement, spec, group, load),
+        current=score(in_service, spec, group, load) if in_service else None,
         traffic_weight=spec.placement.traffic_weight,
-        transition_tokens=float(transitions.sum()) if transitions is not None else 0.0,
+        transition_tokens=float(load.transitions.sum()) if load.transitions is not None else 0.0,
     )
+    other = score(solve(problem, "eplb-global", options).placement, spec, group, load)
+    return replace(result, eplb=other) if result.cost(other) < result.cost(result.eplb) else result
 
 
 def inputs_fingerprint(
@@ -146,4 +168,4 @@ def score_pinned(
             f"pinned placement is for {pinned.num_gpus} GPUs x {pinned.slots_per_gpu} slots, "
             f"the EP group has {group.cluster.size} GPUs x {slots_per_gpu(spec, group)} slots"
         )
-    return evaluate(pinned, group.cluster, load.load, transitions=load.transitions)
+    return score(pinned, spec, group, load)

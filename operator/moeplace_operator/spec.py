@@ -10,6 +10,8 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from placement.evaluate import Dispatch as DispatchRule
+
 GROUP = "moeplace.io"
 VERSION = "v1alpha1"
 KIND = "MoEDeployment"
@@ -100,7 +102,18 @@ class Strategy(StrEnum):
     CPSAT = "cpsat"
     GREEDY = "greedy"
     EPLB = "eplb"
+    EPLB_GLOBAL = "eplb-global"
     ROUND_ROBIN = "round-robin"
+
+
+class Dispatch(StrEnum):
+    EVEN = "even"
+    SPEED_AWARE = "speed-aware"
+
+    @property
+    def rule(self) -> DispatchRule:
+        """The placement library's name for it (``SolveOptions.dispatch``, ``evaluate``)."""
+        return "best" if self is Dispatch.SPEED_AWARE else "even"
 
 
 class Hedge(StrEnum):
@@ -113,8 +126,16 @@ class PlacementSpec(Camel):
 
     strategy: Strategy = Field(
         default=Strategy.CPSAT,
-        description="Solver: cpsat (optimal or with a proven gap), greedy, eplb "
-        "(DeepSeek's speed-blind baseline) or round-robin.",
+        description="Solver: cpsat (optimal or with a proven gap), greedy, eplb or "
+        "eplb-global (DeepSeek's speed-blind baseline: hierarchical with groups = nodes, or "
+        "its global policy) or round-robin.",
+    )
+    dispatch: Dispatch = Field(
+        default=Dispatch.EVEN,
+        description="How the serving engine splits an expert's tokens over its copies: even "
+        "(vLLM, SGLang: an equal share per copy) or speed-aware (moeplace_serving's "
+        "dispatcher: the best split of each batch for the GPUs' speeds). cpsat places copies "
+        "for it, and gains are predicted under it (per load sample for speed-aware).",
     )
     redundant_experts: int = Field(
         default=0,

@@ -10,7 +10,10 @@ from moeplace_operator.nodes import GPUGroup
 from moeplace_operator.planning import inputs_fingerprint, plan, score_pinned
 from moeplace_operator.spec import MoEDeploymentSpec
 
+from placement.evaluate import evaluate
 from placement.model import Cluster
+from placement.problem import Problem
+from placement.solvers import solve
 
 REAL_CSV = (
     Path(__file__).resolve().parents[3]
@@ -19,13 +22,18 @@ REAL_CSV = (
 
 
 def spec(
-    layers: int, experts: int, nodes: int, gpus: int, strategy: str = "cpsat"
+    layers: int,
+    experts: int,
+    nodes: int,
+    gpus: int,
+    strategy: str = "cpsat",
+    **placement: object,
 ) -> MoEDeploymentSpec:
     return MoEDeploymentSpec.model_validate(
         {
             "model": {"name": "m", "moeLayers": layers, "expertsPerLayer": experts, "topK": 2},
             "gpus": {"nodeSelector": {"p": "a"}, "nodeCount": nodes, "gpusPerNode": gpus},
-            "placement": {"strategy": strategy, "timeLimitSeconds": 2},
+            "placement": {"strategy": strategy, "timeLimitSeconds": 2, **placement},
             "load": {"static": {"configMapName": "load"}},
         }
     )
@@ -76,3 +84,42 @@ def test_fingerprint_tracks_every_input() -> None:
     assert base != inputs_fingerprint(s, g, LoadData(np.full((2, 8), 2.0), None, "a"), None)
     assert base != inputs_fingerprint(s, group([1.0] * 4, 4), load, None)
     assert base != inputs_fingerprint(spec(2, 8, 1, 4, "greedy"), g, load, None)
+
+
+def test_eplb_baseline_is_the_better_of_its_two_policies() -> None:
+    rng = np.random.default_rng(3)
+    load = LoadData(np.floor(rng.pareto(1.2, (3, 16)) * 100) + 1, None, "test")
+    s, g = spec(3, 16, 2, 4, redundantExperts=8), group([1.0] * 8, 4)
+    result = plan(s, g, load, None, solver_threads=1)
+    model = model_shape(s.model)
+    problem = Problem.build(model, g.cluster, load.load, redundant=8)
+    policies = [
+        evaluate(solve(problem, name).placement, g.cluster, load.load).straggler
+        for name in ("eplb", "eplb-global")
+    ]
+    assert result.eplb.straggler == pytest.approx(min(policies))
+
+
+def test_speed_aware_dispatch_places_and_scores_per_batch() -> None:
+    rng = np.random.default_rng(5)
+    samples = np.floor(rng.pareto(1.3, (4, 2, 16)) * 60) + 1
+    load = LoadData(samples.mean(0), samples, "test")
+    g = group(list(rng.uniform(0.8, 1.2, 8)), 4)
+    even = plan(spec(2, 16, 2, 4, redundantExperts=8), g, load, None, solver_threads=1)
+    aware = plan(
+        spec(2, 16, 2, 4, redundantExperts=8, dispatch="speed-aware"),
+        g,
+        load,
+        None,
+        solver_threads=1,
+    )
+    assert (even.proposal.dispatch, aware.proposal.dispatch) == ("even", "best")
+    assert aware.eplb.dispatch == "best" and aware.proposal.layer_time.shape == (4, 2)
+    # scored per batch with the best split: never worse than the same placement split evenly
+    split_evenly = evaluate(aware.solution.placement, g.cluster, samples).straggler
+    assert aware.proposal.straggler <= split_evenly + 1e-9
+    # and cpsat placed its copies for that dispatcher: no worse than the even-split placement
+    even_placement_best_split = evaluate(
+        even.solution.placement, g.cluster, samples, dispatch="best"
+    ).straggler
+    assert aware.proposal.straggler <= even_placement_best_split * (1 + 1e-9)
