@@ -147,6 +147,22 @@ def parse_transitions_csv(
     return out.reshape(len(layer_ids), experts, experts), [int(x) for x in layer_ids]
 
 
+def read_model_transitions_csv(
+    text: str, layers: int, experts: int, origin: str = "transitions"
+) -> FloatArray:
+    """The CSV of :func:`parse_transitions_csv` for a model of ``layers`` MoE layers ->
+    [L-1, E, E]: its source layers must be L-1 consecutive ids (numbered like the load CSV:
+    model layer indices, dense layers included), taken in order."""
+    counts, ids = parse_transitions_csv(text, experts, origin)
+    if ids != list(range(ids[0], ids[0] + layers - 1)):
+        raise LoadFileError(
+            f"{origin}: source layers {ids[0]}..{ids[-1]} ({len(ids)} distinct) are not the "
+            f"model's {layers - 1} consecutive layer boundaries (moe_layer_index is the source "
+            "layer, numbered like the load CSV)"
+        )
+    return counts
+
+
 def windows(counts: FloatArray, size: int, start: int = 0, stop: int | None = None) -> FloatArray:
     """[N, L, E] per-prompt counts -> [K, L, E] sums over consecutive windows of ``size``
     prompts taken from ``counts[start:stop]``; an incomplete last window is dropped."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +11,13 @@ from typing import Any
 from moeplace_cli.errors import CliError, bad_input
 from placement import formats
 from placement.gpus import load_cluster
-from placement.load import read_counts_csv, read_per_prompt, read_transitions, windows
+from placement.load import (
+    read_counts_csv,
+    read_model_transitions_csv,
+    read_per_prompt,
+    read_transitions,
+    windows,
+)
 from placement.model import Cluster, FloatArray, MoEModelShape, Placement
 from placement.problem import Problem, Weights
 
@@ -106,12 +113,19 @@ def read_cluster(path: Path) -> Cluster:
 
 
 def read_transitions_file(path: Path | None, load: FloatArray) -> FloatArray | None:
-    """[L-1, E, E] transitions, checked against the load's shape."""
+    """[L-1, E, E] transitions from ``layer_transition_counts.npy`` or a CSV
+    ``moe_layer_index,src_expert,dst_expert,count`` (gzipped or not; what the serving
+    library's ``transitions_csv()`` writes), checked against the load's shape."""
     if path is None:
         return None
-    with bad_input("transitions", path):
-        trans = read_transitions(path)
     L, E = load.shape
+    with bad_input("transitions", path):
+        if path.name.endswith((".csv", ".csv.gz")):
+            opener = gzip.open if path.suffix == ".gz" else open
+            with opener(path, "rt", encoding="utf-8") as text:
+                trans = read_model_transitions_csv(text.read(), L, E, origin=str(path))
+        else:
+            trans = read_transitions(path)
     if trans.shape != (max(L - 1, 0), E, E):
         raise CliError(
             f"transitions: {path} has shape {trans.shape}, the load needs ({L - 1}, {E}, {E})"

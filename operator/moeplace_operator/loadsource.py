@@ -29,7 +29,7 @@ from placement.load import (
     LoadFileError,
     LoadModelConfig,
     estimate,
-    parse_transitions_csv,
+    read_model_transitions_csv,
     read_transitions,
 )
 from placement.model import FloatArray
@@ -282,18 +282,10 @@ def parse_static_transitions(
             if transitions.shape != (L - 1, E, E):
                 raise ValueError(f"shape {transitions.shape}, the model needs ({L - 1}, {E}, {E})")
             return transitions
-        counts, layer_ids = parse_transitions_csv(raw.decode("utf-8"), E, origin=where)
+        return read_model_transitions_csv(raw.decode("utf-8"), L, E, origin=where)
     except (LoadFileError, ValueError, binascii.Error, zlib.error) as error:
         message = str(error) if str(error).startswith(where) else f"{where}: {error}"
         raise MetricsUnavailableError("BadTransitions", message) from error
-    if layer_ids != list(range(layer_ids[0], layer_ids[0] + L - 1)):
-        raise MetricsUnavailableError(
-            "BadTransitions",
-            f"{where}: source layers {layer_ids[0]}..{layer_ids[-1]} ({len(layer_ids)} distinct) "
-            f"are not the model's {L - 1} consecutive layer boundaries (moe_layer_index is the "
-            "source layer, numbered like the load CSV)",
-        )
-    return counts
 
 
 def scale_transitions(

@@ -94,7 +94,17 @@ def _previous_other_slots(s: Scenario) -> list[str | Path]:
 
 
 def _transitions_not_numpy(s: Scenario) -> list[str | Path]:
-    return _solve_args(s, transitions=s.load)
+    return _solve_args(s, transitions=s.profile)
+
+
+def _transitions_csv_columns(s: Scenario) -> list[str | Path]:
+    return _solve_args(s, transitions=s.load)  # a load CSV is not a transitions CSV
+
+
+def _transitions_csv_layers(s: Scenario) -> list[str | Path]:
+    path = s.tmp / "t.csv"
+    path.write_text("moe_layer_index,src_expert,dst_expert,count\n1,0,1,5\n3,2,2,1\n")
+    return _solve_args(s, transitions=path)
 
 
 def _empty_strategy_list(s: Scenario) -> list[str | Path]:
@@ -116,7 +126,9 @@ CASES: dict[str, tuple[Callable[[Scenario], list[str | Path]], str]] = {
     "placement load": (_placement_for_other_load, "placement"),
     "empty strategies": (_empty_strategy_list, "--strategies is empty"),
     "out folder": (_out_folder_missing, "--out: folder"),
-    "transitions not numpy": (_transitions_not_numpy, "load.csv: not a NumPy .npy/.npz file"),
+    "transitions not numpy": (_transitions_not_numpy, "profile.json"),
+    "transitions csv columns": (_transitions_csv_columns, "need columns"),
+    "transitions csv layers": (_transitions_csv_layers, "consecutive layer boundaries"),
     "png folder": (_png_folder_missing, "--png: folder"),
     "previous slots": (_previous_other_slots, "has 16 slots per layer"),
 }

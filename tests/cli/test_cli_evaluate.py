@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gzip
 from pathlib import Path
 
+import numpy as np
 import pytest
-from cli_helpers import LAYERS, Scenario, run
+from cli_helpers import FIRST_LAYER, LAYERS, Scenario, run
 
 
 def _solve(scenario: Scenario, strategy: str = "eplb", fmt: str = "canonical") -> Path:
@@ -54,6 +56,24 @@ def test_traffic_share_with_transitions(scenario: Scenario) -> None:
     share = summary["trafficShare"]
     assert isinstance(share, float) and 0 <= share <= 1
     assert _evaluate(scenario, _solve(scenario))["trafficShare"] is None
+
+
+def test_transitions_as_csv_read_like_the_npy(scenario: Scenario) -> None:
+    """The CSV the serving library's ``transitions_csv()`` writes (source layers numbered like
+    the load CSV), plain and gzipped."""
+    trans = np.load(scenario.transitions)
+    rows = ["moe_layer_index,src_expert,dst_expert,count"] + [
+        f"{FIRST_LAYER + b},{i},{j},{int(trans[b, i, j])}"
+        for b, i, j in zip(*np.nonzero(trans), strict=True)
+    ]
+    plain = scenario.tmp / "trans.csv"
+    plain.write_text("\n".join(rows) + "\n")
+    packed = scenario.tmp / "trans.csv.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    placed = _solve(scenario)
+    expected = _evaluate(scenario, placed, "--transitions", scenario.transitions)["trafficShare"]
+    for path in (plain, packed):
+        assert _evaluate(scenario, placed, "--transitions", path)["trafficShare"] == expected
 
 
 def test_table_output(scenario: Scenario) -> None:
