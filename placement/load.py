@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -184,20 +185,43 @@ def decay_weights(num_windows: int, half_life: float | None) -> FloatArray:
 
 
 class LoadModelConfig(BaseModel):
-    """How a history of windows becomes a load estimate."""
+    """How a history of windows becomes a load estimate and the samples a solver hedges over.
+
+    ``sampling="bootstrap"`` (default): ``num_samples`` predictive samples of the mean load,
+    each a resample (with replacement, by decay weight) of the history's windows, rescaled to
+    the mean's tokens per layer (see :func:`bootstrap_samples`). They spread like the error of
+    the estimated mean, plus, with ``horizon``, the noise of the period the placement will be
+    judged over. ``sampling="windows"``: the newest ``max_samples`` windows themselves.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     half_life: float | None = Field(default=None, gt=0, description="in windows; None: no decay")
-    max_samples: int | None = Field(default=None, gt=0, description="newest windows kept")
+    max_samples: int | None = Field(
+        default=None, gt=0, description="newest windows kept (sampling='windows')"
+    )
+    sampling: Literal["bootstrap", "windows"] = Field(
+        default="bootstrap",
+        description="bootstrap: predictive samples of the mean; windows: the windows themselves",
+    )
+    num_samples: int = Field(default=32, gt=0, description="bootstrap samples")
+    horizon: float | None = Field(
+        default=None,
+        gt=0,
+        description="windows of traffic a placement is judged over (bootstrap); None: a long "
+        "horizon, the samples carry only the mean's own error",
+    )
+    seed: int = Field(default=0, description="of the bootstrap resampling")
 
 
 @dataclass(frozen=True)
 class LoadEstimate:
-    """``mean`` [L, E] expected tokens per window; ``samples`` [K, L, E] the newest windows
-    (what a robust or expected objective hedges over); ``weights`` [K] their decay weights;
-    ``rel_stderr`` [L, E] standard error of ``mean`` relative to it (inf where mean is 0);
-    ``effective_windows`` Kish's effective number of windows behind the mean."""
+    """``mean`` [L, E] expected tokens per window; ``samples`` [K, L, E] tokens per window in
+    each of K samples (what a robust or expected objective hedges over: bootstrap samples of
+    the mean or the newest windows, see :class:`LoadModelConfig`); ``weights`` [K] their
+    weights (sum 1); ``rel_stderr`` [L, E] standard error of ``mean`` relative to it (inf
+    where mean is 0); ``effective_windows`` Kish's effective number of windows behind the
+    mean."""
 
     mean: FloatArray
     samples: FloatArray
@@ -213,13 +237,57 @@ class LoadEstimate:
         return float((w * np.where(finite, self.rel_stderr, 0.0)).sum())
 
 
+def bootstrap_samples(
+    history: FloatArray,
+    weights: FloatArray,
+    num_samples: int,
+    horizon: float | None = None,
+    seed: int = 0,
+) -> FloatArray:
+    """[K, L, E] windows (oldest first, tokens per expert) and their [K] decay weights
+    (normalised here) -> [num_samples, L, E] predictive samples of the load in tokens per
+    window, centred on the weighted mean ``m``.
+
+    Sample j draws K windows with replacement (probability = weight) and takes their mean
+    ``b_j``, rescaled per layer to ``m``'s tokens (the volume of traffic moves every window;
+    a placement cannot hedge it, only the split over experts). The deviation ``b_j - m`` has
+    about the variance of ``m``'s own error times ``n_eff / K`` (``n_eff``: Kish's effective
+    number of windows), so it is scaled by ``sqrt(K / n_eff)`` and, for a placement judged on
+    the mean load of the next ``horizon`` windows, by ``sqrt(1 + n_eff / horizon)`` (that
+    mean's noise adds ``1 / horizon`` of a window's variance to the ``1 / n_eff`` of the
+    estimate). Unlike
+    the raw windows (K samples at a window's noise, which a solver over-fits), the samples
+    keep the windows' correlation between experts, spread like the error that matters, and
+    are as many as asked. Negative entries (large deviations) are clipped to 0. Deterministic
+    for a ``seed``; a single window is returned as the only sample ([1, L, E])."""
+    h = np.asarray(history, dtype=np.float64)
+    w = np.asarray(weights, dtype=np.float64)
+    if h.ndim != 3 or w.shape != (h.shape[0],) or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"history {h.shape} and weights {w.shape}: need [K, L, E] and [K] >= 0")
+    w = w / w.sum()
+    K = h.shape[0]
+    mean = np.tensordot(w, h, axes=1)  # [L, E]
+    if K == 1:
+        return h.copy()
+    rng = np.random.default_rng(seed)
+    picks = rng.choice(K, size=(num_samples, K), p=w)  # [J, K] window indices
+    counts = np.stack([np.bincount(row, minlength=K) for row in picks]) / K  # [J, K]
+    boot = np.tensordot(counts, h, axes=1)  # [J, L, E]
+    total = boot.sum(-1, keepdims=True)
+    target = mean.sum(-1, keepdims=True)[None]
+    boot = np.where(total > 0, boot * target / np.where(total > 0, total, 1.0), mean[None])
+    neff = float(1.0 / (w**2).sum())
+    spread = math.sqrt(K / neff) * (1.0 if horizon is None else math.sqrt(1.0 + neff / horizon))
+    return np.asarray(np.maximum(mean[None] + spread * (boot - mean[None]), 0.0), dtype=np.float64)
+
+
 def estimate(history: FloatArray, config: LoadModelConfig | None = None) -> LoadEstimate:
     """[K, L, E] per-window counts, oldest first -> :class:`LoadEstimate`.
 
     The mean is the decay-weighted mean over all windows; its standard error is the
     window-to-window standard deviation (unweighted, over the whole history) divided by the
     square root of the effective number of windows: a short half-life tracks drift but is
-    less sure.
+    less sure. The samples follow ``config.sampling`` (:func:`bootstrap_samples` by default).
     """
     cfg = config or LoadModelConfig()
     h = np.asarray(history, dtype=np.float64)
@@ -234,11 +302,16 @@ def estimate(history: FloatArray, config: LoadModelConfig | None = None) -> Load
     neff = float(1.0 / (w**2).sum())
     with np.errstate(divide="ignore", invalid="ignore"):
         rel = np.where(mean > 0, np.sqrt(var / neff) / mean, np.inf)
-    keep = h.shape[0] if cfg.max_samples is None else min(cfg.max_samples, h.shape[0])
-    ws = w[-keep:] / w[-keep:].sum()
+    if cfg.sampling == "bootstrap":
+        samples = bootstrap_samples(h, w, cfg.num_samples, cfg.horizon, cfg.seed)
+        ws = np.full(samples.shape[0], 1.0 / samples.shape[0])
+    else:
+        keep = h.shape[0] if cfg.max_samples is None else min(cfg.max_samples, h.shape[0])
+        samples = h[-keep:].copy()
+        ws = w[-keep:] / w[-keep:].sum()
     return LoadEstimate(
         mean=np.asarray(mean, dtype=np.float64),
-        samples=h[-keep:].copy(),
+        samples=samples,
         weights=np.asarray(ws, dtype=np.float64),
         rel_stderr=np.asarray(rel, dtype=np.float64),
         effective_windows=neff,

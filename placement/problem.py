@@ -1,8 +1,10 @@
 """A placement problem: model shape, GPUs, slot count, load (mean, samples, transitions).
 
 Array shapes: ``load`` [L, E] tokens per expert over the calibration window; ``samples``
-[K, L, E] tokens per expert in K sub-windows (the spread the robust objective hedges
-against); ``transitions`` [L-1, E, E] tokens with expert i in layer l and j in layer l+1.
+[K, L, E] tokens per expert in K load samples, on ``load``'s scale (the spread the expected or
+robust objective hedges against: by default bootstrap samples of the mean from
+:func:`placement.load.estimate`, or the sub-windows themselves); ``transitions`` [L-1, E, E]
+tokens with expert i in layer l and j in layer l+1.
 """
 
 from __future__ import annotations
