@@ -111,8 +111,13 @@ def prometheus_client(spec: PrometheusLoad) -> PrometheusConnect:
     )  # fmt: skip
 
 
-def fetch_prometheus(spec: PrometheusLoad, model: ModelSpec, now: datetime) -> LoadData:
-    """Query ``samples`` sub-windows covering ``window`` in one range query."""
+def fetch_prometheus(
+    spec: PrometheusLoad, model: ModelSpec, now: datetime, per_batch: bool = False
+) -> LoadData:
+    """Query ``samples`` sub-windows covering ``window`` in one range query. The samples the
+    solver hedges over are bootstrap resamples of their mean (``placement.load.estimate``),
+    or with ``per_batch`` (a speed-aware dispatcher, scored batch by batch) the sub-windows
+    themselves."""
     window = parse_duration(spec.window)
     step = window / spec.samples
     query = (spec.query or default_query(model.name)).replace("$window", format_duration(step))
@@ -131,8 +136,12 @@ def fetch_prometheus(spec: PrometheusLoad, model: ModelSpec, now: datetime) -> L
             "NoTraffic", f"no {METRIC} increase for model {model.name!r} in the last {spec.window}"
         )
     half_life = parse_duration(spec.half_life) / step if spec.half_life else None
-    smoothed = estimate(samples, LoadModelConfig(half_life=half_life))
-    return LoadData(smoothed.mean, smoothed.samples, f"{spec.window} in {spec.samples} samples")
+    config = LoadModelConfig(half_life=half_life, sampling="windows" if per_batch else "bootstrap")
+    smoothed = estimate(samples, config)
+    hedged = "" if per_batch else f", {smoothed.samples.shape[0]} bootstrap samples"
+    return LoadData(
+        smoothed.mean, smoothed.samples, f"{spec.window} in {spec.samples} samples{hedged}"
+    )
 
 
 def parse_load_csv(text: str, model: ModelSpec) -> FloatArray:

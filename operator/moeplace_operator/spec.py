@@ -191,8 +191,9 @@ class PrometheusLoad(Camel):
         default=6,
         ge=1,
         le=60,
-        description="Sub-windows the window is split into: the load samples of the robust "
-        "objective.",
+        description="Sub-windows the window is split into. The load is their (decayed) mean; "
+        "the solver hedges over bootstrap resamples of them (even dispatch) or over the "
+        "sub-windows themselves (speed-aware dispatch, scored batch by batch).",
     )
     half_life: Duration | None = Field(
         default=None,

@@ -3,6 +3,7 @@
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import pytest
 from moeplace_operator.loadsource import (
     MetricsUnavailableError,
@@ -105,3 +106,34 @@ def test_curves_used_only_when_complete() -> None:
     partial = f'{{"0": {one}}}'
     assert not build_gpu_group([_node("n", "a", [1, 1], partial)], spec).cluster.has_curves
     assert not build_gpu_group([_node("n", "a", [1, 1], "garbage")], spec).cluster.has_curves
+
+
+def test_prometheus_load_hedges_over_bootstrap_or_sub_windows() -> None:
+    """Even dispatch: the solver hedges over bootstrap resamples of the sub-windows' mean;
+    speed-aware dispatch (scored batch by batch): over the sub-windows themselves."""
+    from datetime import UTC, datetime
+
+    from fake_prometheus import FakePrometheus
+    from moeplace_operator.loadsource import fetch_prometheus
+    from moeplace_operator.spec import PrometheusLoad
+
+    def one(layer: str, expert: str, values: list[float]) -> dict[str, object]:
+        points = [[1_700_000_000 + 600 * k, str(v)] for k, v in enumerate(values)]
+        return {"metric": {"layer": layer, "expert": expert}, "values": points}
+
+    result = [one("1", "0", [5, 9, 1]), one("1", "2", [2, 2, 8]), one("2", "1", [4, 4, 4])]
+    prometheus = FakePrometheus(result, result_type="matrix")
+    try:
+        spec = PrometheusLoad(url=prometheus.url, window="30m", samples=3, layer_offset=1)
+        now = datetime(2026, 1, 1, tzinfo=UTC)
+        windows = fetch_prometheus(spec, MODEL, now, per_batch=True)
+        hedged = fetch_prometheus(spec, MODEL, now)
+    finally:
+        prometheus.close()
+    assert windows.samples is not None and hedged.samples is not None
+    assert windows.samples[:, 0, 0].tolist() == [5, 9, 1]  # the sub-windows as they came
+    assert hedged.samples.shape[0] == 32 and "32 bootstrap samples" in hedged.window
+    assert hedged.load.tolist() == windows.load.tolist() == [[5.0, 0.0, 4.0], [0.0, 4.0, 0.0]]
+    # bootstrap samples keep each layer's tokens and spread over the experts' shares
+    assert np.allclose(hedged.samples.sum(axis=2), hedged.load.sum(axis=1))
+    assert hedged.samples[:, 0, 0].std() > 0

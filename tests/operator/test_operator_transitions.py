@@ -7,7 +7,6 @@ import asyncio
 import base64
 import gzip
 import io
-import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import kopf
 import numpy as np
 import pytest
+from fake_prometheus import FakePrometheus
 from moeplace_operator.build import gain_percent, status_patch
 from moeplace_operator.loadsource import (
     LoadData,
@@ -94,40 +94,6 @@ def test_default_transitions_query() -> None:
     query = default_transitions_query('a"b')
     assert query.startswith("sum by (layer, src, dst) (increase(moe_expert_transitions_total{")
     assert 'model="a\\"b"' in query and "[$window]" in query
-
-
-class FakePrometheus:
-    """``/api/v1/query`` answering a fixed instant vector; records the queries it got."""
-
-    def __init__(self, result: list[dict[str, Any]]) -> None:
-        import http.server
-        import threading
-        import urllib.parse
-
-        queries = self.queries = []
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                url = urllib.parse.urlparse(self.path)
-                queries.append(urllib.parse.parse_qs(url.query))
-                body = json.dumps(
-                    {"status": "success", "data": {"resultType": "vector", "result": result}}
-                ).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def test_fetch_prometheus_transitions_instant_query_over_the_window() -> None:
