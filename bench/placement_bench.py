@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from placement.evaluate import Evaluation, evaluate  # noqa: E402
 from placement.gpus import h200_curves, pal_cluster  # noqa: E402
-from placement.load import LoadModelConfig, estimate  # noqa: E402
+from placement.load import LoadModelConfig, estimate, sampling_for  # noqa: E402
 from placement.model import GPU, Cluster, FloatArray, MoEModelShape, Placement  # noqa: E402
 from placement.problem import Problem  # noqa: E402
 from placement.solvers import SolveOptions, solve  # noqa: E402
@@ -211,12 +211,12 @@ def _ratio(a: float, b: float) -> float:
 def run_real(sc: Scenario, rd: RealData, shape: MoEModelShape, opts: SolveOptions) -> None:
     """Held-out: solve on the calibration load model, score on prompts 501..1000; then the
     oracle: solve and score on the evaluation aggregate (calibrate = evaluate)."""
-    # mean of the 5 calibration windows + 32 bootstrap samples of that mean (the load model's
-    # default); cpsat-best places for a per-batch split, so it hedges over the batches
-    # (windows) themselves, what it is judged on
-    est = estimate(rd.cal_windows)
+    # mean of the 5 calibration windows + the samples the load model gives per dispatch rule
+    # (sampling_for): 32 bootstrap samples of that mean for even split; cpsat-best places for
+    # a per-batch split, so it hedges over the batches (windows) themselves
+    est = estimate(rd.cal_windows, LoadModelConfig(sampling=sampling_for("even")))
     heldout = Problem.build(shape, sc.cluster, est.mean, sc.redundant, samples=est.samples)
-    batches = estimate(rd.cal_windows, LoadModelConfig(sampling="windows")).samples
+    batches = estimate(rd.cal_windows, LoadModelConfig(sampling=sampling_for("best"))).samples
     per_batch = Problem.build(shape, sc.cluster, est.mean, sc.redundant, samples=batches)
     oracle = Problem.build(shape, sc.cluster, rd.eval_total, sc.redundant)
     for strategy in [*STRATEGIES, BEST]:

@@ -30,6 +30,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from placement.model import FloatArray
 
+Sampling = Literal["bootstrap", "windows"]  # what a solver hedges over: see LoadModelConfig
+
 
 class LoadFileError(ValueError):
     """A load file that cannot be used; the message names the file and the problem."""
@@ -200,7 +202,7 @@ class LoadModelConfig(BaseModel):
     max_samples: int | None = Field(
         default=None, gt=0, description="newest windows kept (sampling='windows')"
     )
-    sampling: Literal["bootstrap", "windows"] = Field(
+    sampling: Sampling = Field(
         default="bootstrap",
         description="bootstrap: predictive samples of the mean; windows: the windows themselves",
     )
@@ -279,6 +281,16 @@ def bootstrap_samples(
     neff = float(1.0 / (w**2).sum())
     spread = math.sqrt(K / neff) * (1.0 if horizon is None else math.sqrt(1.0 + neff / horizon))
     return np.asarray(np.maximum(mean[None] + spread * (boot - mean[None]), 0.0), dtype=np.float64)
+
+
+def sampling_for(dispatch: str) -> Sampling:
+    """What a solver should hedge over for a dispatch rule (``"even"`` or ``"best"``).
+
+    Even split: each copy's share follows the mean load, so the error of the estimated mean is
+    what to hedge: bootstrap samples of it. Best split: the dispatcher balances batch by batch,
+    so the placement is judged per batch: the windows themselves (placement benchmark, held-out
+    100-prompt batches: 1.060x the fluid bound with windows, 1.073x with bootstrap samples)."""
+    return "windows" if dispatch == "best" else "bootstrap"
 
 
 def estimate(history: FloatArray, config: LoadModelConfig | None = None) -> LoadEstimate:

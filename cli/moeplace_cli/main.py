@@ -43,6 +43,7 @@ from moeplace_cli.options import (
     WindowOpt,
 )
 from placement.evaluate import Evaluation, evaluate
+from placement.load import LoadModelConfig, estimate, sampling_for
 from placement.model import FloatArray, Placement
 from placement.problem import Problem, Weights
 from placement.solvers.base import Solution
@@ -148,8 +149,14 @@ class ProblemExtras:
 
 
 def make_problem(
-    loaded: LoadInput, gpus: Path, redundant: int, extras: ProblemExtras | None = None
+    loaded: LoadInput,
+    gpus: Path,
+    redundant: int,
+    extras: ProblemExtras | None = None,
+    dispatch: str = "even",
 ) -> Problem:
+    """The problem to solve; with ``--samples`` the solver hedges over what the load model
+    gives for ``dispatch`` (``placement.load.sampling_for``), as the operator does."""
     more = extras or ProblemExtras()
     cluster = inputs.read_cluster(gpus)
     trans = inputs.read_transitions_file(more.transitions, loaded.load)
@@ -162,11 +169,23 @@ def make_problem(
         cluster,
         loaded.load,
         redundant,
-        samples=loaded.samples,
+        samples=hedge_samples(loaded, dispatch),
         transitions=trans,
         current=current,
         weights=Weights(traffic=more.traffic_weight, migration=more.migration_weight),
     )
+
+
+def hedge_samples(loaded: LoadInput, dispatch: str) -> FloatArray | None:
+    if loaded.samples is None:
+        return None
+    config = LoadModelConfig(sampling=sampling_for(dispatch))
+    return estimate(loaded.samples, config).samples
+
+
+def solving_dispatch(strategy: str) -> str:
+    """The dispatch rule a strategy places copies for."""
+    return "best" if strategy == strategies_mod.CPSAT_BEST else "even"
 
 
 def emit(title: str, summary: dict[str, Any], as_json: bool) -> None:
@@ -233,7 +252,7 @@ def solve(
     extras = ProblemExtras(
         transitions, traffic_weight, current, migration_weight, dense_layers, top_k
     )
-    problem = make_problem(loaded, gpus, redundant, extras)
+    problem = make_problem(loaded, gpus, redundant, extras, solving_dispatch(strategy))
     settings = SolverSettings(time_limit, seed, threads, hedge)
     solution = run_solver(problem, strategy, settings, not as_json)
     inputs.write_placement(solution.placement, fmt.value, out)
@@ -348,12 +367,16 @@ def compare(
     loaded = inputs.resolve_load(load, spec)
     scored = scoring_load(loaded, spec, score_prompts)
     extras = ProblemExtras(transitions=transitions, dense_layers=dense_layers)
-    problem = make_problem(loaded, gpus, redundant, extras)
+    problems = {
+        rule: make_problem(loaded, gpus, redundant, extras, rule)
+        for rule in dict.fromkeys(solving_dispatch(name) for name in names)
+    }
+    problem = next(iter(problems.values()))  # the same but for the samples hedged over
     settings = SolverSettings(time_limit, seed, threads, hedge)
     rows: list[dict[str, Any]] = []
     evaluations: list[Evaluation] = []
     for name in names:
-        solution = run_solver(problem, name, settings, not as_json)
+        solution = run_solver(problems[solving_dispatch(name)], name, settings, not as_json)
         ev = score(solution.placement, problem, scored.scored, dispatch)
         evaluations.append(ev)
         rows.append({**report.solution_summary(name, solution), **report.evaluation_summary(ev)})

@@ -53,6 +53,7 @@ def problem_summary(problem: Problem) -> Summary:
         "slotsPerGpu": problem.slots_per_gpu,
         "redundant": problem.redundant,
         "timeUnit": time_unit(problem.cluster),
+        "hedgeSamples": 0 if problem.samples is None else int(problem.samples.shape[0]),
     }
 
 

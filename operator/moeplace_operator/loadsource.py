@@ -25,12 +25,14 @@ from typing_extensions import TypedDict  # pydantic needs it (not typing's) befo
 from urllib3.util.retry import Retry
 
 from moeplace_operator.spec import ModelSpec, PrometheusLoad
+from placement.evaluate import Dispatch as DispatchRule
 from placement.load import (
     LoadFileError,
     LoadModelConfig,
     estimate,
     read_model_transitions_csv,
     read_transitions,
+    sampling_for,
 )
 from placement.model import FloatArray
 
@@ -112,12 +114,11 @@ def prometheus_client(spec: PrometheusLoad) -> PrometheusConnect:
 
 
 def fetch_prometheus(
-    spec: PrometheusLoad, model: ModelSpec, now: datetime, per_batch: bool = False
+    spec: PrometheusLoad, model: ModelSpec, now: datetime, dispatch: DispatchRule = "even"
 ) -> LoadData:
     """Query ``samples`` sub-windows covering ``window`` in one range query. The samples the
-    solver hedges over are bootstrap resamples of their mean (``placement.load.estimate``),
-    or with ``per_batch`` (a speed-aware dispatcher, scored batch by batch) the sub-windows
-    themselves."""
+    solver hedges over (``placement.load.sampling_for`` the dispatch rule): bootstrap
+    resamples of their mean for even split, the sub-windows themselves for the best split."""
     window = parse_duration(spec.window)
     step = window / spec.samples
     query = (spec.query or default_query(model.name)).replace("$window", format_duration(step))
@@ -136,9 +137,9 @@ def fetch_prometheus(
             "NoTraffic", f"no {METRIC} increase for model {model.name!r} in the last {spec.window}"
         )
     half_life = parse_duration(spec.half_life) / step if spec.half_life else None
-    config = LoadModelConfig(half_life=half_life, sampling="windows" if per_batch else "bootstrap")
-    smoothed = estimate(samples, config)
-    hedged = "" if per_batch else f", {smoothed.samples.shape[0]} bootstrap samples"
+    sampling = sampling_for(dispatch)
+    smoothed = estimate(samples, LoadModelConfig(half_life=half_life, sampling=sampling))
+    hedged = f", {smoothed.samples.shape[0]} bootstrap samples" if sampling == "bootstrap" else ""
     return LoadData(
         smoothed.mean, smoothed.samples, f"{spec.window} in {spec.samples} samples{hedged}"
     )

@@ -55,7 +55,6 @@ from moeplace_operator.nodes import GPUGroup, NodeGPUs, NodesUnavailableError, b
 from moeplace_operator.planning import Plan, fitting, inputs_fingerprint, plan, score_pinned
 from moeplace_operator.spec import (
     ConditionType,
-    Dispatch,
     MoEDeploymentSpec,
     MoEDeploymentStatus,
     PlacementSummary,
@@ -225,9 +224,12 @@ class Reconcile:
     async def load(self, spec: MoEDeploymentSpec) -> tuple[LoadData, ConditionUpdate]:
         try:
             if spec.load.prometheus is not None:
-                per_batch = spec.placement.dispatch is Dispatch.SPEED_AWARE
                 data = await self.runtime.io(
-                    fetch_prometheus, spec.load.prometheus, spec.model, self.now, per_batch
+                    fetch_prometheus,
+                    spec.load.prometheus,
+                    spec.model,
+                    self.now,
+                    spec.placement.dispatch.rule,
                 )
                 return data, true(ConditionType.METRICS_AVAILABLE, "Prometheus", data.window)
             assert spec.load.static is not None  # the CRD's CEL rule: exactly one source

@@ -38,6 +38,19 @@ def test_solve_every_strategy(scenario: Scenario, strategy: str) -> None:
     assert summary["slotsPerGpu"] == 3 and summary["timeUnit"] == "token-time"
 
 
+@pytest.mark.parametrize(("strategy", "hedged"), [("cpsat", 32), ("cpsat-best", 4)])
+def test_samples_hedged_as_the_dispatch_needs(
+    scenario: Scenario, strategy: str, hedged: int
+) -> None:
+    """Even split hedges over the load model's 32 bootstrap samples of the mean; the best
+    split (cpsat-best) over the 4 windows themselves, as the operator does."""
+    ran = run("solve", "--samples", scenario.samples, "--window", 10, "--gpus", scenario.gpus,
+              "--redundant", 4, "--strategy", strategy, *FAST, "--out",
+              scenario.tmp / "p.json", "--json")  # fmt: skip
+    assert ran.exit_code == 0, ran.stderr
+    assert ran.json()["hedgeSamples"] == hedged
+
+
 def test_solve_table_output(scenario: Scenario) -> None:
     out = scenario.tmp / "p.json"
     ran = run("solve", "--load", scenario.load, "--gpus", scenario.gpus, "--strategy", "greedy",

@@ -126,7 +126,7 @@ def test_prometheus_load_hedges_over_bootstrap_or_sub_windows() -> None:
     try:
         spec = PrometheusLoad(url=prometheus.url, window="30m", samples=3, layer_offset=1)
         now = datetime(2026, 1, 1, tzinfo=UTC)
-        windows = fetch_prometheus(spec, MODEL, now, per_batch=True)
+        windows = fetch_prometheus(spec, MODEL, now, dispatch="best")
         hedged = fetch_prometheus(spec, MODEL, now)
     finally:
         prometheus.close()

@@ -210,3 +210,14 @@ def test_transitions_csv_maps_layers_and_pairs() -> None:
 def test_transitions_csv_errors(text: str, match: str) -> None:
     with pytest.raises(LoadFileError, match=match):
         parse_transitions_csv(text, experts=3, origin="t")
+
+
+def test_sampling_follows_the_dispatch_rule() -> None:
+    from placement.load import sampling_for
+
+    assert sampling_for("even") == "bootstrap"
+    assert sampling_for("best") == "windows"
+    history = np.random.default_rng(0).poisson(50, size=(4, 2, 5)).astype(float)
+    per_batch = estimate(history, LoadModelConfig(sampling=sampling_for("best")))
+    assert (per_batch.samples == history).all()  # judged batch by batch: the batches as seen
+    assert estimate(history, LoadModelConfig(sampling=sampling_for("even"))).samples.shape[0] == 32
