@@ -768,18 +768,12 @@ def test_restart_mid_rollout_converges_and_deletion_collects(
         )
 
     rolled = wait_for("rollout after restart, target rolled", converged, timeout=90)
-    maps = json.loads(
-        cluster.kubectl(
-            "get",
-            "configmaps",
-            "-n",
-            namespace,
-            "-l",
-            "moeplace.io/deployment=restart",
-            "-o",
-            "json",
-        ).stdout
-    )["items"]
+
+    def restart_configmaps(output: str) -> str:
+        selector = ("-l", "moeplace.io/deployment=restart", "-o", output)
+        return cluster.kubectl("get", "configmaps", "-n", namespace, *selector).stdout
+
+    maps = json.loads(restart_configmaps("json"))["items"]
     assert [m["metadata"]["name"] for m in maps] == ["restart-placement"]
     assert (
         maps[0]["data"]["version"] == str(int(first["data"]["version"]) + 1)
@@ -788,17 +782,7 @@ def test_restart_mid_rollout_converges_and_deletion_collects(
     cluster.kubectl("delete", "moed", "restart", "-n", namespace, "--wait=true", "--timeout=60s")
 
     def collected() -> bool:
-        out = cluster.kubectl(
-            "get",
-            "configmaps",
-            "-n",
-            namespace,
-            "-l",
-            "moeplace.io/deployment=restart",
-            "-o",
-            "name",
-        ).stdout
-        return not out.strip()
+        return not restart_configmaps("name").strip()
 
     wait_for("garbage collection of the placement ConfigMap", collected, timeout=90, every=1)
 
