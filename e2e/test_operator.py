@@ -717,6 +717,113 @@ def test_prometheus_transitions_from_serving_metrics_shape_the_placement(
         exporter.close()
 
 
+class RankExporter:
+    """Serving counters of an EP group of 4 ranks: routing per expert (the load) and, per rank,
+    ``moe_layer_tokens_total`` and ``moe_layer_compute_seconds_total`` growing as GPUs of the
+    given true speeds would compute the same token rate."""
+
+    LAYERS, EXPERTS = 2, 8
+
+    def __init__(self, model: str, true_speeds: list[float], pairs_per_s: float = 10_000) -> None:
+        self.port = free_port()
+        self.registry = CollectorRegistry()
+        routed = Counter(
+            "moe_expert_tokens", "Tokens routed", ["model", "layer", "expert"],
+            registry=self.registry,
+        )  # fmt: skip
+        tokens = Counter(
+            "moe_layer_tokens", "Pairs computed", ["model", "layer", "rank"],
+            registry=self.registry,
+        )  # fmt: skip
+        seconds = Counter(
+            "moe_layer_compute_seconds", "Expert compute seconds", ["model", "layer", "rank"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.steps: list[tuple[Any, float]] = []
+        for layer in range(self.LAYERS):
+            for expert in range(self.EXPERTS):
+                rate = 1000.0 * (1 + expert % 3)
+                self.steps.append((routed.labels(model, str(layer), str(expert)), rate))
+            for rank, speed in enumerate(true_speeds):
+                pairs = pairs_per_s / self.LAYERS
+                self.steps.append((tokens.labels(model, str(layer), str(rank)), pairs))
+                busy = pairs * 1e-6 / speed  # 1 µs per pair at speed 1.0
+                self.steps.append((seconds.labels(model, str(layer), str(rank)), busy))
+        self.stop = threading.Event()
+        self.server, _ = start_http_server(self.port, addr="127.0.0.1", registry=self.registry)
+        threading.Thread(target=self.run, daemon=True).start()
+
+    def run(self) -> None:
+        while not self.stop.wait(0.25):
+            for child, rate in self.steps:
+                child.inc(rate * 0.25)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.server.shutdown()
+
+
+def test_speed_drift_from_serving_times_requests_a_reprofile(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    """Issue 6: per-rank compute times scraped by the real Prometheus say that GPU 1 of the
+    first node runs at 0.8x while its label says 1.0: GPUsProfiled turns False (SpeedDrift),
+    the node is annotated for a re-profile, a Warning Event is sent; once the profiler's new
+    label agrees, the condition clears. The placement stays Ready throughout."""
+    pool = f"d{uuid.uuid4().hex[:6]}"
+    speeds = [[1.0, 1.0], [1.2, 0.8]]
+    first, second = cluster.make_nodes(2, 2, speeds=speeds, pool=pool, prefix=pool)
+    model = f"drift-{namespace}"
+    exporter = RankExporter(model, true_speeds=[1.0, 0.8, 1.2, 0.8])
+    job = f"ranks-{namespace}"
+    cluster.add_scrape_target(job, f"127.0.0.1:{exporter.port}")
+    try:
+        cluster.wait_prom(
+            f'count(increase(moe_layer_tokens_total{{model="{model}"}}[10s]) > 0) >= 8', timeout=60
+        )
+        obj = manifest(
+            "drift",
+            namespace,
+            pool,
+            model={"name": model, "moeLayers": 2, "expertsPerLayer": 8, "topK": 2},
+            gpus={"nodeCount": 2, "gpusPerNode": 2},
+            placement={"strategy": "greedy"},
+        )
+        prometheus = {"url": cluster.prometheus_url, "window": "30s", "samples": 3}
+        obj["spec"]["load"] = {"prometheus": prometheus}
+        apply(cluster, obj)
+        obj = wait_condition(
+            cluster, "drift", namespace, "GPUsProfiled", status="False", reason="SpeedDrift"
+        )
+        message = condition(obj, "GPUsProfiled")["message"]
+        print(f"GPUsProfiled: {message}")
+        assert f"{first}/1 measured" in message and "1 GPU(s)" in message
+        assert condition(obj, "Ready")["status"] == "True"
+        node = json.loads(cluster.kubectl("get", "node", first, "-o", "json").stdout)
+        stamp = node["metadata"]["annotations"]["gpu.moeplace.io/reprofile-requested-at"]
+        assert stamp.endswith("Z")
+        other = json.loads(cluster.kubectl("get", "node", second, "-o", "json").stdout)
+        assert "gpu.moeplace.io/reprofile-requested-at" not in (
+            other["metadata"].get("annotations") or {}
+        )
+        events = json.loads(
+            cluster.kubectl(
+                "get", "events", "-n", namespace, "--field-selector", "reason=SpeedDrift",
+                "-o", "json",
+            ).stdout
+        )["items"]  # fmt: skip
+        assert events and events[0]["type"] == "Warning"
+        assert 'moeplace_gpu_speed_drift_gpus{name="drift"' in operator.metrics()
+        # what the node's profiler would publish after re-profiling
+        cluster.kubectl("label", "node", first, "gpu.moeplace.io/speed-1=0.8", "--overwrite")
+        obj = wait_condition(cluster, "drift", namespace, "GPUsProfiled", reason="SpeedLabels")
+        assert condition(obj, "Ready")["status"] == "True"
+    finally:
+        cluster.remove_scrape_target(job)
+        exporter.close()
+        cluster.delete_nodes(pool=pool)
+
+
 def deployment(name: str, namespace: str) -> dict[str, Any]:
     labels = {"app": name}
     return {

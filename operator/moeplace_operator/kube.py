@@ -76,6 +76,11 @@ class Kube:
         else:
             _call(lambda: self.core.create_namespaced_config_map(meta["namespace"], typed))
 
+    def annotate_node(self, name: str, annotations: dict[str, str]) -> None:
+        """Merge-patch annotations onto a Node (needs ``patch`` on nodes)."""
+        body = {"metadata": {"annotations": annotations}}
+        _call(lambda: self.core.patch_node(name, body))
+
     def read_moedeployment(self, namespace: str, name: str) -> Body:
         found = _call(
             lambda: self.custom.get_namespaced_custom_object(

@@ -38,6 +38,8 @@ from placement.model import FloatArray
 
 METRIC = "moe_expert_tokens_total"
 TRANSITIONS_METRIC = "moe_expert_transitions_total"
+SECONDS_METRIC = "moe_layer_compute_seconds_total"
+TOKENS_METRIC = "moe_layer_tokens_total"
 MAX_TRANSITIONS_BYTES = 256 * 2**20  # decompressed; a [L-1, E, E] float64 of 25 x 64 x 64 is 0.8 MB
 QUERY_TIMEOUT_S = 10
 _DURATION_PART = re.compile(r"([0-9]+)(ms|s|m|h|d)")
@@ -315,3 +317,66 @@ def scale_transitions(
     target = top_k * float(np.asarray(load)[:-1].sum())
     factor = target / total if target > 0 else 1.0
     return np.asarray(transitions * factor, dtype=np.float64), factor
+
+
+# Per-rank compute counters (GPU speed drift, ``placement.drift.speed_drift``). Reasons of
+# MetricsUnavailableError raised here: DriftQueryFailed, BadRankSeries. Neither degrades the
+# object nor stops the placement: the reconciler only reports drift when it can measure it.
+
+
+class _RankLabels(TypedDict):
+    rank: int
+
+
+class _RankSeries(TypedDict):
+    metric: _RankLabels
+    value: tuple[float, float]
+
+
+_RANK_SERIES = TypeAdapter(list[_RankSeries])
+
+
+def rank_query(metric: str, model_name: str, window: str) -> str:
+    selector = f'{metric}{{model="{_label_value(model_name)}"}}'
+    return f"sum by (rank) (increase({selector}[{window}]))"
+
+
+def parse_rank_result(series: list[dict[str, Any]], ranks: int) -> FloatArray:
+    """Prometheus instant vector with an integer ``rank`` label -> [ranks]; series of one rank
+    are summed; ranks outside 0..ranks-1 and NaN values are ignored (missing ranks are 0)."""
+    try:
+        parsed = _RANK_SERIES.validate_python(series)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise MetricsUnavailableError(
+            "BadRankSeries",
+            f"{error.error_count()} invalid per-rank series; first at {where}: {first['msg']} "
+            "(each series needs an integer label rank)",
+        ) from error
+    out = np.zeros(ranks, dtype=np.float64)
+    for one in parsed:
+        rank, value = one["metric"]["rank"], one["value"][1]
+        if 0 <= rank < ranks and np.isfinite(value):
+            out[rank] += value
+    return out
+
+
+def fetch_rank_counters(
+    spec: PrometheusLoad, model: ModelSpec, now: datetime, ranks: int
+) -> tuple[FloatArray, FloatArray]:
+    """Expert compute seconds and token-expert pairs per rank over the whole ``window``: two
+    instant queries -> ([ranks] seconds, [ranks] tokens), rank r = GPU r of the EP group."""
+    window = format_duration(parse_duration(spec.window))
+    client = prometheus_client(spec)
+    out: list[FloatArray] = []
+    for metric in (SECONDS_METRIC, TOKENS_METRIC):
+        query = rank_query(metric, model.name, window)
+        try:
+            series = client.custom_query(query, params={"time": now.timestamp()})
+        except Exception as error:  # the client raises many types; all mean "not available now"
+            raise MetricsUnavailableError(
+                "DriftQueryFailed", f"{metric} query to {spec.url} failed: {error}"
+            ) from error
+        out.append(parse_rank_result(series, ranks))
+    return out[0], out[1]

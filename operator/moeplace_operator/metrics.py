@@ -36,3 +36,14 @@ REFUSALS = Counter("moeplace_rollouts_refused_total", "Rollouts refused, by reas
 ERRORS = Counter(
     "moeplace_reconcile_errors_total", "Reconciles that ended degraded or failed.", ["reason"]
 )
+SPEED_DRIFT = Gauge(
+    "moeplace_gpu_speed_drift_percent",
+    "Largest drift (signed) of a GPU's measured relative speed from its label in the EP group, "
+    "measured / label - 1 in percent; absent without enough per-rank data.",
+    ["namespace", "name"],
+)
+SPEED_DRIFT_GPUS = Gauge(
+    "moeplace_gpu_speed_drift_gpus",
+    "GPUs of the EP group whose speed drift exceeds gpus.speedDriftThresholdPercent.",
+    ["namespace", "name"],
+)

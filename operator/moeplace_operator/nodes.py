@@ -15,6 +15,9 @@ from placement.model import GPU, Cluster, LatencyCurve
 
 SPEED_LABEL_PREFIX = "gpu.moeplace.io/speed-"
 CURVES_ANNOTATION = "gpu.moeplace.io/latency-curves"
+# Set by the operator when a GPU's measured speed drifts from its label; the node's profiler
+# re-profiles when it is newer than its gpu.moeplace.io/profiled-at (moeplace_profiler.publish).
+REPROFILE_ANNOTATION = "gpu.moeplace.io/reprofile-requested-at"
 _SPEED_LABEL = re.compile(re.escape(SPEED_LABEL_PREFIX) + r"(\d+)$")
 
 
@@ -92,6 +95,11 @@ class GPUGroup:
     @property
     def profiled(self) -> bool:
         return not self.unprofiled
+
+    def gpu_name(self, gpu: int) -> tuple[str, int]:
+        """(node, GPU index on the node) of GPU ``gpu`` of the group (= serving rank ``gpu``)."""
+        per_node = self.cluster.size // len(self.nodes)
+        return self.nodes[gpu // per_node], gpu % per_node
 
 
 def selects(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:

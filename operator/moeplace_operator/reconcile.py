@@ -6,6 +6,7 @@ worker thread; the event loop only awaits."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -46,12 +47,19 @@ from moeplace_operator.loadsource import (
     MetricsUnavailableError,
     fetch_prometheus,
     fetch_prometheus_transitions,
+    fetch_rank_counters,
     parse_duration,
     parse_load_csv,
     parse_static_transitions,
     scale_transitions,
 )
-from moeplace_operator.nodes import GPUGroup, NodeGPUs, NodesUnavailableError, build_gpu_group
+from moeplace_operator.nodes import (
+    REPROFILE_ANNOTATION,
+    GPUGroup,
+    NodeGPUs,
+    NodesUnavailableError,
+    build_gpu_group,
+)
 from moeplace_operator.planning import Plan, fitting, inputs_fingerprint, plan, score_pinned
 from moeplace_operator.spec import (
     ConditionType,
@@ -60,6 +68,7 @@ from moeplace_operator.spec import (
     PlacementSummary,
     RolloutMode,
 )
+from placement.drift import SpeedDrift, speed_drift
 from placement.evaluate import Evaluation
 from placement.formats import parse_canonical
 from placement.model import Placement
@@ -160,6 +169,7 @@ class Reconcile:
         group, gpu_update = self.gpu_group(spec)
         load, metrics_update = await self.load(spec)
         load, metrics_update, no_traffic = await self.transitions(spec, load, metrics_update)
+        gpu_update = await self.speed_drift(spec, group, gpu_update)
         mode = spec.rollout.mode
         pinned = await self.pinned(spec, group, load) if mode is RolloutMode.PINNED else None
         current = in_service.placement if in_service else None
@@ -301,6 +311,93 @@ class Reconcile:
             f"unavailable ({missing.reason}: {missing}); solving without the traffic term"
         )
         kopf.event(self.body, type="Warning", reason="TransitionsUnavailable", message=message)
+
+    async def speed_drift(
+        self, spec: MoEDeploymentSpec, group: GPUGroup, update: ConditionUpdate
+    ) -> ConditionUpdate:
+        """With a Prometheus load and ``gpus.speedDriftThresholdPercent > 0``: GPUsProfiled
+        False (``SpeedDrift``) while some GPU's measured relative speed departs from its label
+        by more than the threshold; a Warning Event and a re-profile request on the affected
+        Nodes once per change of the set of drifting GPUs. Too little data says nothing, and
+        any failure here is logged, never raised: it must not stop the placement."""
+        key = f"{self.namespace}/{self.name}"
+        threshold = spec.gpus.speed_drift_threshold_percent / 100
+        prometheus = spec.load.prometheus
+        try:
+            found: SpeedDrift | None = None
+            if prometheus is not None and threshold > 0:
+                seconds, tokens = await self.runtime.io(
+                    fetch_rank_counters, prometheus, spec.model, self.now, group.cluster.size
+                )
+                labels = [gpu.speed for gpu in group.cluster.gpus]
+                found = speed_drift(labels, seconds, tokens)
+            if found is None:
+                self.forget_drift()
+                return update
+            drifting = found.beyond(threshold)
+            metrics.SPEED_DRIFT.labels(self.namespace, self.name).set(100 * found.largest)
+            metrics.SPEED_DRIFT_GPUS.labels(self.namespace, self.name).set(len(drifting))
+            if not drifting:
+                self.last_refused.pop(f"{key}/SpeedDrift", None)
+                self.last_refused.pop(f"{key}/ReprofileRequested", None)
+                return update
+            message = self.drift_message(spec, group, found, drifting)
+            message = f"{message}; {await self.announce_drift(group, drifting, message)}"
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # MetricsUnavailableError included: no claim, no failure
+            self.logger.info("speed drift not measured: %s", error)
+            return update
+        if group.profiled:
+            return false(ConditionType.GPUS_PROFILED, "SpeedDrift", message)
+        return replace(update, message=f"{update.message}; {message}")
+
+    def forget_drift(self) -> None:
+        for gauge in (metrics.SPEED_DRIFT, metrics.SPEED_DRIFT_GPUS):
+            with contextlib.suppress(KeyError):
+                gauge.remove(self.namespace, self.name)
+
+    def drift_message(
+        self, spec: MoEDeploymentSpec, group: GPUGroup, found: SpeedDrift, drifting: list[int]
+    ) -> str:
+        shown = []
+        for gpu in drifting[:4]:
+            node, index = group.gpu_name(gpu)
+            shown.append(
+                f"{node}/{index} measured {found.measured[gpu]:.2f}x vs label "
+                f"{found.labelled[gpu]:.2f}x ({100 * found.drift[gpu]:+.1f}%)"
+            )
+        more = f" and {len(drifting) - 4} more" if len(drifting) > 4 else ""
+        window = spec.load.prometheus.window if spec.load.prometheus else "?"
+        return (
+            f"speed drift beyond {spec.gpus.speed_drift_threshold_percent:g}% on "
+            f"{len(drifting)} GPU(s): {', '.join(shown)}{more} (relative tokens/s per rank over "
+            f"{window})"
+        )
+
+    async def announce_drift(self, group: GPUGroup, drifting: list[int], message: str) -> str:
+        """Once per change of the drifting set: a Warning Event, and the affected Nodes
+        annotated (a failed annotation is retried on the next pass, the Event is not). Returns
+        what became of the re-profile request, for the condition message."""
+        key = f"{self.namespace}/{self.name}"
+        signature = ",".join(f"{n}/{i}" for n, i in sorted(map(group.gpu_name, drifting)))
+        if self.last_refused.get(f"{key}/SpeedDrift") != signature:
+            self.last_refused[f"{key}/SpeedDrift"] = signature
+            kopf.event(self.body, type="Warning", reason="SpeedDrift", message=message)
+        if self.last_refused.get(f"{key}/ReprofileRequested") == signature:
+            return "re-profile requested"
+        stamp = {REPROFILE_ANNOTATION: rfc3339(self.now)}
+        nodes = sorted({group.gpu_name(gpu)[0] for gpu in drifting})
+        try:
+            for node in nodes:
+                await self.runtime.io(self.runtime.kube.annotate_node, node, stamp)
+        except Exception as error:  # RBAC without patch on nodes, API trouble: report, go on
+            # info, not warning: kopf turns warnings into Events, and this is retried every pass
+            self.logger.info("re-profile request on %s failed: %s", ", ".join(nodes), error)
+            return f"re-profile request failed (patch nodes allowed?): {error}"
+        self.last_refused[f"{key}/ReprofileRequested"] = signature
+        self.logger.info("re-profile requested on %s", ", ".join(nodes))
+        return "re-profile requested"
 
     async def pinned(
         self, spec: MoEDeploymentSpec, group: GPUGroup, load: LoadData

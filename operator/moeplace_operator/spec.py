@@ -96,6 +96,16 @@ class GPUSpec(Camel):
         "used; fewer makes the MoEDeployment Degraded and keeps the last placement.",
     )
     gpus_per_node: int = Field(default=8, ge=1, le=64, description="GPUs per node in the group.")
+    speed_drift_threshold_percent: float = Field(
+        default=10.0,
+        ge=0,
+        le=1000,
+        description="With load.prometheus: compare each GPU's measured relative speed (rank r "
+        "= GPU r of the group; tokens/s from moe_layer_tokens_total and "
+        "moe_layer_compute_seconds_total over load.prometheus.window) with its speed label; "
+        "beyond this many percent GPUsProfiled turns False (SpeedDrift) and the node is "
+        "annotated gpu.moeplace.io/reprofile-requested-at. 0 disables.",
+    )
 
 
 class Strategy(StrEnum):

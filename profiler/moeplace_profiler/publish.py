@@ -8,6 +8,10 @@ What the operator reads (``moeplace_operator.nodes``):
 - annotation ``gpu.moeplace.io/profiled-at`` = when the curves were taken (ISO 8601, UTC), and
   ``gpu.moeplace.io/expert-shape`` = what was timed (``name:HIDDENxINTERMEDIATE:dtype``).
 
+What it reads back: annotation ``gpu.moeplace.io/reprofile-requested-at`` (RFC 3339, set by the
+operator when a GPU's measured speed drifts from its label); newer than ``profiled-at`` means
+"profile again now" (:func:`reprofile_requested`).
+
 All annotations of an object share a 256 KiB limit; the curves stay under
 :data:`CURVES_BUDGET_BYTES` by rounding and, if needed, thinning interior points (never the
 first or last count). Labels of GPU indices the node no longer has are removed (``null`` in the
@@ -19,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from moeplace_profiler import LABEL_PREFIX
@@ -28,6 +33,7 @@ SPEED_LABEL_PREFIX = f"{LABEL_PREFIX}/speed-"
 CURVES_ANNOTATION = f"{LABEL_PREFIX}/latency-curves"
 PROFILED_AT_ANNOTATION = f"{LABEL_PREFIX}/profiled-at"
 SHAPE_ANNOTATION = f"{LABEL_PREFIX}/expert-shape"
+REPROFILE_ANNOTATION = f"{LABEL_PREFIX}/reprofile-requested-at"
 CURVES_BUDGET_BYTES = 64 * 1024
 
 
@@ -154,3 +160,28 @@ def publish(
     except ApiException as err:
         raise PublishError(f"node {name}: API refused ({err.status} {err.reason})") from err
     return body
+
+
+def _moment(text: str | None) -> datetime | None:
+    """An RFC 3339 / ISO 8601 timestamp (``Z`` or an offset; naive means UTC), or None."""
+    if not text:
+        return None
+    try:
+        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def reprofile_requested(node: Any) -> bool:
+    """Whether ``node`` (a V1Node, or anything with ``metadata.annotations``) asks for a new
+    profile: ``reprofile-requested-at`` set and newer than ``profiled-at`` (or no profile
+    published yet). An unparsable request is ignored; an unparsable ``profiled-at`` counts as
+    none."""
+    metadata = getattr(node, "metadata", None)
+    annotations: Mapping[str, str] = getattr(metadata, "annotations", None) or {}
+    requested = _moment(annotations.get(REPROFILE_ANNOTATION))
+    if requested is None:
+        return False
+    profiled = _moment(annotations.get(PROFILED_AT_ANNOTATION))
+    return profiled is None or requested > profiled

@@ -8,9 +8,15 @@ from typing import Any
 
 class FakePrometheus:
     """Answers every ``/api/v1/query`` or ``/api/v1/query_range`` with a fixed result (an
-    instant ``vector`` or a range ``matrix``); records the queries it got."""
+    instant ``vector`` or a range ``matrix``); records the queries it got. ``by_query`` maps a
+    substring of the query to its own (instant vector) result, first match wins."""
 
-    def __init__(self, result: list[dict[str, Any]], result_type: str = "vector") -> None:
+    def __init__(
+        self,
+        result: list[dict[str, Any]],
+        result_type: str = "vector",
+        by_query: dict[str, list[dict[str, Any]]] | None = None,
+    ) -> None:
         import http.server
         import threading
         import urllib.parse
@@ -20,9 +26,16 @@ class FakePrometheus:
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 url = urllib.parse.urlparse(self.path)
-                queries.append(urllib.parse.parse_qs(url.query))
+                params = urllib.parse.parse_qs(url.query)
+                queries.append(params)
+                query = params.get("query", [""])[0]
+                kind, answer = result_type, result
+                for part, special in (by_query or {}).items():
+                    if part in query:
+                        kind, answer = "vector", special
+                        break
                 body = json.dumps(
-                    {"status": "success", "data": {"resultType": result_type, "result": result}}
+                    {"status": "success", "data": {"resultType": kind, "result": answer}}
                 ).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
