@@ -1,23 +1,16 @@
 """When to profile again (ViBE: GPU speeds drift with thermals, power caps, co-located work).
 
-Two kinds of evidence, both pure functions of numbers the caller already has:
-
-- **per-GPU speed drift** (:func:`speed_drift`, what the operator uses): each rank of the EP
-  group reports the expert compute time and the token-expert pairs it processed (serving's
-  ``moe_layer_compute_seconds_total`` and ``moe_layer_tokens_total``, summed over layers and
-  over a window). Rank ``r`` is GPU ``r`` of the group (the operator's slot order: nodes by
-  name, GPU index within the node). A rank's throughput ``tokens_r / seconds_r``
-  (token-expert pairs per second), normalised to mean 1 over the group, is its measured
-  relative speed; the published speed labels normalised to mean 1 over the same GPUs are the
-  predicted ones; ``drift_r = measured_r / label_r - 1`` (dimensionless: -0.2 means 20% slower
-  than its label says relative to the others). Only relative speeds are compared, so a change
-  that slows every GPU alike (a bigger batch, a new model version) is not drift: placement
-  depends on the ratios only.
-- **drift of measured against predicted layer times** (:func:`decide`): the median relative
-  error ``(measured - predicted) / predicted`` over the last ``window`` observations, so one
-  slow step (a GC pause, a preemption) does not trigger a re-profile, with a schedule
-  (``max_age_s``) and a ``cooldown_s`` after any profile so a flapping signal does not
-  re-profile back to back.
+Per-GPU speed drift (:func:`speed_drift`, what the operator checks on every reconcile; the
+schedule is the profiler's own interval): each rank of the EP group reports the expert compute
+time and the token-expert pairs it processed (serving's ``moe_layer_compute_seconds_total`` and
+``moe_layer_tokens_total``, summed over layers and over a window). Rank ``r`` is GPU ``r`` of
+the group (the operator's slot order: nodes by name, GPU index within the node). A rank's
+throughput ``tokens_r / seconds_r`` (token-expert pairs per second), normalised to mean 1 over
+the group, is its measured relative speed; the published speed labels normalised to mean 1 over
+the same GPUs are the predicted ones; ``drift_r = measured_r / label_r - 1`` (dimensionless:
+-0.2 means 20% slower than its label says relative to the others). Only relative speeds are
+compared, so a change that slows every GPU alike (a bigger batch, a new model version) is not
+drift: placement depends on the ratios only.
 
 Caveat of the throughput measure: time per token also depends on how many tokens a GPU gets
 (a latency curve is not linear at small batches), so ranks with very different loads differ
@@ -28,7 +21,6 @@ above that on balanced placements.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -105,57 +97,3 @@ def speed_drift(
         np.asarray(drift, dtype=np.float64),
         valid,
     )
-
-
-@dataclass(frozen=True)
-class RecalibrationPolicy:
-    max_age_s: float = 24 * 3600.0
-    threshold: float = 0.10
-    window: int = 20
-    min_observations: int = 10
-    cooldown_s: float = 600.0
-
-
-@dataclass(frozen=True)
-class Decision:
-    reprofile: bool
-    reason: str  # "schedule", "drift", "cooldown", "insufficient-data", "ok"
-    drift: float  # median relative error (measured - predicted) / predicted; nan if unknown
-    age_s: float
-
-
-def relative_drift(
-    measured: Sequence[float], predicted: Sequence[float], window: int
-) -> tuple[float, int]:
-    """Median of ``(measured - predicted) / predicted`` over the last ``window`` valid pairs."""
-    m = np.asarray(measured, dtype=np.float64)
-    p = np.asarray(predicted, dtype=np.float64)
-    if m.shape != p.shape:
-        raise ValueError("measured and predicted must have the same length")
-    ok = np.isfinite(m) & np.isfinite(p) & (p > 0)
-    rel = ((m[ok] - p[ok]) / p[ok])[-window:] if window > 0 else np.empty(0)
-    if rel.size == 0:
-        return math.nan, 0
-    return float(np.median(rel)), int(rel.size)
-
-
-def decide(
-    now_s: float,
-    profiled_at_s: float,
-    measured: Sequence[float],
-    predicted: Sequence[float],
-    policy: RecalibrationPolicy | None = None,
-) -> Decision:
-    """Should this GPU group be profiled again now? Times in seconds (any common epoch)."""
-    pol = policy or RecalibrationPolicy()
-    age = max(0.0, now_s - profiled_at_s)
-    drift, n = relative_drift(measured, predicted, pol.window)
-    if age >= pol.max_age_s:
-        return Decision(True, "schedule", drift, age)
-    if age < pol.cooldown_s:
-        return Decision(False, "cooldown", drift, age)
-    if n < pol.min_observations:
-        return Decision(False, "insufficient-data", drift, age)
-    if abs(drift) > pol.threshold:
-        return Decision(True, "drift", drift, age)
-    return Decision(False, "ok", drift, age)
