@@ -131,7 +131,7 @@ async def reconciler(
             await nudges.sleep(key, float(body["spec"].get("reconcileIntervalSeconds", 60)))
     finally:
         nudges.forget(key)
-        memo.runtime.plans.pop(f"{namespace}/{name}", None)
+        memo.runtime.forget(f"{namespace}/{name}")
 
 
 async def reconcile_once(

@@ -71,11 +71,20 @@ from moeplace_operator.spec import (
 from placement.drift import SpeedDrift, speed_drift
 from placement.evaluate import Evaluation
 from placement.formats import parse_canonical
-from placement.model import Placement
+from placement.model import FloatArray, Placement
 from placement.validate import InvalidPlacementError
 
 T = TypeVar("T")
 REFUSALS_WORTH_AN_EVENT = {"CooldownActive", "TooManyMoves", "GainBelowThreshold"}
+
+
+@dataclass(frozen=True)
+class CachedTransitions:
+    """Raw layer-to-layer transitions [L-1, E, E] as read from ``source`` at ``read_at``."""
+
+    source: str  # what they were read from: the query's spec, or the ConfigMap's version
+    read_at: datetime
+    raw: FloatArray
 
 
 @dataclass
@@ -90,6 +99,13 @@ class Runtime:
     )
     # "ns/name" -> (inputs fingerprint, plan, solved at) of the last solve
     plans: dict[str, tuple[str, Plan, datetime]] = field(default_factory=dict)
+    # "ns/name" -> the transitions last read (megabytes of query answer: not every tick)
+    transitions: dict[str, CachedTransitions] = field(default_factory=dict)
+
+    def forget(self, key: str) -> None:
+        """Drop what is kept for the object ``key`` ("ns/name"), when it goes away."""
+        self.plans.pop(key, None)
+        self.transitions.pop(key, None)
 
     async def io(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.io_pool, fn, *args)
@@ -273,18 +289,7 @@ class Reconcile:
         if spec.placement.traffic_weight <= 0:
             return load, update, None
         try:
-            if spec.load.prometheus is not None:
-                source = "Prometheus"
-                raw = await self.runtime.io(
-                    fetch_prometheus_transitions, spec.load.prometheus, spec.model, self.now
-                )
-            else:
-                assert spec.load.static is not None
-                key = spec.load.static.transitions_key
-                source = f"ConfigMap {spec.load.static.config_map_name} key {key}"
-                raw = await self.runtime.io(
-                    parse_static_transitions, self.load_configmap or {}, key, spec.model
-                )
+            source, raw = await self.read_transitions(spec)
             transitions, factor = scale_transitions(raw, load.load, spec.model.top_k)
         except MetricsUnavailableError as missing:
             self.announce_missing_transitions(spec, missing)
@@ -293,6 +298,36 @@ class Reconcile:
         self.last_refused.pop(self.transitions_event_key, None)
         message = f"{update.message}; transitions from {source} (x{factor:.3g} to the load)"
         return replace(load, transitions=transitions), replace(update, message=message), None
+
+    async def read_transitions(self, spec: MoEDeploymentSpec) -> tuple[str, FloatArray]:
+        """(where from, raw [L-1, E, E]). Read again only when their source changed: the
+        static ConfigMap's version, or for Prometheus the query's spec or one sub-window
+        (``window / samples``, the load's own granularity) since the last read."""
+        key = f"{self.namespace}/{self.name}"
+        cached = self.runtime.transitions.get(key)
+        if spec.load.prometheus is not None:
+            prometheus = spec.load.prometheus
+            source = "Prometheus"
+            version = prometheus.model_dump_json() + spec.model.model_dump_json()
+            max_age = parse_duration(prometheus.window) / prometheus.samples
+            fresh = cached is not None and self.now - cached.read_at < max_age
+            if cached is not None and cached.source == version and fresh:
+                return source, cached.raw
+            raw = await self.runtime.io(
+                fetch_prometheus_transitions, prometheus, spec.model, self.now
+            )
+        else:
+            assert spec.load.static is not None
+            item = spec.load.static.transitions_key
+            source = f"ConfigMap {spec.load.static.config_map_name} key {item}"
+            found = self.load_configmap or {}
+            revision = str(found.get("metadata", {}).get("resourceVersion", ""))
+            version = f"{revision}/{item}/{spec.model.model_dump_json()}"
+            if cached is not None and cached.source == version and revision:
+                return source, cached.raw
+            raw = await self.runtime.io(parse_static_transitions, found, item, spec.model)
+        self.runtime.transitions[key] = CachedTransitions(version, self.now, raw)
+        return source, raw
 
     @property
     def transitions_event_key(self) -> str:

@@ -325,3 +325,52 @@ def test_status_patch_clears_unknown_traffic_shares() -> None:
         "trafficSharePercent": None,
         "eplbTrafficSharePercent": None,
     }
+
+
+def test_transitions_are_read_again_only_when_their_source_changes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Megabytes of query answer per read: a Prometheus read is reused for one sub-window
+    (window / samples), a static one while the ConfigMap's resourceVersion holds."""
+    from datetime import UTC, datetime, timedelta
+
+    import moeplace_operator.reconcile as reconcile_mod
+
+    reads: list[str] = []
+
+    def fake_fetch(spec: Any, model: Any, now: datetime) -> np.ndarray:
+        reads.append("prometheus")
+        return np.ones((2, 4, 4))
+
+    def fake_parse(found: Any, key: str, model: Any) -> np.ndarray:
+        reads.append(f"configmap {found['metadata'].get('resourceVersion')}")
+        return np.ones((2, 4, 4))
+
+    monkeypatch.setattr(reconcile_mod, "fetch_prometheus_transitions", fake_fetch)
+    monkeypatch.setattr(reconcile_mod, "parse_static_transitions", fake_parse)
+    runtime = Runtime(FakeKube({}), ThreadPoolExecutor(1), solver_threads=1)  # type: ignore[arg-type]
+    start = datetime(2026, 12, 1, 8, 0, tzinfo=UTC)
+
+    def read(body: dict[str, Any], minutes: float, configmap: Any = None) -> None:
+        step = Reconcile(runtime, body, [], logging.getLogger("t"), {})  # type: ignore[arg-type]
+        step.now, step.load_configmap = start + timedelta(minutes=minutes), configmap
+        asyncio.run(step.read_transitions(MoEDeploymentSpec.model_validate(body["spec"])))
+
+    body = moed(0.5, {})
+    body["spec"]["load"] = {"prometheus": {"url": "http://p:9090", "window": "1h", "samples": 6}}
+    read(body, 0)
+    read(body, 9)  # within the 10-minute sub-window: reused
+    read(body, 11)  # one sub-window later: read again
+    body["spec"]["load"]["prometheus"]["window"] = "2h"
+    read(body, 12)  # the query changed: read again
+    assert reads == ["prometheus"] * 3
+
+    reads.clear()
+    static = moed(0.5, {})
+    version = {"metadata": {"name": "routing", "resourceVersion": "7"}, "data": {}}
+    read(static, 20, version)
+    read(static, 500, version)  # same version: reused however late
+    read(static, 501, {**version, "metadata": {"name": "routing", "resourceVersion": "8"}})
+    assert reads == ["configmap 7", "configmap 8"]
+    runtime.forget("ns/lite")
+    assert "ns/lite" not in runtime.transitions
