@@ -112,7 +112,7 @@ def test_rbac_and_policy_limit_the_profiler_to_its_own_node(
     sa = f"{release}-moeplace-profiler"
     rendered = cluster.helm(
         "template", release, str(REPO / "helm" / "moeplace"), "--namespace", ns,
-        "--skip-schema-validation", "--set", "profiler.enabled=true",
+        "--set", "profiler.enabled=true",
         "--show-only", "templates/profiler-rbac.yaml",
     ).stdout  # fmt: skip
     cluster.kubectl("create", "namespace", ns)

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import Cluster
+from conftest import Cluster, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -38,7 +38,15 @@ def test_values_schema_rejects_typos(cluster: Cluster) -> None:
 def test_template_cluster_wide(cluster: Cluster) -> None:
     docs = render(cluster)
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds == ["ClusterRole", "ClusterRoleBinding", "Deployment", "Service", "ServiceAccount"]
+    assert kinds == [
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Deployment",
+        "Service",
+        "ServiceAccount",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
+    ]
     deploy = next(d for d in docs if d["kind"] == "Deployment")
     assert deploy["spec"]["replicas"] == 1 and deploy["spec"]["strategy"]["type"] == "Recreate"
     role = next(d for d in docs if d["kind"] == "ClusterRole")
@@ -114,3 +122,45 @@ def test_install_creates_objects_with_working_rbac(cluster: Cluster, release: st
     ]
     for verb, resource, ns in denied:
         assert not can(cluster, user, verb, resource, ns), f"may {verb} {resource}"
+
+
+def test_the_operator_may_only_set_its_reprofile_annotation_on_nodes(
+    cluster: Cluster, release: str
+) -> None:
+    """RBAC grants the operator ``patch`` on nodes; the chart's ValidatingAdmissionPolicy
+    narrows it to gpu.moeplace.io/reprofile-requested-at (checked by impersonating the
+    operator's ServiceAccount against the real API server)."""
+    namespace = release
+    deploy = json.loads(cluster.kubectl("get", "deployment", "-n", namespace, "-o", "json").stdout)
+    sa = deploy["items"][0]["spec"]["template"]["spec"]["serviceAccountName"]
+    pool = f"pol{uuid.uuid4().hex[:6]}"
+    (node,) = cluster.make_nodes(1, 1, pool=pool, prefix=pool)
+    tries = iter(range(1_000))
+
+    def as_operator(*args: str) -> Any:
+        who = f"--as=system:serviceaccount:{namespace}:{sa}"
+        return cluster.kubectl(*args, "--overwrite", who, check=False)
+
+    def refused(kind: str, key: str, needle: str) -> bool:
+        # a new value each try: a try that got in before the policy was in force leaves its
+        # value, and sending that same value again would be a no-op no policy refuses
+        result = as_operator(kind, "node", node, f"{key}={next(tries)}")
+        return result.returncode != 0 and needle in result.stderr
+
+    try:
+        assert wait_for(
+            "the policy to refuse a label",
+            lambda: refused("label", "team", "may not change a node's spec or labels"),
+            timeout=30,
+        )
+        assert refused("annotate", "other.example/x", "may only set the gpu.moeplace.io/")
+        stamp, key = "2026-12-01T08:00:00Z", "gpu.moeplace.io/reprofile-requested-at"
+        ok = as_operator("annotate", "node", node, f"{key}={stamp}")
+        assert ok.returncode == 0, ok.stderr
+        annotations = json.loads(cluster.kubectl("get", "node", node, "-o", "json").stdout)[
+            "metadata"
+        ]["annotations"]
+        assert annotations[key] == stamp
+        assert "other.example/x" not in annotations
+    finally:
+        cluster.delete_nodes(pool=pool)

@@ -52,3 +52,17 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   resources: ["deployments", "statefulsets"]
   verbs: ["get", "patch"]  # the rollout.target pod-template annotation
 {{- end -}}
+
+{{/* CEL variables of a node update: old and new labels and annotations (empty maps when
+absent). Shared by the ValidatingAdmissionPolicies that bound what the operator and the
+profiler may change on a Node. */}}
+{{- define "moeplace.nodeMetaVariables" -}}
+- name: oldLabels
+  expression: "has(oldObject.metadata.labels) ? oldObject.metadata.labels : {}"
+- name: newLabels
+  expression: "has(object.metadata.labels) ? object.metadata.labels : {}"
+- name: oldAnn
+  expression: "has(oldObject.metadata.annotations) ? oldObject.metadata.annotations : {}"
+- name: newAnn
+  expression: "has(object.metadata.annotations) ? object.metadata.annotations : {}"
+{{- end -}}
