@@ -16,7 +16,7 @@ import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from prometheus_api_client import PrometheusConnect
@@ -201,6 +201,26 @@ def default_transitions_query(model_name: str) -> str:
     return f"sum by (layer, src, dst) (increase({selector}[$window]))"
 
 
+T = TypeVar("T")
+
+
+def _validated(
+    adapter: TypeAdapter[list[T]], series: list[dict[str, Any]], reason: str, what: str, needs: str
+) -> list[T]:
+    """``series`` checked by ``adapter``; a readable MetricsUnavailableError(``reason``) that
+    names the first bad series and what each one ``needs`` otherwise."""
+    try:
+        return adapter.validate_python(series)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise MetricsUnavailableError(
+            reason,
+            f"{error.error_count()} invalid {what} series; first at {where}: {first['msg']} "
+            f"(each series needs {needs})",
+        ) from error
+
+
 def parse_transitions_result(
     series: list[dict[str, Any]], model: ModelSpec, layer_offset: int
 ) -> FloatArray:
@@ -208,16 +228,9 @@ def parse_transitions_result(
     outside the model's L-1 boundaries are ignored, like the load's; NaN counts as 0). Every
     series must carry integer labels ``layer``, ``src`` and ``dst`` (pydantic-validated): a
     query that aggregates them away is a configuration error, not "no traffic"."""
-    try:
-        parsed = _PAIR_SERIES.validate_python(series)
-    except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        raise MetricsUnavailableError(
-            "BadTransitions",
-            f"{error.error_count()} invalid transition series; first at {where}: "
-            f"{first['msg']} (each series needs integer labels layer, src, dst)",
-        ) from error
+    parsed = _validated(
+        _PAIR_SERIES, series, "BadTransitions", "transition", "integer labels layer, src, dst"
+    )
     L, E = model.moe_layers, model.experts_per_layer
     out = np.zeros(max(L - 1, 0) * E * E, dtype=np.float64)
     if not parsed:
@@ -344,16 +357,7 @@ def rank_query(metric: str, model_name: str, window: str) -> str:
 def parse_rank_result(series: list[dict[str, Any]], ranks: int) -> FloatArray:
     """Prometheus instant vector with an integer ``rank`` label -> [ranks]; series of one rank
     are summed; ranks outside 0..ranks-1 and NaN values are ignored (missing ranks are 0)."""
-    try:
-        parsed = _RANK_SERIES.validate_python(series)
-    except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        raise MetricsUnavailableError(
-            "BadRankSeries",
-            f"{error.error_count()} invalid per-rank series; first at {where}: {first['msg']} "
-            "(each series needs an integer label rank)",
-        ) from error
+    parsed = _validated(_RANK_SERIES, series, "BadRankSeries", "per-rank", "an integer label rank")
     out = np.zeros(ranks, dtype=np.float64)
     for one in parsed:
         rank, value = one["metric"]["rank"], one["value"][1]
