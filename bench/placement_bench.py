@@ -36,11 +36,9 @@ from placement.load import LoadModelConfig, estimate, sampling_for  # noqa: E402
 from placement.model import GPU, Cluster, FloatArray, MoEModelShape, Placement  # noqa: E402
 from placement.problem import Problem  # noqa: E402
 from placement.solvers import SolveOptions, solve  # noqa: E402
-from placement.solvers.cpsat import solve_cpsat  # noqa: E402
-from placement.validate import validate  # noqa: E402
 
 STRATEGIES = ["round-robin", "linear", "eplb", "eplb-global", "greedy", "cpsat"]
-# cpsat with the best-split objective (solve_cpsat(..., dispatch="best")): placements for a
+# cpsat with the best-split objective (SolveOptions(dispatch="best")): placements for a
 # speed-aware dispatcher; held-out real scenarios only
 BEST = "cpsat-best"
 WINDOW = 100  # prompts per batch window
@@ -139,8 +137,7 @@ def pal(data: Path, num_gpus: int) -> Cluster:
 def _child(conn: Any, problem: Problem, strategy: str, options: SolveOptions) -> None:
     start = time.perf_counter()
     if strategy == BEST:
-        sol = solve_cpsat(problem, options, dispatch="best")
-        validate(sol.placement, problem.model)
+        sol = solve(problem, "cpsat", replace(options, dispatch="best"))
     else:
         sol = solve(problem, strategy, options)
     wall = time.perf_counter() - start

@@ -1,11 +1,12 @@
 """Strategy names the command line accepts: the library's registered strategies, plus
 ``cpsat-best``, cpsat placing copies for a speed-aware dispatcher that splits each batch
-optimally over them (``solve_cpsat(..., dispatch="best")``; not a registered strategy). A
+optimally over them (cpsat with ``SolveOptions(dispatch="best")``; not a registered
+strategy). A
 strategy the library registers under the same name takes precedence."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import replace
 
 from moeplace_cli.errors import CliError
 from placement.problem import Problem
@@ -45,11 +46,4 @@ def solve_named(problem: Problem, name: str, options: SolveOptions) -> Solution:
         return solve(problem, name, options)
     if name != CPSAT_BEST:
         raise CliError(f"unknown strategy {name!r}; choose from {', '.join(available())}")
-    from placement.solvers import cpsat
-    from placement.validate import validate
-
-    # ``register`` types the solver as (problem, options) -> Solution; its keyword is real
-    solve_cpsat: Callable[..., Solution] = cpsat.solve_cpsat
-    solution = solve_cpsat(problem, options, dispatch="best")
-    validate(solution.placement, problem.model)
-    return solution
+    return solve(problem, "cpsat", replace(options, dispatch="best"))

@@ -67,7 +67,7 @@ Solving, per layer (without traffic coupling: ``weights.traffic == 0`` or no tra
     migration terms count 0 in it. With traffic coupling, one model holds all layers (replica
     counts fixed to greedy's, no local search) and gets the whole budget.
 
-Dispatch-aware mode (``solve_cpsat(..., dispatch="best")``, not the registered default)
+Dispatch-aware mode (``SolveOptions(dispatch="best")``; the default is ``"even"``)
     For a speed-aware dispatcher that splits each batch's tokens optimally over an expert's
     copies, the layer time of a sample is ``max_H W(H) / speed(H)`` over GPU sets H, where
     ``W(H)`` is the work of the experts whose copies all lie in H (max-flow min-cut). After
@@ -1059,18 +1059,16 @@ def _solve_coupled(
 
 
 @register("cpsat")
-def solve_cpsat(
-    problem: Problem, options: SolveOptions, *, dispatch: str | None = None
-) -> Solution:
+def solve_cpsat(problem: Problem, options: SolveOptions) -> Solution:
     """Solve ``problem`` with CP-SAT (see the module docstring for the model).
 
-    ``dispatch`` (default ``options.dispatch``): ``"even"``, placements for engines that split
-    an expert's tokens evenly over its copies; ``"best"``, for a speed-aware dispatcher that
-    splits each batch optimally over the copies; the objective is then the hedged best-split
-    straggler time and the reported bound the fluid/copy bound."""
+    ``options.dispatch``: ``"even"``, placements for engines that split an expert's tokens
+    evenly over its copies; ``"best"``, for a speed-aware dispatcher that splits each batch
+    optimally over the copies; the objective is then the hedged best-split straggler time and
+    the reported bound the fluid/copy bound."""
     from placement.solvers.greedy import greedy_table
 
-    dispatch = options.dispatch if dispatch is None else dispatch
+    dispatch = options.dispatch
     if options.hedge not in ("expected", "robust"):
         raise ValueError(f"hedge must be 'expected' or 'robust', got {options.hedge!r}")
     if dispatch not in ("even", "best"):
