@@ -196,6 +196,19 @@ class _PairSeries(TypedDict):
 _PAIR_SERIES = TypeAdapter(list[_PairSeries])
 
 
+def instant_query(
+    client: PrometheusConnect, url: str, query: str, now: datetime, reason: str
+) -> list[dict[str, Any]]:
+    """``query`` evaluated at ``now``; any failure -> MetricsUnavailableError(``reason``)."""
+    try:
+        series: list[dict[str, Any]] = client.custom_query(query, params={"time": now.timestamp()})
+    except Exception as error:  # the client raises many types; all mean "not available now"
+        raise MetricsUnavailableError(
+            reason, f"query {query!r} to {url} failed: {error}"
+        ) from error
+    return series
+
+
 def default_transitions_query(model_name: str) -> str:
     selector = f'{TRANSITIONS_METRIC}{{model="{_label_value(model_name)}"}}'
     return f"sum by (layer, src, dst) (increase({selector}[$window]))"
@@ -258,12 +271,7 @@ def fetch_prometheus_transitions(
     """One instant query over the whole window -> [L-1, E, E] (unscaled)."""
     query = spec.transitions_query or default_transitions_query(model.name)
     query = query.replace("$window", format_duration(parse_duration(spec.window)))
-    try:
-        series = prometheus_client(spec).custom_query(query, params={"time": now.timestamp()})
-    except Exception as error:  # the client raises many types; all mean "not available now"
-        raise MetricsUnavailableError(
-            "TransitionsQueryFailed", f"transitions query to {spec.url} failed: {error}"
-        ) from error
+    series = instant_query(prometheus_client(spec), spec.url, query, now, "TransitionsQueryFailed")
     transitions = parse_transitions_result(series, model, spec.layer_offset)
     if transitions.sum() <= 0:
         raise MetricsUnavailableError(
@@ -376,11 +384,6 @@ def fetch_rank_counters(
     out: list[FloatArray] = []
     for metric in (SECONDS_METRIC, TOKENS_METRIC):
         query = rank_query(metric, model.name, window)
-        try:
-            series = client.custom_query(query, params={"time": now.timestamp()})
-        except Exception as error:  # the client raises many types; all mean "not available now"
-            raise MetricsUnavailableError(
-                "DriftQueryFailed", f"{metric} query to {spec.url} failed: {error}"
-            ) from error
+        series = instant_query(client, spec.url, query, now, "DriftQueryFailed")
         out.append(parse_rank_result(series, ranks))
     return out[0], out[1]

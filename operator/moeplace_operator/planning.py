@@ -128,16 +128,19 @@ def plan(
         dispatch=spec.placement.dispatch.rule,
     )
     solution = solve(problem, spec.placement.strategy.value, options)
+    policies = [
+        score(solve(problem, name, options).placement, spec, group, load)
+        for name in ("eplb", "eplb-global")
+    ]
     result = Plan(
         solution=solution,
         proposal=score(solution.placement, spec, group, load, previous=in_service),
-        eplb=score(solve(problem, "eplb", options).placement, spec, group, load),
+        eplb=policies[0],
         current=score(in_service, spec, group, load) if in_service else None,
         traffic_weight=spec.placement.traffic_weight,
         transition_tokens=float(load.transitions.sum()) if load.transitions is not None else 0.0,
     )
-    other = score(solve(problem, "eplb-global", options).placement, spec, group, load)
-    return replace(result, eplb=other) if result.cost(other) < result.cost(result.eplb) else result
+    return replace(result, eplb=min(policies, key=result.cost))
 
 
 def inputs_fingerprint(

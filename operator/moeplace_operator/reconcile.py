@@ -145,6 +145,11 @@ class Reconcile:
         return str(self.body["metadata"]["namespace"])
 
     @property
+    def key(self) -> str:
+        """ "namespace/name": what the runtime keeps per object is filed under it."""
+        return f"{self.namespace}/{self.name}"
+
+    @property
     def generation(self) -> int:
         return int(self.body["metadata"].get("generation", 0))
 
@@ -303,8 +308,7 @@ class Reconcile:
         """(where from, raw [L-1, E, E]). Read again only when their source changed: the
         static ConfigMap's version, or for Prometheus the query's spec or one sub-window
         (``window / samples``, the load's own granularity) since the last read."""
-        key = f"{self.namespace}/{self.name}"
-        cached = self.runtime.transitions.get(key)
+        cached = self.runtime.transitions.get(self.key)
         if spec.load.prometheus is not None:
             prometheus = spec.load.prometheus
             source = "Prometheus"
@@ -326,12 +330,12 @@ class Reconcile:
             if cached is not None and cached.source == version and revision:
                 return source, cached.raw
             raw = await self.runtime.io(parse_static_transitions, found, item, spec.model)
-        self.runtime.transitions[key] = CachedTransitions(version, self.now, raw)
+        self.runtime.transitions[self.key] = CachedTransitions(version, self.now, raw)
         return source, raw
 
     @property
     def transitions_event_key(self) -> str:
-        return f"{self.namespace}/{self.name}/TransitionsUnavailable"
+        return f"{self.key}/TransitionsUnavailable"
 
     def announce_missing_transitions(
         self, spec: MoEDeploymentSpec, missing: MetricsUnavailableError
@@ -355,7 +359,6 @@ class Reconcile:
         by more than the threshold; a Warning Event and a re-profile request on the affected
         Nodes once per change of the set of drifting GPUs. Too little data says nothing, and
         any failure here is logged, never raised: it must not stop the placement."""
-        key = f"{self.namespace}/{self.name}"
         threshold = spec.gpus.speed_drift_threshold_percent / 100
         prometheus = spec.load.prometheus
         try:
@@ -373,8 +376,8 @@ class Reconcile:
             metrics.SPEED_DRIFT.labels(self.namespace, self.name).set(100 * found.largest)
             metrics.SPEED_DRIFT_GPUS.labels(self.namespace, self.name).set(len(drifting))
             if not drifting:
-                self.last_refused.pop(f"{key}/SpeedDrift", None)
-                self.last_refused.pop(f"{key}/ReprofileRequested", None)
+                self.last_refused.pop(f"{self.key}/SpeedDrift", None)
+                self.last_refused.pop(f"{self.key}/ReprofileRequested", None)
                 return update
             message = self.drift_message(spec, group, found, drifting)
             message = f"{message}; {await self.announce_drift(group, drifting, message)}"
@@ -414,12 +417,11 @@ class Reconcile:
         """Once per change of the drifting set: a Warning Event, and the affected Nodes
         annotated (a failed annotation is retried on the next pass, the Event is not). Returns
         what became of the re-profile request, for the condition message."""
-        key = f"{self.namespace}/{self.name}"
         signature = ",".join(f"{n}/{i}" for n, i in sorted(map(group.gpu_name, drifting)))
-        if self.last_refused.get(f"{key}/SpeedDrift") != signature:
-            self.last_refused[f"{key}/SpeedDrift"] = signature
+        if self.last_refused.get(f"{self.key}/SpeedDrift") != signature:
+            self.last_refused[f"{self.key}/SpeedDrift"] = signature
             kopf.event(self.body, type="Warning", reason="SpeedDrift", message=message)
-        if self.last_refused.get(f"{key}/ReprofileRequested") == signature:
+        if self.last_refused.get(f"{self.key}/ReprofileRequested") == signature:
             return "re-profile requested"
         stamp = {REPROFILE_ANNOTATION: rfc3339(self.now)}
         nodes = sorted({group.gpu_name(gpu)[0] for gpu in drifting})
@@ -430,7 +432,7 @@ class Reconcile:
             # info, not warning: kopf turns warnings into Events, and this is retried every pass
             self.logger.info("re-profile request on %s failed: %s", ", ".join(nodes), error)
             return f"re-profile request failed (patch nodes allowed?): {error}"
-        self.last_refused[f"{key}/ReprofileRequested"] = signature
+        self.last_refused[f"{self.key}/ReprofileRequested"] = signature
         self.logger.info("re-profile requested on %s", ", ".join(nodes))
         return "re-profile requested"
 
@@ -455,9 +457,8 @@ class Reconcile:
     async def plan(
         self, spec: MoEDeploymentSpec, group: GPUGroup, load: LoadData, current: Placement | None
     ) -> Plan:
-        key = f"{self.namespace}/{self.name}"
         fingerprint = inputs_fingerprint(spec, group, load, current)
-        cached = self.runtime.plans.get(key)
+        cached = self.runtime.plans.get(self.key)
         if cached and cached[0] == fingerprint:
             self.solved_at = cached[2]
             return cached[1]
@@ -476,7 +477,7 @@ class Reconcile:
         metrics.SOLVE_SECONDS.labels(strategy).observe(time.monotonic() - started)
         metrics.PREDICTED_GAIN.labels(self.namespace, self.name).set(result.gain_over_current)
         metrics.GAIN_OVER_EPLB.labels(self.namespace, self.name).set(result.gain_over_eplb)
-        self.runtime.plans[key] = (fingerprint, result, self.now)
+        self.runtime.plans[self.key] = (fingerprint, result, self.now)
         return result
 
     async def publish(self, name: str, role: str, placement: Placement) -> Published:
@@ -513,7 +514,7 @@ class Reconcile:
         if decision.reason not in REFUSALS_WORTH_AN_EVENT:
             return
         metrics.REFUSALS.labels(decision.reason).inc()
-        key = f"{self.namespace}/{self.name}/{decision.reason}"
+        key = f"{self.key}/{decision.reason}"
         if self.last_refused.get(key) == proposed_hash:
             return
         self.last_refused[key] = proposed_hash
