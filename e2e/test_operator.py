@@ -539,40 +539,54 @@ def test_model_shape_is_immutable(cluster: Cluster, crd: None, namespace: str) -
     assert result.returncode != 0 and "model shape is immutable" in result.stderr, result.stderr
 
 
-class RoutingExporter:
+class GrowingCounters:
+    """Prometheus counters on their own port, each child growing at its own rate per second
+    (``rates``), in steps of 0.25 s: what a serving pod's counters look like to a scrape."""
+
+    TICK_S = 0.25
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.registry = CollectorRegistry()
+        self.rates: list[tuple[Any, float]] = []
+
+    def counter(self, name: str, doc: str, labels: list[str]) -> Counter:
+        return Counter(name, doc, labels, registry=self.registry)
+
+    def start(self) -> None:
+        self.stop = threading.Event()
+        self.server, _ = start_http_server(self.port, addr="127.0.0.1", registry=self.registry)
+        threading.Thread(target=self.run, daemon=True).start()
+
+    def run(self) -> None:
+        while not self.stop.wait(self.TICK_S):
+            for child, rate in self.rates:
+                child.inc(rate * self.TICK_S)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.server.shutdown()
+
+
+class RoutingExporter(GrowingCounters):
     """Serves moe_expert_tokens_total{model, layer, expert} growing at the real routing
     counts' proportions (scaled to tokens per second)."""
 
     def __init__(self, model: str, tokens_per_s: float = 50_000) -> None:
-        self.port = free_port()
-        self.registry = CollectorRegistry()
-        counter = Counter(
-            "moe_expert_tokens",
-            "Tokens routed to an expert",
-            ["model", "layer", "expert"],
-            registry=self.registry,
+        super().__init__()
+        counter = self.counter(
+            "moe_expert_tokens", "Tokens routed to an expert", ["model", "layer", "expert"]
         )
         rows = list(csv.DictReader(ROUTING_CSV.read_text().splitlines()))
         total = sum(float(r["count"]) for r in rows)
-        self.series = [
+        self.rates = [
             (
                 counter.labels(model, r["moe_layer_index"], r["expert_id"]),
                 float(r["count"]) / total * tokens_per_s,
             )
             for r in rows
         ]
-        self.stop = threading.Event()
-        self.server, _ = start_http_server(self.port, addr="127.0.0.1", registry=self.registry)
-        threading.Thread(target=self.run, daemon=True).start()
-
-    def run(self) -> None:
-        while not self.stop.wait(0.25):
-            for child, rate in self.series:
-                child.inc(rate * 0.25)
-
-    def close(self) -> None:
-        self.stop.set()
-        self.server.shutdown()
+        self.start()
 
 
 class TcpProxy:
@@ -717,7 +731,7 @@ def test_prometheus_transitions_from_serving_metrics_shape_the_placement(
         exporter.close()
 
 
-class RankExporter:
+class RankExporter(GrowingCounters):
     """Serving counters of an EP group of 4 ranks: routing per expert (the load) and, per rank,
     ``moe_layer_tokens_total`` and ``moe_layer_compute_seconds_total`` growing as GPUs of the
     given true speeds would compute the same token rate."""
@@ -725,42 +739,22 @@ class RankExporter:
     LAYERS, EXPERTS = 2, 8
 
     def __init__(self, model: str, true_speeds: list[float], pairs_per_s: float = 10_000) -> None:
-        self.port = free_port()
-        self.registry = CollectorRegistry()
-        routed = Counter(
-            "moe_expert_tokens", "Tokens routed", ["model", "layer", "expert"],
-            registry=self.registry,
-        )  # fmt: skip
-        tokens = Counter(
-            "moe_layer_tokens", "Pairs computed", ["model", "layer", "rank"],
-            registry=self.registry,
-        )  # fmt: skip
-        seconds = Counter(
-            "moe_layer_compute_seconds", "Expert compute seconds", ["model", "layer", "rank"],
-            registry=self.registry,
-        )  # fmt: skip
-        self.steps: list[tuple[Any, float]] = []
+        super().__init__()
+        routed = self.counter("moe_expert_tokens", "Tokens routed", ["model", "layer", "expert"])
+        tokens = self.counter("moe_layer_tokens", "Pairs computed", ["model", "layer", "rank"])
+        seconds = self.counter(
+            "moe_layer_compute_seconds", "Expert compute seconds", ["model", "layer", "rank"]
+        )
         for layer in range(self.LAYERS):
             for expert in range(self.EXPERTS):
                 rate = 1000.0 * (1 + expert % 3)
-                self.steps.append((routed.labels(model, str(layer), str(expert)), rate))
+                self.rates.append((routed.labels(model, str(layer), str(expert)), rate))
             for rank, speed in enumerate(true_speeds):
                 pairs = pairs_per_s / self.LAYERS
-                self.steps.append((tokens.labels(model, str(layer), str(rank)), pairs))
+                self.rates.append((tokens.labels(model, str(layer), str(rank)), pairs))
                 busy = pairs * 1e-6 / speed  # 1 µs per pair at speed 1.0
-                self.steps.append((seconds.labels(model, str(layer), str(rank)), busy))
-        self.stop = threading.Event()
-        self.server, _ = start_http_server(self.port, addr="127.0.0.1", registry=self.registry)
-        threading.Thread(target=self.run, daemon=True).start()
-
-    def run(self) -> None:
-        while not self.stop.wait(0.25):
-            for child, rate in self.steps:
-                child.inc(rate * 0.25)
-
-    def close(self) -> None:
-        self.stop.set()
-        self.server.shutdown()
+                self.rates.append((seconds.labels(model, str(layer), str(rank)), busy))
+        self.start()
 
 
 def test_speed_drift_from_serving_times_requests_a_reprofile(

@@ -175,10 +175,11 @@ class ServingMetrics:
         flat += self._offsets
         counts = np.bincount(flat.ravel(), minlength=self.layers * self.experts)
         pairs = self._transition_counts(topk_ids) if self.count_transitions else None
-        with self._arrays.lock:
-            self._arrays.expert_tokens.ravel().__iadd__(counts)
+        arrays = self._arrays
+        with arrays.lock:
+            arrays.expert_tokens += counts.reshape(arrays.expert_tokens.shape)
             if pairs is not None:
-                self._arrays.transitions.ravel().__iadd__(pairs)
+                arrays.transitions += pairs.reshape(arrays.transitions.shape)
 
     def _transition_counts(self, topk_ids: npt.NDArray[np.integer]) -> npt.NDArray[np.int64]:
         """[(L-1) * E * E] pair counts of one step: for every (sampled) token and layer l, each

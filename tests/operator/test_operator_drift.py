@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
@@ -161,6 +162,21 @@ class Scenario:
 
 
 @pytest.fixture
+def scenario() -> Iterator[Callable[[list[str]], Scenario]]:
+    """Scenarios with 10 s of compute per rank and these per-rank token counts; their fake
+    Prometheus servers stop after the test."""
+    made: list[Scenario] = []
+
+    def make(tokens: list[str]) -> Scenario:
+        made.append(Scenario(tokens=tokens, seconds=["10"] * 4))
+        return made[-1]
+
+    yield make
+    for one in made:
+        one.prometheus.close()
+
+
+@pytest.fixture
 def events(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     got: list[dict[str, Any]] = []
     monkeypatch.setattr(kopf, "event", lambda body, **kw: got.append(kw))
@@ -171,97 +187,89 @@ def gauge(name: str) -> float | None:
     return REGISTRY.get_sample_value(name, {"namespace": "ns", "name": "lite"})
 
 
-def test_drift_reported_once_node_annotated_then_cleared(events: list[dict[str, Any]]) -> None:
+def test_drift_reported_once_node_annotated_then_cleared(
+    events: list[dict[str, Any]], scenario: Callable[[list[str]], Scenario]
+) -> None:
     # every label says 1.0; rank 0 (n0/0) computes at 0.8x and rank 3 (n1/1) at 1.2x the mean
-    s = Scenario(tokens=["80000", "100000", "100000", "120000"], seconds=["10"] * 4)
-    try:
-        conditions = s.reconcile(["1.0"] * 4)
-        profiled = conditions["GPUsProfiled"]
-        assert profiled["status"] == "False" and profiled["reason"] == "SpeedDrift"
-        assert "n0/0 measured 0.80x vs label 1.00x (-20.0%)" in profiled["message"]
-        assert "n1/1 measured 1.20x vs label 1.00x (+20.0%)" in profiled["message"]
-        assert conditions["Ready"]["status"] == "True"  # the placement path is untouched
-        assert s.kube.configmaps["lite-placement"]
-        warnings = [e for e in events if e["reason"] == "SpeedDrift"]
-        assert len(warnings) == 1 and warnings[0]["type"] == "Warning"
-        assert s.kube.annotated == [
-            ("n0", {REPROFILE_ANNOTATION: "2026-12-01T08:00:00Z"}),
-            ("n1", {REPROFILE_ANNOTATION: "2026-12-01T08:00:00Z"}),
-        ]
-        assert abs(gauge("moeplace_gpu_speed_drift_percent") or 0) == pytest.approx(20)
-        assert gauge("moeplace_gpu_speed_drift_gpus") == 2
+    s = scenario(["80000", "100000", "100000", "120000"])
+    conditions = s.reconcile(["1.0"] * 4)
+    profiled = conditions["GPUsProfiled"]
+    assert profiled["status"] == "False" and profiled["reason"] == "SpeedDrift"
+    assert "n0/0 measured 0.80x vs label 1.00x (-20.0%)" in profiled["message"]
+    assert "n1/1 measured 1.20x vs label 1.00x (+20.0%)" in profiled["message"]
+    assert conditions["Ready"]["status"] == "True"  # the placement path is untouched
+    assert s.kube.configmaps["lite-placement"]
+    warnings = [e for e in events if e["reason"] == "SpeedDrift"]
+    assert len(warnings) == 1 and warnings[0]["type"] == "Warning"
+    assert s.kube.annotated == [
+        ("n0", {REPROFILE_ANNOTATION: "2026-12-01T08:00:00Z"}),
+        ("n1", {REPROFILE_ANNOTATION: "2026-12-01T08:00:00Z"}),
+    ]
+    assert abs(gauge("moeplace_gpu_speed_drift_percent") or 0) == pytest.approx(20)
+    assert gauge("moeplace_gpu_speed_drift_gpus") == 2
 
-        conditions = s.reconcile(["1.0"] * 4)  # same drift: no second Event, no second request
-        assert len([e for e in events if e["reason"] == "SpeedDrift"]) == 1
-        assert len(s.kube.annotated) == 2
-        assert conditions["GPUsProfiled"]["message"].endswith("; re-profile requested")
+    conditions = s.reconcile(["1.0"] * 4)  # same drift: no second Event, no second request
+    assert len([e for e in events if e["reason"] == "SpeedDrift"]) == 1
+    assert len(s.kube.annotated) == 2
+    assert conditions["GPUsProfiled"]["message"].endswith("; re-profile requested")
 
-        # the profiler re-published labels that match what serving measures: drift gone
-        conditions = s.reconcile(["0.8", "1.0", "1.0", "1.2"])
-        assert conditions["GPUsProfiled"]["status"] == "True"
-        assert conditions["GPUsProfiled"]["reason"] == "SpeedLabels"
-        assert gauge("moeplace_gpu_speed_drift_percent") == pytest.approx(0, abs=1e-9)
-        assert gauge("moeplace_gpu_speed_drift_gpus") == 0
-    finally:
-        s.prometheus.close()
+    # the profiler re-published labels that match what serving measures: drift gone
+    conditions = s.reconcile(["0.8", "1.0", "1.0", "1.2"])
+    assert conditions["GPUsProfiled"]["status"] == "True"
+    assert conditions["GPUsProfiled"]["reason"] == "SpeedLabels"
+    assert gauge("moeplace_gpu_speed_drift_percent") == pytest.approx(0, abs=1e-9)
+    assert gauge("moeplace_gpu_speed_drift_gpus") == 0
 
 
 def test_within_threshold_disabled_or_too_little_data_claims_nothing(
-    events: list[dict[str, Any]],
+    events: list[dict[str, Any]], scenario: Callable[[list[str]], Scenario]
 ) -> None:
-    s = Scenario(tokens=["95000", "100000", "100000", "105000"], seconds=["10"] * 4)
-    try:
-        assert s.reconcile(["1.0"] * 4)["GPUsProfiled"]["status"] == "True"  # 5% < 10%
-        assert s.reconcile(["1.0"] * 4, threshold=4)["GPUsProfiled"]["reason"] == "SpeedDrift"
-        before = s.drift_queries()
-        conditions = s.reconcile(["1.0"] * 4, threshold=0)  # disabled: not even queried
-        assert conditions["GPUsProfiled"]["status"] == "True"
-        assert s.drift_queries() == before
-        s.answers["moe_layer_tokens_total"] = []  # serving exports no per-rank counters
-        conditions = s.reconcile(["1.0"] * 4, threshold=4)
-        assert conditions["GPUsProfiled"]["reason"] == "SpeedLabels"
-        assert gauge("moeplace_gpu_speed_drift_percent") is None  # no claim, no number
-        s.answers["moe_layer_tokens_total"] = [{"metric": {"pod": "x"}, "value": [1, "5"]}]
-        conditions = s.reconcile(["1.0"] * 4, threshold=4)  # aggregated wrongly: still fine
-        assert conditions["GPUsProfiled"]["reason"] == "SpeedLabels"
-        assert conditions["Ready"]["status"] == "True"
-    finally:
-        s.prometheus.close()
+    s = scenario(["95000", "100000", "100000", "105000"])
+    assert s.reconcile(["1.0"] * 4)["GPUsProfiled"]["status"] == "True"  # 5% < 10%
+    assert s.reconcile(["1.0"] * 4, threshold=4)["GPUsProfiled"]["reason"] == "SpeedDrift"
+    before = s.drift_queries()
+    conditions = s.reconcile(["1.0"] * 4, threshold=0)  # disabled: not even queried
+    assert conditions["GPUsProfiled"]["status"] == "True"
+    assert s.drift_queries() == before
+    s.answers["moe_layer_tokens_total"] = []  # serving exports no per-rank counters
+    conditions = s.reconcile(["1.0"] * 4, threshold=4)
+    assert conditions["GPUsProfiled"]["reason"] == "SpeedLabels"
+    assert gauge("moeplace_gpu_speed_drift_percent") is None  # no claim, no number
+    s.answers["moe_layer_tokens_total"] = [{"metric": {"pod": "x"}, "value": [1, "5"]}]
+    conditions = s.reconcile(["1.0"] * 4, threshold=4)  # aggregated wrongly: still fine
+    assert conditions["GPUsProfiled"]["reason"] == "SpeedLabels"
+    assert conditions["Ready"]["status"] == "True"
 
 
-def test_a_refused_node_patch_never_stops_the_placement(events: list[dict[str, Any]]) -> None:
-    s = Scenario(tokens=["70000", "100000", "100000", "100000"], seconds=["10"] * 4)
+def test_a_refused_node_patch_never_stops_the_placement(
+    events: list[dict[str, Any]], scenario: Callable[[list[str]], Scenario]
+) -> None:
+    s = scenario(["70000", "100000", "100000", "100000"])
     s.kube.refuse_nodes = True  # a ClusterRole without patch on nodes
-    try:
-        conditions = s.reconcile(["1.0"] * 4)
-        assert conditions["GPUsProfiled"]["reason"] == "SpeedDrift"
-        assert "re-profile request failed" in conditions["GPUsProfiled"]["message"]
-        assert "403 Forbidden" in conditions["GPUsProfiled"]["message"]
-        assert conditions["Ready"]["status"] == "True" and "lite-placement" in s.kube.configmaps
-        assert s.kube.annotated == []
-        s.kube.refuse_nodes = False
-        conditions = s.reconcile(["1.0"] * 4)  # retried; the Event is not repeated
-        assert conditions["GPUsProfiled"]["message"].endswith("; re-profile requested")
-        assert [name for name, _ in s.kube.annotated] == ["n0"]
-        assert len([e for e in events if e["reason"] == "SpeedDrift"]) == 1
-    finally:
-        s.prometheus.close()
+    conditions = s.reconcile(["1.0"] * 4)
+    assert conditions["GPUsProfiled"]["reason"] == "SpeedDrift"
+    assert "re-profile request failed" in conditions["GPUsProfiled"]["message"]
+    assert "403 Forbidden" in conditions["GPUsProfiled"]["message"]
+    assert conditions["Ready"]["status"] == "True" and "lite-placement" in s.kube.configmaps
+    assert s.kube.annotated == []
+    s.kube.refuse_nodes = False
+    conditions = s.reconcile(["1.0"] * 4)  # retried; the Event is not repeated
+    assert conditions["GPUsProfiled"]["message"].endswith("; re-profile requested")
+    assert [name for name, _ in s.kube.annotated] == ["n0"]
+    assert len([e for e in events if e["reason"] == "SpeedDrift"]) == 1
 
 
 def test_unprofiled_gpus_keep_their_reason_and_mention_drift(
-    events: list[dict[str, Any]],
+    events: list[dict[str, Any]], scenario: Callable[[list[str]], Scenario]
 ) -> None:
-    s = Scenario(tokens=["70000", "100000", "100000", "100000"], seconds=["10"] * 4)
-    try:
-        group_nodes = nodes(["1.0"] * 4)
-        labels = {k: v for k, v in group_nodes[1].labels.items() if not k.endswith("speed-1")}
-        runtime = Runtime(s.kube, ThreadPoolExecutor(1), solver_threads=1)  # type: ignore[arg-type]
-        body = moed(s.prometheus.url, None, {})
-        partial = [group_nodes[0], node_gpus("n1", labels, {})]
-        run = Reconcile(runtime, body, partial, logging.getLogger("t"), s.refused, now=NOW)  # type: ignore[arg-type]
-        asyncio.run(run.run())
-        profiled = {c["type"]: c for c in s.kube.status["conditions"]}["GPUsProfiled"]
-        assert profiled["reason"] == "SpeedLabelsMissing"
-        assert "n1/1" in profiled["message"] and "speed drift beyond 10%" in profiled["message"]
-    finally:
-        s.prometheus.close()
+    s = scenario(["70000", "100000", "100000", "100000"])
+    group_nodes = nodes(["1.0"] * 4)
+    labels = {k: v for k, v in group_nodes[1].labels.items() if not k.endswith("speed-1")}
+    runtime = Runtime(s.kube, ThreadPoolExecutor(1), solver_threads=1)  # type: ignore[arg-type]
+    body = moed(s.prometheus.url, None, {})
+    partial = [group_nodes[0], node_gpus("n1", labels, {})]
+    run = Reconcile(runtime, body, partial, logging.getLogger("t"), s.refused, now=NOW)  # type: ignore[arg-type]
+    asyncio.run(run.run())
+    profiled = {c["type"]: c for c in s.kube.status["conditions"]}["GPUsProfiled"]
+    assert profiled["reason"] == "SpeedLabelsMissing"
+    assert "n1/1" in profiled["message"] and "speed drift beyond 10%" in profiled["message"]
