@@ -6,7 +6,8 @@ VENV_STAMP := .venv/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CLUSTER := e2e/cluster
 
-.PHONY: demo test venv lint unit tools go-tools prometheus cluster-up cluster-down cluster-status
+.PHONY: demo test venv lint unit tools go-tools prometheus cluster-up cluster-down cluster-status \
+	engines-venv engines-test
 
 $(VENV_STAMP): pyproject.toml
 	python3 -m venv .venv
@@ -50,7 +51,14 @@ unit: venv
 # Unit + e2e. The e2e fixture starts the cluster when none runs and stops it at the end.
 # pytest exits 5 when it collects no test: make fails on it like on any other failure.
 test: tools lint
-	.venv/bin/pytest
+	.venv/bin/pytest -m "not engines"
+
+# The engines' released code on CPU torch (tools/engines-venv.sh: a cached venv, ~5 GB once).
+engines-venv:
+	tools/engines-venv.sh
+
+engines-test: engines-venv
+	.venv-engines/bin/python -m pytest -m engines tests/engines
 
 # The demo script (e2e/demo.py) creates its kwok GPU nodes, the CRD, the operator and one
 # MoEDeployment, prints the placement and removes them; then the closed loop (serving stand-in
