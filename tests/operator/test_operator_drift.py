@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import kopf
+import numpy as np
 import pytest
 from fake_prometheus import FakePrometheus
 from moeplace_operator.loadsource import (
@@ -36,8 +37,8 @@ def test_rank_query_and_parse() -> None:
     query = rank_query("moe_layer_tokens_total", 'a"b', "1h")
     assert query == 'sum by (rank) (increase(moe_layer_tokens_total{model="a\\"b"}[1h]))'
     got = parse_rank_result([rank("0", "3"), rank("2", "5"), rank("2", "1"), rank("9", "7")], 3)
-    assert got.tolist() == [3.0, 0.0, 6.0]  # same rank summed, out of range ignored
-    assert parse_rank_result([rank("1", "NaN")], 2).tolist() == [0.0, 0.0]
+    np.testing.assert_allclose(got, [3.0, 0.0, 6.0])  # same rank summed, out of range ignored
+    np.testing.assert_allclose(parse_rank_result([rank("1", "NaN")], 2), [0.0, 0.0])
     with pytest.raises(MetricsUnavailableError, match="rank") as error:
         parse_rank_result([{"metric": {}, "value": [1, "2"]}], 2)
     assert error.value.reason == "BadRankSeries"
@@ -54,7 +55,8 @@ def test_fetch_rank_counters_two_instant_queries_over_the_window() -> None:
     try:
         spec = PrometheusLoad(url=prometheus.url, window="90m")
         seconds, tokens = fetch_rank_counters(spec, MODEL, NOW, 2)
-        assert seconds.tolist() == [2.5, 3.0] and tokens.tolist() == [1000.0, 1200.0]
+        np.testing.assert_allclose(seconds, [2.5, 3.0])
+        np.testing.assert_allclose(tokens, [1000.0, 1200.0])
         sent = [q["query"][0] for q in prometheus.queries]
         assert sent == [
             rank_query("moe_layer_compute_seconds_total", "m", "90m"),
