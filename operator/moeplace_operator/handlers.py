@@ -85,8 +85,10 @@ def gpu_node_index(
     return node_gpus(name, labels, annotations)
 
 
+# The nudging handlers are async: kopf runs sync handlers in worker threads, and an
+# asyncio.Event must be set from its own event loop.
 @kopf.on.event("nodes")
-def node_changed(
+async def node_changed(
     name: str,
     labels: kopf.Labels,
     annotations: kopf.Annotations,
@@ -106,7 +108,7 @@ def node_changed(
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
 @kopf.on.resume(GROUP, VERSION, PLURAL)
-def nudge(namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
+async def nudge(namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
     memo.nudges.nudge((namespace or "", name))
 
 
@@ -127,11 +129,12 @@ async def reconciler(
     try:
         while not stopped:
             with metrics.RECONCILE_SECONDS.time():
-                await reconcile_once(memo, body, index, logger)
-            await nudges.sleep(key, float(body["spec"].get("reconcileIntervalSeconds", 60)))
+                done = await reconcile_once(memo, body, index, logger)
+            interval = float(body["spec"].get("reconcileIntervalSeconds", 60))
+            await nudges.sleep(key, interval if done else RETRY_DELAY_S)
     finally:
         nudges.forget(key)
-        memo.runtime.forget(f"{namespace}/{name}")
+        forget_object(memo, namespace or "", name)
 
 
 async def reconcile_once(
@@ -139,10 +142,24 @@ async def reconcile_once(
     body: kopf.Body,
     index: Mapping[Any, Any],
     logger: Logger,
-) -> None:
-    """One pass; transient API faults become kopf's retry with a delay."""
+) -> bool:
+    """One pass; False after a transient API fault, retried soon by the same daemon: leaving
+    the daemon (kopf's TemporaryError) would drop the object's cached plans with it."""
     try:
         await Reconcile(memo.runtime, body, gpu_nodes(index), logger, memo.last_refused).run()
     except TransientApiError as error:
         metrics.ERRORS.labels("TransientApiError").inc()
-        raise kopf.TemporaryError(f"Kubernetes API: {error}", delay=RETRY_DELAY_S) from error
+        logger.warning(f"Kubernetes API: {error}; retrying in {RETRY_DELAY_S:g} s")
+        return False
+    return True
+
+
+def forget_object(memo: kopf.Memo, namespace: str, name: str) -> None:
+    """Drop what the operator keeps for a MoEDeployment whose daemon ends (deleted, or the
+    operator stops): cached plans, per-object gauges, Event de-duplication."""
+    key = f"{namespace}/{name}"
+    memo.runtime.forget(key)
+    metrics.forget_object(namespace, name)
+    refused: dict[str, str] = memo.last_refused
+    for seen in [k for k in refused if k.startswith(f"{key}/")]:
+        del refused[seen]

@@ -6,7 +6,6 @@ worker thread; the event loop only awaits."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -391,9 +390,7 @@ class Reconcile:
         return replace(update, message=f"{update.message}; {message}")
 
     def forget_drift(self) -> None:
-        for gauge in (metrics.SPEED_DRIFT, metrics.SPEED_DRIFT_GPUS):
-            with contextlib.suppress(KeyError):
-                gauge.remove(self.namespace, self.name)
+        metrics.forget_drift(self.namespace, self.name)
 
     def drift_message(
         self, spec: MoEDeploymentSpec, group: GPUGroup, found: SpeedDrift, drifting: list[int]
