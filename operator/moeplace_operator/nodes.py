@@ -7,13 +7,18 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from moeplace_operator.spec import GPUSpec
 from placement.model import GPU, Cluster, LatencyCurve
 
 SPEED_LABEL_PREFIX = "gpu.moeplace.io/speed-"
+# Speeds are relative to the pool's nominal GPU (spreads of 1-20% are what is measured); a
+# value outside (0, 100] is a unit or publishing error, not a GPU 1e300 times faster.
+MAX_RELATIVE_SPEED = 100.0
+_SPEED = TypeAdapter(Annotated[float, Field(gt=0, le=MAX_RELATIVE_SPEED, allow_inf_nan=False)])
 CURVES_ANNOTATION = "gpu.moeplace.io/latency-curves"
 # Set by the operator when a GPU's measured speed drifts from its label; the node's profiler
 # re-profiles when it is newer than its gpu.moeplace.io/profiled-at (moeplace_profiler.publish).
@@ -41,19 +46,18 @@ def has_gpu_labels(labels: Mapping[str, str]) -> bool:
 
 
 def parse_speeds(labels: Mapping[str, str]) -> dict[int, float]:
-    """GPU index -> relative speed from ``gpu.moeplace.io/speed-<index>`` labels; unparsable or
-    non-positive values are skipped (that GPU then counts as unprofiled)."""
+    """GPU index -> relative speed from ``gpu.moeplace.io/speed-<index>`` labels; values that
+    are not a finite number in (0, MAX_RELATIVE_SPEED] are skipped (that GPU then counts as
+    unprofiled, which status reports)."""
     speeds: dict[int, float] = {}
     for key, value in labels.items():
         match = _SPEED_LABEL.match(key)
         if not match:
             continue
         try:
-            speed = float(value)
-        except ValueError:
+            speeds[int(match.group(1))] = _SPEED.validate_python(value)
+        except ValidationError:
             continue
-        if speed > 0:
-            speeds[int(match.group(1))] = speed
     return speeds
 
 

@@ -74,7 +74,10 @@ def test_real_routing_csv() -> None:
 
 def test_speed_labels() -> None:
     labels = {"gpu.moeplace.io/speed-0": "1.05", "gpu.moeplace.io/speed-1": "x", "other": "1"}
-    assert parse_speeds(labels) == {0: 1.05}
+    assert parse_speeds(labels) == {0: pytest.approx(1.05)}
+    garbage = ["inf", "-inf", "nan", "1e300", "0", "-1", "", "0x1p3"]
+    bad = {f"gpu.moeplace.io/speed-{i}": v for i, v in enumerate(garbage)}
+    assert parse_speeds({**bad, "gpu.moeplace.io/speed-9": "0.93"}) == {9: pytest.approx(0.93)}
 
 
 def _node(name: str, pool: str, speeds: list[float], curves: str = "") -> NodeGPUs:
