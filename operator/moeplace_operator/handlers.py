@@ -16,7 +16,7 @@ import kopf
 from moeplace_operator import metrics
 from moeplace_operator.config import OperatorConfig, configure_kopf
 from moeplace_operator.kube import Kube, TransientApiError, load_config
-from moeplace_operator.nodes import NodeGPUs, has_gpu_labels, node_gpus
+from moeplace_operator.nodes import NodeGPUs, has_gpu_labels, is_usable, node_gpus
 from moeplace_operator.reconcile import Reconcile, Runtime, gpu_nodes
 from moeplace_operator.spec import GROUP, PLURAL, VERSION
 
@@ -80,9 +80,14 @@ def _gpu_labelled(labels: kopf.Labels, **_: Any) -> bool:
 
 @kopf.index("nodes", when=_gpu_labelled)
 def gpu_node_index(
-    name: str, labels: kopf.Labels, annotations: kopf.Annotations, **_: Any
+    name: str,
+    labels: kopf.Labels,
+    annotations: kopf.Annotations,
+    spec: kopf.Spec,
+    status: kopf.Status,
+    **_: Any,
 ) -> NodeGPUs:
-    return node_gpus(name, labels, annotations)
+    return node_gpus(name, labels, annotations, is_usable(spec, status))
 
 
 # The nudging handlers are async: kopf runs sync handlers in worker threads, and an
@@ -94,12 +99,16 @@ async def node_changed(
     annotations: kopf.Annotations,
     type: str | None,
     memo: kopf.Memo,
+    spec: kopf.Spec,
+    status: kopf.Status,
     **_: Any,
 ) -> None:
-    """Nudge every MoEDeployment when a node's GPU facts change (not on heartbeats)."""
+    """Nudge every MoEDeployment when a node's GPU facts or usability change (not on
+    heartbeats)."""
     fingerprints: dict[str, str] = memo.node_fingerprints
     gone = type == "DELETED" or not has_gpu_labels(labels)
-    fingerprint = "" if gone else node_gpus(name, labels, annotations).fingerprint()
+    node = node_gpus(name, labels, annotations, is_usable(spec, status))
+    fingerprint = "" if gone else node.fingerprint()
     if fingerprints.get(name, "") != fingerprint:
         fingerprints[name] = fingerprint
         memo.nudges.nudge_all()

@@ -18,6 +18,7 @@ from moeplace_operator.nodes import (
     NodeGPUs,
     NodesUnavailableError,
     build_gpu_group,
+    is_usable,
     node_gpus,
     parse_speeds,
 )
@@ -93,6 +94,25 @@ def test_gpu_group_orders_nodes_and_takes_node_count() -> None:
     assert group.nodes == ["n-a", "n-b"]
     np.testing.assert_allclose(group.cluster.speeds, [1.0, 1.0, 0.9, 1.1])
     assert group.unprofiled == ["n-a/1"] and not group.profiled
+
+
+def test_gpu_group_skips_not_ready_and_cordoned_nodes() -> None:
+    ready = {"conditions": [{"type": "Ready", "status": "True"}]}
+    assert is_usable({}, ready)
+    assert not is_usable({"unschedulable": True}, ready)
+    assert not is_usable({}, {"conditions": [{"type": "Ready", "status": "Unknown"}]})
+    assert not is_usable({}, {})
+    labels = {"pool": "a", "gpu.moeplace.io/speed-0": "1.0"}
+    nodes = [
+        node_gpus("n-a", labels, {}, usable=False),
+        node_gpus("n-b", labels, {}),
+        node_gpus("n-c", labels, {}),
+    ]
+    spec = GPUSpec(node_selector={"pool": "a"}, node_count=2, gpus_per_node=1)
+    assert build_gpu_group(nodes, spec).nodes == ["n-b", "n-c"]
+    with pytest.raises(NodesUnavailableError, match="1 of them NotReady or cordoned"):
+        build_gpu_group(nodes[:2], spec)
+    assert nodes[0].fingerprint() != node_gpus("n-a", labels, {}).fingerprint()  # nudges
 
 
 def test_gpu_group_needs_enough_nodes() -> None:

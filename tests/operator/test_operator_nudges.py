@@ -46,7 +46,7 @@ def test_nudging_handlers_run_on_the_event_loop() -> None:
         sleeper = asyncio.create_task(memo.nudges.sleep(("ns", "a"), 5.0))
         await asyncio.sleep(0.01)
         await handlers.node_changed(
-            name="n1", labels={}, annotations={}, type="ADDED", memo=memo
+            name="n1", labels={}, annotations={}, type="ADDED", memo=memo, spec={}, status={}
         )  # no GPU labels, not known before: no nudge
         await handlers.nudge(namespace="ns", name="a", memo=memo)
         await sleeper
