@@ -104,6 +104,7 @@ class ModelSpec(Camel):
     )
     preset: str | None = Field(
         default=None,
+        max_length=64,
         description="A published model whose layout is known (hidden layers, dense layers "
         "before the first MoE layer, experts), from its Hugging Face config.json: "
         f"{', '.join(PRESETS)}. moeLayers and expertsPerLayer must match it.",
