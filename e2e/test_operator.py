@@ -272,6 +272,9 @@ def evaluate_against_eplb(cluster: Cluster, pool: str, cm: dict[str, Any]) -> tu
     )
     sglang = json.loads(cm["data"]["sglang.json"])["physical_to_logical_map"]
     assert len(sglang) == LAYERS + 1 and sglang[1:] == plan.phy2log
+    flags = json.loads(cm["data"]["engine-flags.json"])
+    assert flags["hiddenLayers"] == len(sglang) and flags["physicalSlots"] == len(sglang[0])
+    assert flags["epSize"] == NODES * GPUS == plan.num_gpus
     eplb = solve(Problem.build(plan.model, group.cluster, load), "eplb").placement
     return evaluate(plan, group.cluster, load).ratio, evaluate(eplb, group.cluster, load).ratio
 
