@@ -62,6 +62,7 @@ from moeplace_operator.nodes import (
 from moeplace_operator.planning import Plan, fitting, inputs_fingerprint, plan, score_pinned
 from moeplace_operator.spec import (
     ConditionType,
+    ModelSpec,
     MoEDeploymentSpec,
     MoEDeploymentStatus,
     PlacementSummary,
@@ -151,6 +152,11 @@ class Reconcile:
     @property
     def generation(self) -> int:
         return int(self.body["metadata"].get("generation", 0))
+
+    @property
+    def hidden_layers(self) -> int:
+        """Rows of the engine's per-hidden-layer map, from the spec's model."""
+        return ModelSpec.model_validate(self.body["spec"]["model"]).layout().hidden_layers
 
     async def run(self) -> None:
         generation = self.generation  # the live body may move on while we work
@@ -495,6 +501,7 @@ class Reconcile:
             version=version,
             rolled_out_at=self.now,
             resource_version=raw["metadata"].get("resourceVersion") if raw else None,
+            hidden_layers=self.hidden_layers,
         )
         await self.runtime.io(kube.write_configmap, body)
         return Published(placement, placement.content_hash(), version, self.now, None)

@@ -25,7 +25,9 @@ from moeplace_operator.reconcile import Reconcile, Runtime
 from moeplace_operator.spec import ModelSpec, PrometheusLoad
 from prometheus_client import REGISTRY
 
-MODEL = ModelSpec(name="m", moe_layers=2, experts_per_layer=4, top_k=1)
+MODEL = ModelSpec(
+    name="m", moe_layers=2, experts_per_layer=4, top_k=1, dense_layers_before=0, hidden_layers=2
+)
 NOW = datetime(2026, 12, 1, 8, 0, tzinfo=UTC)
 
 
@@ -111,7 +113,14 @@ def moed(url: str, threshold: float | None, status: dict[str, Any]) -> dict[str,
     return {
         "metadata": {"name": "lite", "namespace": "ns", "uid": "u1", "generation": 1},
         "spec": {
-            "model": {"name": "m", "moeLayers": 2, "expertsPerLayer": 4, "topK": 1},
+            "model": {
+                "name": "m",
+                "moeLayers": 2,
+                "expertsPerLayer": 4,
+                "topK": 1,
+                "denseLayersBefore": 0,
+                "hiddenLayers": 2,
+            },
             "gpus": gpus,
             "placement": {"strategy": "greedy"},
             "load": {"prometheus": {"url": url, "window": "30m", "samples": 3}},

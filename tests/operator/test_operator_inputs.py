@@ -24,7 +24,9 @@ from moeplace_operator.nodes import (
 )
 from moeplace_operator.spec import GPUSpec, ModelSpec
 
-MODEL = ModelSpec(name="m", moe_layers=2, experts_per_layer=3)
+MODEL = ModelSpec(
+    name="m", moe_layers=2, experts_per_layer=3, dense_layers_before=0, hidden_layers=2
+)
 REAL_CSV = (
     Path(__file__).resolve().parents[3]
     / "shared/data/routing/deepseek-v2-lite-chat/expert_counts.csv"
@@ -68,7 +70,8 @@ def test_load_csv() -> None:
 @pytest.mark.skipif(not REAL_CSV.exists(), reason="../shared/data absent")
 def test_real_routing_csv() -> None:
     load = parse_load_csv(
-        REAL_CSV.read_text(), ModelSpec(name="v2", moe_layers=26, experts_per_layer=64)
+        REAL_CSV.read_text(),
+        ModelSpec(name="v2", preset="deepseek-v2-lite", moe_layers=26, experts_per_layer=64),
     )
     assert load.shape == (26, 64) and (load > 0).all()
 
