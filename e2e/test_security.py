@@ -422,3 +422,29 @@ def test_the_profiler_may_publish_speeds_but_not_move_its_node(
     ]
     assert labels["gpu.moeplace.io/speed-0"] == "0.9500"
     assert labels["gpu.moeplace.io/pool"] != "other"
+
+
+def test_a_configmap_it_did_not_write_degrades_with_the_reason(
+    cluster: Cluster, setup: Setup
+) -> None:
+    """A user's ConfigMap already named <MoEDeployment>-placement is not overwritten: the
+    MoEDeployment is Degraded (ConfigMapForbidden) and the user's data stays."""
+    user_made = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "taken-placement", "namespace": setup.team},
+        "data": {"mine": "keep"},
+    }
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(user_made))
+    pool = cluster.kubectl(
+        "get", "node", setup.nodes[0], "-o", "jsonpath={.metadata.labels.gpu\\.moeplace\\.io/pool}"
+    ).stdout
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(manifest("taken", setup.team, pool)))
+    obj = wait_condition(
+        cluster, "taken", setup.team, "Degraded", reason="ConfigMapForbidden", timeout=120
+    )
+    message = next(c for c in obj["status"]["conditions"] if c["type"] == "Degraded")["message"]
+    assert "ConfigMap taken-placement not written" in message
+    assert "may not take over a ConfigMap that it did not write" in message
+    kept = get(cluster, "configmap", "taken-placement", setup.team) or {}
+    assert kept["data"] == {"mine": "keep"}
