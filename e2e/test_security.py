@@ -1,7 +1,8 @@
 """Least privilege, proven with the chart's own ServiceAccount tokens (TokenRequest), never
 admin and never ``kubectl auth can-i --as``.
 
-One chart install (operator watching one namespace, profiler RBAC on). The operator runs as a
+One chart install per mode (the default, cluster-wide, and watchNamespaces with one namespace;
+profiler RBAC on). The operator runs as a
 real process whose kubeconfig holds the operator ServiceAccount's token and reconciles a
 MoEDeployment to its placement ConfigMap, status and target annotation. With the same token,
 every write the chart does not mean to allow is refused by the API server (RBAC 403 or a
@@ -80,6 +81,8 @@ def assert_refused(result: subprocess.CompletedProcess[str], needle: str) -> Non
 
 @dataclass
 class Setup:
+    cluster_wide: bool  # the chart's default: no watchNamespaces
+    suffix: str
     release: str  # the chart's namespace
     team: str  # the watched namespace
     operator_sa: str
@@ -136,8 +139,13 @@ def labelled(body: dict[str, Any], labels: dict[str, str]) -> dict[str, Any]:
     return body
 
 
-@pytest.fixture(scope="module")
-def setup(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
+@pytest.fixture(scope="module", params=["watchNamespaces", "cluster-wide"])
+def setup(
+    cluster: Cluster, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Setup]:
+    """The chart's default (cluster-wide: ClusterRole) and watchNamespaces (a Role in the
+    watched namespace): the policies bound the writes the same way in both."""
+    cluster_wide = request.param == "cluster-wide"
     suffix = uuid.uuid4().hex[:6]
     release, team, pool = f"sec-{suffix}", f"sec-team-{suffix}", f"sec{suffix}"
     tmp = tmp_path_factory.mktemp("security")
@@ -146,12 +154,16 @@ def setup(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     operator = OperatorProcess(
         cluster,
         tmp / "operator.log",
-        env={"KUBECONFIG": str(tmp / "operator.kubeconfig"), "MOEPLACE_NAMESPACES": team},
+        env={
+            "KUBECONFIG": str(tmp / "operator.kubeconfig"),
+            "MOEPLACE_NAMESPACES": "" if cluster_wide else team,
+        },
     )
+    scope = [] if cluster_wide else ["--set", f"watchNamespaces={{{team}}}"]
     try:
         cluster.helm(
             "install", release, str(CHART), "--namespace", release, "--create-namespace",
-            "--set", f"watchNamespaces={{{team}}}", "--set", "profiler.enabled=true",
+            *scope, "--set", "profiler.enabled=true",
         )  # fmt: skip
         nodes = cluster.make_nodes(4, 8, speeds="pal", pool=pool, prefix=pool)
         put_load(cluster, team, routing_csv())
@@ -159,6 +171,7 @@ def setup(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         apply(labelled(deployment("engine", team), {OWNER: "sec"}))  # the target, opted in
         apply(labelled(deployment("decoy", team), {OWNER: "sec"}))  # labelled, not the target
         apply(deployment("bystander", team))  # unrelated
+        apply(deployment(f"victim-{suffix}", "kube-system"))  # unrelated, elsewhere
         target = {"target": {"kind": "Deployment", "name": "engine"}}
         apply(manifest("sec", team, pool, rollout=target))
         kubeconfig = token_kubeconfig(cluster, tmp / "operator.kubeconfig", operator_sa, release)
@@ -166,6 +179,8 @@ def setup(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         wait_policies_in_force(as_operator, team, nodes[0])
         operator.start()
         yield Setup(
+            cluster_wide,
+            suffix,
             release,
             team,
             operator_sa,
@@ -183,6 +198,9 @@ def setup(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             tail = operator.log.read_text(errors="replace").splitlines()[-30:]
             print("operator log (tail):\n" + "\n".join(tail))
         cluster.helm("uninstall", release, "--namespace", release, check=False)
+        cluster.kubectl(
+            "delete", "deployment", f"victim-{suffix}", "-n", "kube-system", check=False
+        )
         for namespace in (team, release):
             cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
         cluster.delete_nodes(pool=pool)
@@ -279,20 +297,21 @@ def test_workloads_other_than_the_target_annotation_are_refused(setup: Setup) ->
         patch("deployment", "engine", {"metadata": {"labels": {OWNER: "sec", "x": "y"}}}),
         "may not change a workload's labels",
     )
-    # outside the watched namespace RBAC grants nothing at all (the client, not kubectl patch:
-    # that reads the object first and would be refused the get)
+    # a workload in kube-system: outside a watched namespace RBAC refuses, cluster-wide the
+    # policy does (the client, not kubectl patch: that reads first and would be refused the get)
     from kubernetes import client, config
     from kubernetes.client.exceptions import ApiException
 
     apps = client.AppsV1Api(config.new_client_from_config(config_file=str(setup.kubeconfig)))
-    for call, kind, namespace in (
-        (apps.patch_namespaced_deployment, "deployments", "kube-system"),
-        (apps.patch_namespaced_stateful_set, "statefulsets", setup.release),
-    ):
-        with pytest.raises(ApiException) as refusal:
-            call("anything", namespace, rolled)
-        assert refusal.value.status == 403
-        assert f'cannot patch resource "{kind}"' in json.loads(refusal.value.body)["message"]
+    with pytest.raises(ApiException) as refusal:
+        apps.patch_namespaced_deployment(f"victim-{setup.suffix}", "kube-system", rolled)
+    assert refusal.value.status == 403
+    needle = (
+        "may only patch a workload labelled"
+        if setup.cluster_wide
+        else 'cannot patch resource "deployments"'
+    )
+    assert needle in json.loads(refusal.value.body)["message"]
 
 
 def test_configmaps_it_does_not_own_are_refused(cluster: Cluster, setup: Setup) -> None:
@@ -349,7 +368,10 @@ def test_configmaps_it_does_not_own_are_refused(cluster: Cluster, setup: Setup) 
         'cannot delete resource "configmaps"',
     )
     assert_refused(
-        run("create", "configmap", "x", "-n", "kube-system"), 'cannot create resource "configmaps"'
+        run("create", "configmap", "x", "-n", "kube-system"),
+        "may only write ConfigMaps"
+        if setup.cluster_wide
+        else 'cannot create resource "configmaps"',
     )
 
 
