@@ -470,3 +470,20 @@ def test_a_configmap_it_did_not_write_degrades_with_the_reason(
     assert "may not take over a ConfigMap that it did not write" in message
     kept = get(cluster, "configmap", "taken-placement", setup.team) or {}
     assert kept["data"] == {"mine": "keep"}
+
+
+def test_a_proposal_is_written_under_the_policies(cluster: Cluster, setup: Setup) -> None:
+    """Propose mode writes <name>-proposal: the policies let the operator's other write
+    through (no false refusal)."""
+    pool = cluster.kubectl(
+        "get", "node", setup.nodes[0], "-o", "jsonpath={.metadata.labels.gpu\\.moeplace\\.io/pool}"
+    ).stdout
+    body = manifest("prop", setup.team, pool, rollout={"mode": "Propose"})
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(body))
+    obj = wait_condition(
+        cluster, "prop", setup.team, "Ready", reason="ProposalPublished", timeout=120
+    )
+    proposal = get(cluster, "configmap", "prop-proposal", setup.team)
+    assert proposal is not None
+    assert proposal["metadata"]["labels"]["moeplace.io/role"] == "proposal"
+    assert proposal["metadata"]["ownerReferences"][0]["uid"] == obj["metadata"]["uid"]
