@@ -44,8 +44,8 @@ def test_template_cluster_wide(cluster: Cluster) -> None:
         "Deployment",
         "Service",
         "ServiceAccount",
-        *["ValidatingAdmissionPolicy"] * 5,
-        *["ValidatingAdmissionPolicyBinding"] * 5,
+        *["ValidatingAdmissionPolicy"] * 6,
+        *["ValidatingAdmissionPolicyBinding"] * 6,
     ]
     # the tight default: every write the RBAC grants is bounded by a policy
     policies = {d["metadata"]["name"] for d in docs if d["kind"] == "ValidatingAdmissionPolicy"}
@@ -53,6 +53,7 @@ def test_template_cluster_wide(cluster: Cluster) -> None:
         f"moeplace-{p}"
         for p in (
             "node-annotation",
+            "moedeployments",
             "rollout-target",
             "rollout-target-named",
             "owned-configmaps",

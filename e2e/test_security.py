@@ -487,3 +487,29 @@ def test_a_proposal_is_written_under_the_policies(cluster: Cluster, setup: Setup
     assert proposal is not None
     assert proposal["metadata"]["labels"]["moeplace.io/role"] == "proposal"
     assert proposal["metadata"]["ownerReferences"][0]["uid"] == obj["metadata"]["uid"]
+    # deleting it: the operator removes its finalizer under the MoEDeployment policy
+    cluster.kubectl("delete", "moed", "prop", "-n", setup.team, "--timeout=60s")
+    assert get(cluster, "moed", "prop", setup.team) is None
+
+
+def test_moedeployment_specs_are_refused(setup: Setup) -> None:
+    run, team = setup.as_operator, setup.team
+
+    def patch(body: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+        return run("patch", "moed", "sec", "-n", team, "--type=merge", "-p", json.dumps(body))
+
+    assert_refused(
+        patch({"spec": {"rollout": {"minImprovementPercent": 0}}}),
+        "may not change a MoEDeployment's spec",
+    )
+    assert_refused(
+        patch({"metadata": {"annotations": {"other.example/x": "1"}}}),
+        "may only change a MoEDeployment's moeplace.io/ annotations",
+    )
+    assert_refused(
+        patch({"metadata": {"finalizers": ["moeplace.io/finalizer", "example.com/hold"]}}),
+        "may only add or remove the moeplace.io/finalizer",
+    )
+    assert_refused(
+        run("delete", "moed", "sec", "-n", team), 'cannot delete resource "moedeployments"'
+    )
