@@ -44,9 +44,22 @@ def test_template_cluster_wide(cluster: Cluster) -> None:
         "Deployment",
         "Service",
         "ServiceAccount",
-        "ValidatingAdmissionPolicy",
-        "ValidatingAdmissionPolicyBinding",
+        *["ValidatingAdmissionPolicy"] * 6,
+        *["ValidatingAdmissionPolicyBinding"] * 6,
     ]
+    # the tight default: every write the RBAC grants is bounded by a policy
+    policies = {d["metadata"]["name"] for d in docs if d["kind"] == "ValidatingAdmissionPolicy"}
+    assert policies == {
+        f"moeplace-{p}"
+        for p in (
+            "node-annotation",
+            "moedeployments",
+            "rollout-target",
+            "rollout-target-named",
+            "owned-configmaps",
+            "owned-configmaps-uid",
+        )
+    }
     deploy = next(d for d in docs if d["kind"] == "Deployment")
     assert deploy["spec"]["replicas"] == 1 and deploy["spec"]["strategy"]["type"] == "Recreate"
     role = next(d for d in docs if d["kind"] == "ClusterRole")
@@ -65,8 +78,32 @@ def test_template_namespaced_and_service_monitor(cluster: Cluster) -> None:
     assert {res for r in cluster_role["rules"] for res in r["resources"]} == {
         "nodes",
         "customresourcedefinitions",
+        "namespaces",  # read only: kopf matches watchNamespaces against it
     }
     assert any(d["kind"] == "ServiceMonitor" for d in docs)
+
+
+def test_template_secret_reads_are_get_by_name_only(cluster: Cluster) -> None:
+    docs = render(
+        cluster,
+        "rbac.secretReads[0].namespace=team-a",
+        "rbac.secretReads[0].names={prom-creds,prom-ca}",
+    )
+    (role,) = [d for d in docs if d["kind"] == "Role"]
+    assert role["metadata"]["namespace"] == "team-a"
+    assert role["rules"] == [
+        {
+            "apiGroups": [""],
+            "resources": ["secrets"],
+            "resourceNames": ["prom-creds", "prom-ca"],
+            "verbs": ["get"],
+        }
+    ]
+    cluster_role = next(d for d in docs if d["kind"] == "ClusterRole")
+    assert "secrets" not in {res for r in cluster_role["rules"] for res in r["resources"]}
+    bad = ["--set", "rbac.secretReads[0].namespace=team-a"]
+    result = cluster.helm("template", "x", str(CHART), *bad, check=False)
+    assert result.returncode != 0 and "names" in result.stderr
 
 
 @pytest.fixture
@@ -150,7 +187,7 @@ def test_the_operator_may_only_set_its_reprofile_annotation_on_nodes(
     try:
         assert wait_for(
             "the policy to refuse a label",
-            lambda: refused("label", "team", "may not change a node's spec or labels"),
+            lambda: refused("label", "team", "may not change a node's labels"),
             timeout=30,
         )
         assert refused("annotate", "other.example/x", "may only set the gpu.moeplace.io/")

@@ -4,6 +4,7 @@ official client is): the reconciler runs them in worker threads. API faults are 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
@@ -27,6 +28,20 @@ class MissingObjectError(Exception):
     """A referenced object (ConfigMap, workload) does not exist."""
 
 
+class ForbiddenError(Exception):
+    """RBAC or an admission policy refused the call (403); the message is the API server's,
+    naming the rule or policy (e.g. "the moeplace operator may only patch a workload ...")."""
+
+
+def _status_message(error: ApiException) -> str:
+    """The ``message`` of the API server's Status body; the reason when there is none."""
+    try:
+        message = json.loads(error.body or "{}").get("message")
+    except (ValueError, AttributeError):
+        message = None
+    return str(message or error.reason)
+
+
 def load_config() -> None:
     """In-cluster service account when there is one, else the kubeconfig (local runs, tests)."""
     try:
@@ -41,6 +56,8 @@ def _call(fn: Callable[[], T]) -> T:
     except ApiException as error:
         if error.status == 404:
             raise MissingObjectError(error.reason) from error
+        if error.status == 403:
+            raise ForbiddenError(_status_message(error)) from error
         if error.status in (409, 429) or (error.status or 0) >= 500:
             raise TransientApiError(f"{error.status} {error.reason}") from error
         raise

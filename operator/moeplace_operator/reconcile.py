@@ -40,7 +40,7 @@ from moeplace_operator.build import (
     target_patch,
     true,
 )
-from moeplace_operator.kube import Kube, MissingObjectError
+from moeplace_operator.kube import ForbiddenError, Kube, MissingObjectError
 from moeplace_operator.loadsource import (
     LoadData,
     MetricsUnavailableError,
@@ -503,7 +503,12 @@ class Reconcile:
             resource_version=raw["metadata"].get("resourceVersion") if raw else None,
             hidden_layers=self.hidden_layers,
         )
-        await self.runtime.io(kube.write_configmap, body)
+        try:
+            await self.runtime.io(kube.write_configmap, body)
+        except ForbiddenError as error:  # e.g. a ConfigMap of that name that we did not write
+            message = f"ConfigMap {name} not written: {error}"
+            update = false(ConditionType.ROLLED_OUT, "ConfigMapForbidden", message)
+            raise DegradedError("ConfigMapForbidden", message, [update]) from error
         return Published(placement, placement.content_hash(), version, self.now, None)
 
     async def roll_out(self, placement: Placement, decision: Decision) -> Published:
@@ -551,6 +556,16 @@ class Reconcile:
                 "TargetMissing",
                 message,
                 [false(ConditionType.ROLLED_OUT, "TargetMissing", message)],
+            ) from error
+        except ForbiddenError as error:  # the chart's policy: label the target for us
+            message = (
+                f"{target.kind}/{target.name} not patched (label it "
+                f"moeplace.io/deployment={self.name} to allow it): {error}"
+            )
+            raise DegradedError(
+                "TargetForbidden",
+                message,
+                [false(ConditionType.ROLLED_OUT, "TargetForbidden", message)],
             ) from error
 
     def summary(

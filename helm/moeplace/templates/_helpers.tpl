@@ -31,7 +31,10 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 {{- end -}}
 
-{{/* Rights on the objects the operator reconciles, in the namespaces it watches. */}}
+{{/* Rights on the objects the operator reconciles, in the namespaces it watches. RBAC cannot
+name the objects written here (their names come from the MoEDeployments), so the writes are
+bounded by the ValidatingAdmissionPolicies in rbac.yaml: moeplace-owned ConfigMaps only, and only
+the placement annotation of a workload its MoEDeployment names as rollout target. */}}
 {{- define "moeplace.namespacedRules" -}}
 - apiGroups: ["moeplace.io"]
   resources: ["moedeployments"]
@@ -41,7 +44,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   verbs: ["get", "patch"]
 - apiGroups: [""]
   resources: ["configmaps"]
-  verbs: ["get", "create", "update"]  # placement/proposal maps; load and pinned maps are read
+  verbs: ["get", "create", "update"]  # get: load and pinned maps; writes: policy -owned-configmaps
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
@@ -50,7 +53,15 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   verbs: ["create"]
 - apiGroups: ["apps"]
   resources: ["deployments", "statefulsets"]
-  verbs: ["get", "patch"]  # the rollout.target pod-template annotation
+  verbs: ["get", "patch"]  # policy -rollout-target: the placement annotation of a target only
+{{- end -}}
+
+{{/* The admission-policy condition "this request comes from the operator's ServiceAccount". */}}
+{{- define "moeplace.isTheOperator" -}}
+- name: is-the-operator
+  expression: >-
+    request.userInfo.username ==
+    'system:serviceaccount:{{ .Release.Namespace }}:{{ include "moeplace.serviceAccountName" . }}'
 {{- end -}}
 
 {{/* CEL variables of a node update: old and new labels and annotations (empty maps when
@@ -65,4 +76,24 @@ profiler may change on a Node. */}}
   expression: "has(oldObject.metadata.annotations) ? oldObject.metadata.annotations : {}"
 - name: newAnn
   expression: "has(object.metadata.annotations) ? object.metadata.annotations : {}"
+{{- end -}}
+
+{{/* CEL validations shared by the operator's and the profiler's node policies: the spec, the
+ownerReferences (garbage collection of the Node) and the finalizers (its deletion) stay as
+they are. The argument names the ServiceAccount in the messages. */}}
+{{- define "moeplace.frozenNodeFields" -}}
+- expression: "object.spec == oldObject.spec"
+  message: "the {{ . }} may not change a node's spec"
+  reason: Forbidden
+- expression: >-
+    has(object.metadata.ownerReferences) == has(oldObject.metadata.ownerReferences) &&
+    (!has(object.metadata.ownerReferences) ||
+    object.metadata.ownerReferences == oldObject.metadata.ownerReferences)
+  message: "the {{ . }} may not change a node's ownerReferences"
+  reason: Forbidden
+- expression: >-
+    has(object.metadata.finalizers) == has(oldObject.metadata.finalizers) &&
+    (!has(object.metadata.finalizers) || object.metadata.finalizers == oldObject.metadata.finalizers)
+  message: "the {{ . }} may not change a node's finalizers"
+  reason: Forbidden
 {{- end -}}
