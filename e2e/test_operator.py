@@ -46,8 +46,11 @@ class OperatorProcess:
     """The operator as users run it, in a subprocess, with free ports for /metrics and
     liveness. Logs go to a file shown when a test fails."""
 
-    def __init__(self, cluster: Cluster, log: Path) -> None:
+    def __init__(
+        self, cluster: Cluster, log: Path, extra_env: dict[str, str] | None = None
+    ) -> None:
         self.cluster, self.log = cluster, log
+        self.extra_env = extra_env or {}
         self.proc: subprocess.Popen[bytes] | None = None
         self.metrics_port = free_port()
         self.liveness_port = free_port()
@@ -61,6 +64,7 @@ class OperatorProcess:
             "MOEPLACE_SOLVER_WORKERS": "2",
             # only this module's namespaces: other suites may run their own operator
             "MOEPLACE_NAMESPACES": f"{NAMESPACE_PREFIX}*",
+            **self.extra_env,
         }
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
