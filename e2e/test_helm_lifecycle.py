@@ -11,6 +11,7 @@ what the chart's RBAC allows."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import uuid
@@ -117,7 +118,6 @@ def test_profiler_daemonset_security_resources_probes(cluster: Cluster) -> None:
 def test_profiler_probes_run_against_a_real_profile_file(tmp_path: Path, cluster: Cluster) -> None:
     """The probes' own commands (python -c), run here: fail without a profile, pass with a
     fresh one, liveness fails on a stale one."""
-    import os
     import sys
     import time
 
@@ -350,3 +350,30 @@ def test_install_upgrade_with_crd_change_uninstall(
         cluster.kubectl("delete", "namespace", ops, "--wait=false", check=False)
         cluster.delete_nodes(pool=pool)
         reset_crd(cluster)
+
+
+# ---- examples/ -------------------------------------------------------------------------------
+
+
+def test_examples_apply_with_kustomize(cluster: Cluster, tmp_path: Path) -> None:
+    """`kubectl apply -k` of examples/ for real, through an overlay that only renames the
+    namespace (the CRD validates every field; the API server fills the defaults)."""
+    reset_crd(cluster)
+    namespace = f"moed-ex-{uuid.uuid4().hex[:6]}"
+    base = os.path.relpath(ROOT / "examples", tmp_path)
+    overlay = {"namespace": namespace, "resources": [base]}
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(overlay))
+    try:
+        cluster.kubectl("apply", "-k", str(tmp_path))
+        moeds = json.loads(cluster.kubectl("get", "moed", "-n", namespace, "-o", "json").stdout)
+        specs = {m["metadata"]["name"]: m["spec"] for m in moeds["items"]}
+        assert sorted(specs) == ["deepseek-v2-lite", "mixtral-static"]
+        assert specs["mixtral-static"]["load"]["static"]["configMapName"] == "mixtral-load"
+        assert specs["deepseek-v2-lite"]["load"]["prometheus"]["layerOffset"] == 1
+        assert specs["deepseek-v2-lite"]["rollout"]["target"]["kind"] == "Deployment"
+        assert specs["mixtral-static"]["reconcileIntervalSeconds"] > 0  # a CRD default
+        load = get(cluster, "configmap", "mixtral-load", namespace)
+        assert load is not None
+        assert len(load["data"]["load.csv"].splitlines()) == 1 + 32 * 8
+    finally:
+        cluster.kubectl("delete", "-k", str(tmp_path), "--wait=false", check=False)
