@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from moeplace_operator.crdupgrade import BundledCRDError, bundled_crd, covers, parse_location
 
 CRD_TEXT = (Path(__file__).resolve().parents[2] / "crds/moedeployment.yaml").read_text()
