@@ -377,3 +377,22 @@ def test_examples_apply_with_kustomize(cluster: Cluster, tmp_path: Path) -> None
         assert len(load["data"]["load.csv"].splitlines()) == 1 + 32 * 8
     finally:
         cluster.kubectl("delete", "-k", str(tmp_path), "--wait=false", check=False)
+
+
+def test_a_missing_crd_configmap_stops_the_operator_with_its_name(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """Bad input at start: the operator exits naming the ConfigMap, never serves /healthz
+    (readiness stays false) and leaves the CRD as it was."""
+    reset_crd(cluster)
+    _, rv = crd_fields(cluster)
+    log = tmp_path / "operator.log"
+    operator = OperatorProcess(cluster, log, {"MOEPLACE_CRD_CONFIGMAP": "nowhere/no-such-crd"})
+    with pytest.raises(AssertionError, match="operator liveness"):
+        operator.start()  # waits 60 s for /healthz
+    assert operator.proc is not None
+    code = operator.proc.wait(timeout=30)
+    operator.proc = None
+    assert code != 0
+    assert "CRD ConfigMap nowhere/no-such-crd not found" in log.read_text()
+    assert crd_fields(cluster)[1] == rv
