@@ -14,7 +14,7 @@ import pytest
 import yaml
 from conftest import Cluster, wait_for
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.helm]
 
 CHART = Path(__file__).resolve().parents[1] / "helm/moeplace"
 
