@@ -14,15 +14,24 @@ import pytest
 import yaml
 from conftest import Cluster, wait_for
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.helm]
 
 CHART = Path(__file__).resolve().parents[1] / "helm/moeplace"
 
 
 def render(cluster: Cluster, *values: str) -> list[dict[str, Any]]:
     args = [f"--set={v}" for v in values]
-    out = cluster.helm("template", "moeplace", str(CHART), "--namespace", "ops", *args).stdout
+    out = cluster.helm(
+        "template", "moeplace", str(CHART), "--namespace", "ops", "--kube-version=1.30.0", *args
+    ).stdout
     return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def reconciling(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    """The RBAC objects of that kind for reconciling (not the CRD upgrade's)."""
+    return [
+        d for d in docs if d["kind"] == kind and not d["metadata"]["name"].endswith("-crd-upgrade")
+    ]
 
 
 def test_lint(cluster: Cluster) -> None:
@@ -31,7 +40,15 @@ def test_lint(cluster: Cluster) -> None:
 
 
 def test_values_schema_rejects_typos(cluster: Cluster) -> None:
-    result = cluster.helm("template", "x", str(CHART), "--set", "solver.wrokers=3", check=False)
+    result = cluster.helm(
+        "template",
+        "x",
+        str(CHART),
+        "--kube-version=1.30.0",
+        "--set",
+        "solver.wrokers=3",
+        check=False,
+    )
     assert result.returncode != 0 and "wrokers" in result.stderr
 
 
@@ -40,8 +57,13 @@ def test_template_cluster_wide(cluster: Cluster) -> None:
     kinds = sorted(d["kind"] for d in docs)
     assert kinds == [
         "ClusterRole",
+        "ClusterRole",  # the CRD upgrade's (templates/crd-upgrade-rbac.yaml)
         "ClusterRoleBinding",
+        "ClusterRoleBinding",
+        "ConfigMap",  # the CRD, for the upgrade
         "Deployment",
+        "Role",
+        "RoleBinding",
         "Service",
         "ServiceAccount",
         *["ValidatingAdmissionPolicy"] * 6,
@@ -62,7 +84,7 @@ def test_template_cluster_wide(cluster: Cluster) -> None:
     }
     deploy = next(d for d in docs if d["kind"] == "Deployment")
     assert deploy["spec"]["replicas"] == 1 and deploy["spec"]["strategy"]["type"] == "Recreate"
-    role = next(d for d in docs if d["kind"] == "ClusterRole")
+    (role,) = reconciling(docs, "ClusterRole")
     verbs = {
         (r["apiGroups"][0], res): set(r["verbs"]) for r in role["rules"] for res in r["resources"]
     }
@@ -72,9 +94,9 @@ def test_template_cluster_wide(cluster: Cluster) -> None:
 
 def test_template_namespaced_and_service_monitor(cluster: Cluster) -> None:
     docs = render(cluster, "watchNamespaces={a,b}", "metrics.serviceMonitor.enabled=true")
-    roles = [d for d in docs if d["kind"] == "Role"]
+    roles = reconciling(docs, "Role")
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["a", "b"]
-    cluster_role = next(d for d in docs if d["kind"] == "ClusterRole")
+    (cluster_role,) = reconciling(docs, "ClusterRole")
     assert {res for r in cluster_role["rules"] for res in r["resources"]} == {
         "nodes",
         "customresourcedefinitions",

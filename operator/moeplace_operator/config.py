@@ -18,6 +18,11 @@ class OperatorConfig(BaseModel):
         default="http://0.0.0.0:8080/healthz", description="kopf --liveness URL (empty: off)."
     )
     namespaces: list[str] = Field(default_factory=list, description="Watched; empty: all.")
+    crd_configmap: str = Field(
+        default="",
+        description="<namespace>/<name> of the ConfigMap holding the CRD to apply at start "
+        "(the chart's; empty: leave the CRD alone).",
+    )
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> OperatorConfig:
@@ -27,6 +32,7 @@ class OperatorConfig(BaseModel):
             "solver_threads": values.get("MOEPLACE_SOLVER_THREADS"),
             "metrics_port": values.get("MOEPLACE_METRICS_PORT"),
             "liveness_endpoint": values.get("MOEPLACE_LIVENESS_ENDPOINT"),
+            "crd_configmap": values.get("MOEPLACE_CRD_CONFIGMAP"),
             "namespaces": [n for n in values.get("MOEPLACE_NAMESPACES", "").split(",") if n],
         }
         return cls.model_validate({k: v for k, v in raw.items() if v is not None})

@@ -15,6 +15,7 @@ import kopf
 
 from moeplace_operator import metrics
 from moeplace_operator.config import OperatorConfig, configure_kopf
+from moeplace_operator.crdupgrade import CRD_NAME, BundledCRDError, ensure_crd
 from moeplace_operator.kube import Kube, TransientApiError, load_config
 from moeplace_operator.nodes import NodeGPUs, has_gpu_labels, is_usable, node_gpus
 from moeplace_operator.reconcile import Reconcile, Runtime, gpu_nodes
@@ -53,18 +54,35 @@ class Nudges:
 
 
 @kopf.on.startup()
-async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+async def startup(
+    settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Logger, **_: Any
+) -> None:
     configure_kopf(settings)
     config = OperatorConfig.from_env()
     load_config()
+    kube = Kube()
+    if config.crd_configmap:
+        await upgrade_crd(kube, config.crd_configmap, logger)
     memo.runtime = Runtime(
-        kube=Kube(),
+        kube=kube,
         solver_pool=ThreadPoolExecutor(config.solver_workers, "moeplace-solver"),
         solver_threads=config.solver_threads,
     )
     memo.nudges = Nudges()
     memo.node_fingerprints = {}
     memo.last_refused = {}
+
+
+async def upgrade_crd(kube: Kube, location: str, logger: Logger) -> None:
+    """The chart's CRD before any watch starts (kopf runs startup handlers first); the
+    readiness probe answers only once this is done."""
+    try:
+        applied = await asyncio.to_thread(ensure_crd, kube, location)
+    except TransientApiError as error:
+        raise kopf.TemporaryError(f"CRD upgrade: {error}", delay=RETRY_DELAY_S) from error
+    except BundledCRDError as error:
+        raise kopf.PermanentError(str(error)) from error
+    logger.info(f"CRD {CRD_NAME}: {'applied from ' + location if applied else 'up to date'}")
 
 
 @kopf.on.cleanup()

@@ -72,6 +72,7 @@ class Kube:
         self.api = api_client or client.ApiClient()
         self.core = client.CoreV1Api(self.api)
         self.custom = client.CustomObjectsApi(self.api)
+        self.extensions = client.ApiextensionsV1Api(self.api)
 
     def read_configmap(self, namespace: str, name: str) -> Body | None:
         try:
@@ -100,6 +101,27 @@ class Kube:
         """Merge-patch annotations onto a Node (needs ``patch`` on nodes)."""
         body = {"metadata": {"annotations": annotations}}
         _call(lambda: self.core.patch_node(name, body))
+
+    def read_crd(self, name: str) -> Body | None:
+        try:
+            found = _call(lambda: self.extensions.read_custom_resource_definition(name))
+        except MissingObjectError:
+            return None
+        result: Body = self.api.sanitize_for_serialization(found)  # type: ignore[no-untyped-call]
+        return result
+
+    def apply_crd(self, crd: Body, field_manager: str) -> None:
+        """Server-side apply (needs ``patch`` on the CRD); ``force`` takes over the fields
+        another manager (helm's create, a manual ``kubectl apply``) set."""
+        _call(
+            lambda: self.extensions.patch_custom_resource_definition(
+                crd["metadata"]["name"],
+                crd,
+                field_manager=field_manager,
+                force=True,
+                _content_type="application/apply-patch+yaml",
+            )
+        )
 
     def read_moedeployment(self, namespace: str, name: str) -> Body:
         found = _call(

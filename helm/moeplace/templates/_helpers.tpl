@@ -23,6 +23,21 @@ app.kubernetes.io/name: {{ include "moeplace.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
+{{/* An image reference: repository@digest when a digest is set, else repository:tag (the
+tag defaulting to the chart's appVersion). Argument: dict "image" <values> "chart" .Chart */}}
+{{- define "moeplace.image" -}}
+{{- $img := .image | default dict -}}
+{{- if $img.digest -}}
+{{- printf "%s@%s" $img.repository $img.digest -}}
+{{- else -}}
+{{- printf "%s:%s" $img.repository ($img.tag | default .chart.AppVersion) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "moeplace.crdConfigMapName" -}}
+{{- printf "%s-crd" (include "moeplace.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
 {{- define "moeplace.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create -}}
 {{- default (include "moeplace.fullname" .) .Values.serviceAccount.name -}}
