@@ -61,6 +61,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         kube=Kube(),
         solver_pool=ThreadPoolExecutor(config.solver_workers, "moeplace-solver"),
         solver_threads=config.solver_threads,
+        prometheus_allowed=tuple(config.prometheus_allowed_urls),
     )
     memo.nudges = Nudges()
     memo.node_fingerprints = {}

@@ -4,12 +4,14 @@ official client is): the reconciler runs them in worker threads. API faults are 
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
+from moeplace_operator.loadsource import SecretForbiddenError
 from moeplace_operator.spec import GROUP, PLURAL, VERSION, TargetKind
 
 Body = dict[str, Any]
@@ -60,6 +62,23 @@ class Kube:
             return None
         result: Body = self.api.sanitize_for_serialization(found)  # type: ignore[no-untyped-call]
         return result
+
+    def read_secret(self, namespace: str, name: str) -> dict[str, str] | None:
+        """A Secret's data, decoded (None when missing). A refusal (403: the chart grants get
+        only on the Secrets listed in prometheus.secretNames) is ``SecretForbiddenError``;
+        nothing of the API's answer is kept in it."""
+        try:
+            found = _call(lambda: self.core.read_namespaced_secret(name, namespace))
+        except MissingObjectError:
+            return None
+        except ApiException as error:
+            if error.status in (401, 403):
+                raise SecretForbiddenError(f"{namespace}/{name}") from None
+            raise
+        data = found.data or {}
+        return {
+            key: base64.b64decode(value).decode("utf-8", "replace") for key, value in data.items()
+        }
 
     def write_configmap(self, body: Body) -> None:
         """One create (no resourceVersion) or one replace (with it): the object is either the

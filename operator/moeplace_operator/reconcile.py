@@ -45,12 +45,14 @@ from moeplace_operator.kube import Kube, MissingObjectError
 from moeplace_operator.loadsource import (
     LoadData,
     MetricsUnavailableError,
+    PrometheusSource,
     fetch_prometheus,
     fetch_prometheus_transitions,
     fetch_rank_counters,
     parse_duration,
     parse_load_csv,
     parse_static_transitions,
+    resolve_source,
     scale_transitions,
 )
 from moeplace_operator.nodes import (
@@ -94,6 +96,7 @@ class Runtime:
     kube: Kube
     solver_pool: ThreadPoolExecutor
     solver_threads: int
+    prometheus_allowed: tuple[str, ...] = ()  # base URLs load.prometheus.url must match
     io_pool: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(8, "moeplace-io")
     )
@@ -135,6 +138,7 @@ class Reconcile:
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
     solved_at: datetime | None = None  # set when the plan comes from the cache
     load_configmap: dict[str, Any] | None = None  # the static load's ConfigMap, as read
+    prometheus: PrometheusSource | None = None  # load.prometheus resolved, by ``load``
 
     @property
     def name(self) -> str:
@@ -255,9 +259,16 @@ class Reconcile:
     async def load(self, spec: MoEDeploymentSpec) -> tuple[LoadData, ConditionUpdate]:
         try:
             if spec.load.prometheus is not None:
+                self.prometheus = await self.runtime.io(
+                    resolve_source,
+                    spec.load.prometheus,
+                    self.namespace,
+                    self.runtime.kube,
+                    self.runtime.prometheus_allowed,
+                )
                 data = await self.runtime.io(
                     fetch_prometheus,
-                    spec.load.prometheus,
+                    self.prometheus,
                     spec.model,
                     self.now,
                     spec.placement.dispatch.rule,
@@ -317,8 +328,9 @@ class Reconcile:
             fresh = cached is not None and self.now - cached.read_at < max_age
             if cached is not None and cached.source == version and fresh:
                 return source, cached.raw
+            assert self.prometheus is not None  # resolved by ``load``, which runs first
             raw = await self.runtime.io(
-                fetch_prometheus_transitions, prometheus, spec.model, self.now
+                fetch_prometheus_transitions, self.prometheus, spec.model, self.now
             )
         else:
             assert spec.load.static is not None
@@ -360,7 +372,7 @@ class Reconcile:
         Nodes once per change of the set of drifting GPUs. Too little data says nothing, and
         any failure here is logged, never raised: it must not stop the placement."""
         threshold = spec.gpus.speed_drift_threshold_percent / 100
-        prometheus = spec.load.prometheus
+        prometheus = self.prometheus  # resolved by ``load``, which runs first
         try:
             found: SpeedDrift | None = None
             if prometheus is not None and threshold > 0:
