@@ -40,8 +40,13 @@ def validations(*rules: dict[str, str]) -> dict[str, Any]:
 
 
 class Camel(BaseModel):
+    # hide_input_in_errors: a refused value (a URL with credentials) is never echoed in errors
     model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="ignore",
+        frozen=True,
+        hide_input_in_errors=True,
     )
 
 
@@ -228,7 +233,6 @@ class PrometheusLoad(Camel):
     """Read per-expert token counts from Prometheus."""
 
     model_config = ConfigDict(
-        hide_input_in_errors=True,  # a refused url may hold credentials: never echo it
         json_schema_extra=validations(
             *(
                 cel(f"!self.url.matches('{rule}')", message)
