@@ -147,7 +147,10 @@ class PrometheusSource:
 def origin(url: str) -> str:
     """``scheme://host[:port]`` of ``url``: what messages name (a path or query is not shown)."""
     parts = urlsplit(url)
-    port = f":{parts.port}" if parts.port else ""
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:  # messages must never fail: a bad port is refused by validation
+        port = ""
     return f"{parts.scheme}://{parts.hostname}{port}"
 
 

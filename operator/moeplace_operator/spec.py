@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from enum import StrEnum
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
@@ -239,6 +240,10 @@ class PrometheusLoad(Camel):
                 for rule, message in URL_MESSAGES.items()
             ),
             cel(
+                "isURL(self.url) && url(self.url).getHostname() != ''",
+                "url must be a valid URL with a host",
+            ),
+            cel(
                 "!has(self.bearerTokenSecret) || !has(self.basicAuth)",
                 "set at most one of bearerTokenSecret and basicAuth",
             ),
@@ -317,6 +322,13 @@ class PrometheusLoad(Camel):
         for rule, message in URL_MESSAGES.items():
             if re.search(rule, self.url):
                 raise ValueError(message)
+        try:
+            parts = urlsplit(self.url)
+            valid = bool(parts.hostname) and (parts.port or 0) >= 0  # .port checks the port
+        except ValueError:  # a port that is not a number in 0..65535
+            valid = False
+        if not valid:
+            raise ValueError("url must be a valid URL with a host")
         https = self.url.startswith("https://")
         if (self.bearer_token_secret or self.basic_auth) and not https:
             raise ValueError(CREDENTIALS_NEED_HTTPS)

@@ -64,6 +64,8 @@ TOKEN_REF = {"bearerTokenSecret": {"name": "prom", "key": "token"}}
         ({"url": f"https://{SECRET}@prom"}, "must not carry credentials"),
         ({"url": f"https://prom/?token={SECRET}"}, "without query or fragment"),
         ({"url": "http://prom:9090", **TOKEN_REF}, "sent only over https://"),
+        ({"url": "https://prom:99999"}, "valid URL with a host"),
+        ({"url": "https://:9090/x"}, "valid URL with a host"),
         (
             {
                 "url": "https://prom",
@@ -90,7 +92,8 @@ def test_crd_refuses_the_same_at_admission() -> None:
     schema = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     prometheus = schema["properties"]["spec"]["properties"]["load"]["properties"]["prometheus"]
     messages = " | ".join(rule["message"] for rule in prometheus["x-kubernetes-validations"])
-    for expected in ("must not carry credentials", "without query", "only over https://"):
+    expected_messages = ("must not carry credentials", "without query", "with a host", "https://")
+    for expected in expected_messages:
         assert expected in messages
     ca = prometheus["properties"]["ca"]
     assert ca["x-kubernetes-validations"][0]["rule"] == "has(self.configMap) != has(self.secret)"
