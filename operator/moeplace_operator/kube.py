@@ -11,7 +11,6 @@ from typing import Any, TypeVar, cast
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from moeplace_operator.loadsource import SecretForbiddenError
 from moeplace_operator.spec import GROUP, PLURAL, VERSION, TargetKind
 
 Body = dict[str, Any]
@@ -26,6 +25,10 @@ class TransientApiError(Exception):
 
 class MissingObjectError(Exception):
     """A referenced object (ConfigMap, workload) does not exist."""
+
+
+class SecretForbiddenError(Exception):
+    """The operator may not read a referenced Secret (RBAC)."""
 
 
 def load_config() -> None:

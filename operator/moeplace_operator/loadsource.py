@@ -34,6 +34,7 @@ from requests.adapters import HTTPAdapter
 from typing_extensions import TypedDict  # pydantic needs it (not typing's) before 3.12
 from urllib3.util.retry import Retry
 
+from moeplace_operator.kube import SecretForbiddenError
 from moeplace_operator.spec import KeyRef, ModelSpec, PrometheusLoad
 from placement.evaluate import Dispatch as DispatchRule
 from placement.load import (
@@ -124,10 +125,6 @@ class ObjectReader(Protocol):
     def read_configmap(self, namespace: str, name: str) -> dict[str, Any] | None: ...
 
     def read_secret(self, namespace: str, name: str) -> dict[str, str] | None: ...
-
-
-class SecretForbiddenError(Exception):
-    """The operator may not read a referenced Secret (RBAC)."""
 
 
 @dataclass(frozen=True)

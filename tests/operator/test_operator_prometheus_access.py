@@ -23,12 +23,8 @@ from fake_prometheus import FakePrometheus
 from kubernetes.client.exceptions import ApiException
 from moeplace_operator.config import OperatorConfig
 from moeplace_operator.crd import build_crd
-from moeplace_operator.kube import Kube
-from moeplace_operator.loadsource import (
-    MetricsUnavailableError,
-    SecretForbiddenError,
-    check_allowed,
-)
+from moeplace_operator.kube import Kube, SecretForbiddenError
+from moeplace_operator.loadsource import MetricsUnavailableError, check_allowed
 from moeplace_operator.nodes import node_gpus
 from moeplace_operator.reconcile import Reconcile, Runtime
 from moeplace_operator.spec import MoEDeploymentSpec
