@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import kopf
+from pydantic import ValidationError
 
 from moeplace_operator import metrics
 from moeplace_operator.build import (
@@ -159,7 +160,6 @@ class Reconcile:
 
     async def run(self) -> None:
         generation = self.generation  # the live body may move on while we work
-        spec = MoEDeploymentSpec.model_validate(self.body["spec"])
         status = MoEDeploymentStatus.model_validate(self.body.get("status") or {})
         kube = self.runtime.kube
         in_service = read_published(
@@ -169,7 +169,7 @@ class Reconcile:
         )
         summary = status.placement  # kept as it was when degraded
         try:
-            updates, summary = await self.converge(spec, in_service)
+            updates, summary = await self.converge(self.spec(), in_service)
         except DegradedError as degraded:
             metrics.ERRORS.labels(degraded.reason).inc()
             self.logger.info("degraded: %s", degraded)  # info: warnings become Events each tick
@@ -180,6 +180,19 @@ class Reconcile:
         patch = status_patch(generation=generation, conditions=conditions, summary=summary)
         if not already_applied(patch, {"status": dict(self.body.get("status") or {})}):
             await self.runtime.io(kube.patch_status, self.namespace, self.name, patch)
+
+    def spec(self) -> MoEDeploymentSpec:
+        """The spec, or DegradedError(InvalidSpec) naming what is wrong: an object stored
+        before the CRD refused it (a URL with credentials, say). The models hide the input in
+        their errors; the chain is dropped so no traceback prints it either."""
+        try:
+            return MoEDeploymentSpec.model_validate(self.body["spec"])
+        except ValidationError as error:
+            problems = "; ".join(
+                f"{'.'.join(str(part) for part in e['loc'])}: {e['msg']}"
+                for e in error.errors()[:3]
+            )
+            raise DegradedError("InvalidSpec", f"spec refused: {problems}", []) from None
 
     def announce_degradation(self, status: MoEDeploymentStatus, degraded: DegradedError) -> None:
         """A Warning Event when the object becomes degraded or the reason changes."""

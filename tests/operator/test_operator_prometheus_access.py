@@ -460,3 +460,19 @@ def test_redirects_are_not_followed(
     condition = metrics_condition(s.reconcile({"url": server.url}))
     assert "redirected (redirects are not followed)" in condition["message"]
     assert elsewhere.queries == []
+
+
+def test_a_stored_url_with_credentials_degrades_readably(
+    scenario: Callable[[], Scenario], servers: Callable[..., FakePrometheus]
+) -> None:
+    """An object stored before the CRD had the rule: refused by the operator, not queried."""
+    server, s = servers(), scenario()
+    with_credentials = server.url.replace("http://", f"http://user:{SECRET}@")
+    conditions = s.reconcile({"url": with_credentials})
+    degraded = conditions["Degraded"]
+    assert degraded["status"] == "True" and degraded["reason"] == "InvalidSpec"
+    assert "load.prometheus: Value error, url must not carry credentials" in degraded["message"]
+    assert conditions["Ready"]["reason"] == "InvalidSpec"
+    assert [e["reason"] for e in s.events] == ["InvalidSpec"]
+    assert server.queries == []
+    s.assert_never_shown(SECRET)
