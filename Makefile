@@ -7,13 +7,24 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CLUSTER := e2e/cluster
 
 .PHONY: demo test venv lint unit tools go-tools prometheus cluster-up cluster-down cluster-status \
-	engines-venv engines-test
+	engines-venv engines-test lock
 
-$(VENV_STAMP): pyproject.toml
+# Every third-party package comes from a lock file (exact versions and sha256 hashes, made by
+# pip-tools from pyproject.toml: `make lock`): requirements-dev.lock here and in CI,
+# requirements.lock (runtime only, the same versions) in the operator image. The project itself
+# goes on top without resolving anything.
+$(VENV_STAMP): pyproject.toml requirements-dev.lock
 	python3 -m venv .venv
 	.venv/bin/pip install -q --upgrade pip
-	.venv/bin/pip install -q -e '.[dev]'
+	.venv/bin/pip install -q --require-hashes -r requirements-dev.lock
+	.venv/bin/pip install -q --no-deps -e .
 	touch $@
+
+# Regenerate the lock after changing dependencies in pyproject.toml (needs the network).
+LOCK := .venv/bin/pip-compile -q --generate-hashes --allow-unsafe --strip-extras --no-emit-find-links
+lock: venv
+	$(LOCK) --extra dev -o requirements-dev.lock pyproject.toml
+	$(LOCK) -c requirements-dev.lock -o requirements.lock pyproject.toml
 
 venv: $(VENV_STAMP)
 

@@ -55,7 +55,7 @@ def manifests() -> str:
                     "moeLayers": 26,
                     "expertsPerLayer": 64,
                     "topK": 6,
-                    "denseLayersBefore": 1,
+                    "preset": "deepseek-v2-lite",
                 },
                 "gpus": {"nodeSelector": {lc.POOL_LABEL: POOL}, "nodeCount": 4, "gpusPerNode": 8},
                 "placement": {"strategy": "cpsat", "timeLimitSeconds": 5},

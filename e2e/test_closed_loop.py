@@ -219,7 +219,13 @@ def manifest(namespace: str, model: str, prometheus_url: str) -> dict[str, Any]:
         "kind": "MoEDeployment",
         "metadata": {"name": "lite", "namespace": namespace},
         "spec": {
-            "model": {"name": model, "moeLayers": 26, "expertsPerLayer": 64, "topK": 6},
+            "model": {
+                "name": model,
+                "preset": "deepseek-v2-lite",
+                "moeLayers": 26,
+                "expertsPerLayer": 64,
+                "topK": 6,
+            },
             "gpus": {
                 "nodeSelector": {"gpu.moeplace.io/pool": namespace},
                 "nodeCount": NODES,

@@ -155,6 +155,7 @@ def manifest(name: str, namespace: str, pool: str, **overrides: Any) -> dict[str
             "expertsPerLayer": EXPERTS,
             "topK": 6,
             "denseLayersBefore": 1,
+            "hiddenLayers": LAYERS + 1,
         },
         "gpus": {
             "nodeSelector": {"gpu.moeplace.io/pool": pool},
@@ -264,10 +265,16 @@ def evaluate_against_eplb(cluster: Cluster, pool: str, cm: dict[str, Any]) -> tu
     plan = parse_canonical(cm["data"]["placement.json"])
     validate(plan)
     load = parse_load_csv(
-        ROUTING_CSV.read_text(), ModelSpec(name="x", moe_layers=LAYERS, experts_per_layer=EXPERTS)
+        ROUTING_CSV.read_text(),
+        ModelSpec(
+            name="x", preset="deepseek-v2-lite", moe_layers=LAYERS, experts_per_layer=EXPERTS
+        ),
     )
     sglang = json.loads(cm["data"]["sglang.json"])["physical_to_logical_map"]
     assert len(sglang) == LAYERS + 1 and sglang[1:] == plan.phy2log
+    flags = json.loads(cm["data"]["engine-flags.json"])
+    assert flags["hiddenLayers"] == len(sglang) and flags["physicalSlots"] == len(sglang[0])
+    assert flags["epSize"] == NODES * GPUS == plan.num_gpus
     eplb = solve(Problem.build(plan.model, group.cluster, load), "eplb").placement
     return evaluate(plan, group.cluster, load).ratio, evaluate(eplb, group.cluster, load).ratio
 
@@ -510,6 +517,8 @@ def test_propose_then_pinned_via_export(
             "set exactly one of load.prometheus and load.static",
         ),
         ({"model": {"topK": 65}}, "spec.model.topK"),
+        ({"model": {"preset": "deepseek-v3"}}, "moeLayers must match model.preset's"),
+        ({"model": {"hiddenLayers": 26}}, "denseLayersBefore + moeLayers must not exceed"),
         ({"rollout": {"cooldown": "ten minutes"}}, "spec.rollout.cooldown"),
         ({"placement": {"strategy": "magic"}}, 'Unsupported value: "magic"'),
     ],
@@ -534,7 +543,9 @@ def test_minimal_manifest_is_defaulted(cluster: Cluster, crd: None, namespace: s
 def test_model_shape_is_immutable(cluster: Cluster, crd: None, namespace: str) -> None:
     apply(cluster, manifest("shape", namespace, "none"))
     result = apply(
-        cluster, manifest("shape", namespace, "none", model={"moeLayers": 27}), check=False
+        cluster,
+        manifest("shape", namespace, "none", model={"moeLayers": 27, "hiddenLayers": 28}),
+        check=False,
     )
     assert result.returncode != 0 and "model shape is immutable" in result.stderr, result.stderr
 

@@ -86,6 +86,21 @@ def read_per_prompt(path: str | Path, key: str = "counts") -> FloatArray:
     return arr
 
 
+def read_layer_index(path: str | Path, layers: int) -> list[int] | None:
+    """The npz's ``moe_layer_index`` [L]: the model layer (dense layers counted) of each MoE
+    layer, as the routing traces carry it; None when the file has none."""
+    p = Path(path)
+    with np.load(p) as data:
+        if "moe_layer_index" not in data:
+            return None
+        index = np.asarray(data["moe_layer_index"])
+    if index.shape != (layers,) or not np.issubdtype(index.dtype, np.integer) or (index < 0).any():
+        raise LoadFileError(
+            f"{p}: moe_layer_index must be {layers} layer numbers >= 0, got shape {index.shape}"
+        )
+    return [int(x) for x in index]
+
+
 def read_transitions(path: str | Path | BinaryIO) -> FloatArray:
     """``layer_transition_counts.npy`` (a path or an open binary file) -> [L-1, E, E] tokens
     with expert i in layer l and j in layer l+1."""

@@ -38,9 +38,10 @@ if [[ ! -x "$VENV/bin/python" ]]; then
   "$BASE/bin/python" -m venv "$VENV"
 fi
 echo "import site; site.addsitedir('$BASE/$SITE')" >"$VENV/$SITE/moeplace-engines-base.pth"
-# moeplace with its own dependencies: pip sees the cached venv's packages and adds only the rest.
+# moeplace's locked dependencies: pip sees the cached venv's packages and adds only the rest.
 # Then the serving distribution pods install (its entry points register the plugins), without
 # its [sglang]/[vllm] extras' dependency trees: the engines are already there.
-"$VENV/bin/python" -m pip install -q -e "$ROOT[dev]"
+"$VENV/bin/python" -m pip install -q --require-hashes -r "$ROOT/requirements-dev.lock"
+"$VENV/bin/python" -m pip install -q --no-deps -e "$ROOT"
 "$VENV/bin/python" -m pip install -q --no-deps -e "$ROOT/serving"
 echo "$VENV/bin/python"

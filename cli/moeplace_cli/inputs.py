@@ -13,40 +13,118 @@ from placement import formats
 from placement.gpus import load_cluster
 from placement.load import (
     read_counts_csv,
+    read_layer_index,
     read_model_transitions_csv,
     read_per_prompt,
     read_transitions,
     windows,
 )
 from placement.model import Cluster, FloatArray, MoEModelShape, Placement
+from placement.presets import (
+    LayoutError,
+    ModelLayout,
+    agreed,
+    check_shape,
+    layout_from_config,
+    preset_layout,
+)
 from placement.problem import Problem, Weights
 
 
 @dataclass(frozen=True)
 class LoadInput:
     """``load`` [L, E] tokens per expert; ``samples`` [K, L, E] per-window counts (None for
-    an aggregate CSV); ``layer_ids`` the CSV's ``moe_layer_index`` values (0..L-1 for
-    samples); ``source`` says where it came from, for people."""
+    an aggregate CSV); ``layer_ids`` the file's ``moe_layer_index`` values (model layers,
+    dense ones counted), None when it has none (0..L-1 are shown then); ``source`` says
+    where it came from, for people."""
 
     load: FloatArray
-    layer_ids: list[int]
+    layer_ids: list[int] | None
     source: str
     samples: FloatArray | None = None
 
-    def model(self, dense_layers: int | None, top_k: int) -> MoEModelShape:
-        """The model shape; dense layers default to the first MoE layer's index (the CSV
-        numbers model layers, dense ones included)."""
-        L, E = self.load.shape
-        dense = self.layer_ids[0] if dense_layers is None else dense_layers
-        with bad_input("model"):
-            return MoEModelShape(
-                moe_layers=L, experts=E, top_k=min(top_k, E), dense_layers_before=max(dense, 0)
-            )
+    @property
+    def shown_layer_ids(self) -> list[int]:
+        return self.layer_ids if self.layer_ids is not None else list(range(self.load.shape[0]))
 
     @property
     def scored(self) -> FloatArray:
         """What placements are scored on: the windows [K, L, E] if any, else the load."""
         return self.load if self.samples is None else self.samples
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """What the user said about the model: ``--model``, ``--model-config``,
+    ``--dense-layers``, ``--top-k`` (None: not given)."""
+
+    preset: str | None = None
+    config: Path | None = None
+    dense_layers: int | None = None
+    top_k: int | None = None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The model shape and its hidden-layer count (None: not known); ``dense_known`` is False
+    when nothing said how many dense layers come first (the shape then holds 0, which must
+    not reach an engine file)."""
+
+    shape: MoEModelShape
+    hidden_layers: int | None
+    dense_known: bool
+
+
+def read_layouts(choice: ModelChoice) -> list[tuple[str, ModelLayout]]:
+    """The layouts the user named, each with the option that named it."""
+    layouts: list[tuple[str, ModelLayout]] = []
+    if choice.preset is not None:
+        with bad_input("--model"):
+            layouts.append((f"--model {choice.preset}", preset_layout(choice.preset)))
+    if choice.config is not None:
+        with bad_input("--model-config", choice.config):
+            config = json.loads(choice.config.read_text())
+            if not isinstance(config, dict):
+                raise LayoutError("config.json: expected a JSON object")
+            layouts.append((f"--model-config {choice.config}", layout_from_config(config)))
+    return layouts
+
+
+def load_dense_layers(loaded: LoadInput) -> list[tuple[str, int]]:
+    """The dense-layer count the load's layer index implies (its first model layer)."""
+    ids = loaded.layer_ids
+    if ids is None:
+        return []
+    if ids != list(range(ids[0], ids[0] + len(ids))):
+        raise CliError(
+            f"load: {loaded.source} numbers its MoE layers {ids[0]}..{ids[-1]} with gaps: "
+            "dense layers between MoE layers are not supported"
+        )
+    return [(f"the moe_layer_index of {loaded.source}", ids[0])]
+
+
+def resolve_model(loaded: LoadInput, choice: ModelChoice) -> ModelInfo:
+    """The model from every source given (preset, config.json, the load's layer index, the
+    options); they must agree with each other and with the load's [L, E]."""
+    L, E = loaded.load.shape
+    layouts = read_layouts(choice)
+    dense = [(origin, layout.dense_layers_before) for origin, layout in layouts]
+    dense += load_dense_layers(loaded)
+    top_k = [(origin, layout.top_k) for origin, layout in layouts]
+    if choice.dense_layers is not None:
+        dense.append(("--dense-layers", choice.dense_layers))
+    if choice.top_k is not None:
+        top_k.append(("--top-k", choice.top_k))
+    with bad_input("model"):
+        for origin, layout in layouts:
+            check_shape(layout, origin, L, E)
+        before = agreed("dense layers before the first MoE layer", dense)
+        hidden = agreed("hidden layers", [(o, lay.hidden_layers) for o, lay in layouts])
+        k = agreed("top-k", top_k) or 1
+        shape = MoEModelShape(
+            moe_layers=L, experts=E, top_k=min(k, E), dense_layers_before=before or 0
+        )
+    return ModelInfo(shape=shape, hidden_layers=hidden, dense_known=before is not None)
 
 
 @dataclass(frozen=True)
@@ -82,11 +160,12 @@ def read_windows(spec: WindowSpec) -> LoadInput:
     with bad_input("samples", spec.path):
         counts = read_per_prompt(spec.path)
         samples = windows(counts, spec.size, start, stop)
-    K, L, _ = samples.shape
+        layer_ids = read_layer_index(spec.path, counts.shape[1])
+    K = samples.shape[0]
     used = f"{start}:{stop if stop is not None else counts.shape[0]}"
     return LoadInput(
         load=samples.mean(0),
-        layer_ids=list(range(L)),
+        layer_ids=layer_ids,
         source=f"{spec.path.name} prompts {used} in {K} windows of {spec.size}",
         samples=samples,
     )
@@ -175,8 +254,11 @@ def detect_format(obj: Any) -> formats.Format:
     )
 
 
-def read_placement(path: Path, model: MoEModelShape, num_gpus: int) -> Placement:
-    """A placement file in any supported format, checked against the model and the GPUs."""
+def read_placement(
+    path: Path, model: MoEModelShape, num_gpus: int, dense_known: bool = True
+) -> Placement:
+    """A placement file in any supported format, checked against the model and the GPUs;
+    an SGLang or vLLM file (rows by model layer) only when the dense layers are known."""
     with bad_input(f"placement: {path}"):
         text = path.read_text()
         try:
@@ -184,6 +266,12 @@ def read_placement(path: Path, model: MoEModelShape, num_gpus: int) -> Placement
         except json.JSONDecodeError as err:
             raise CliError(f"placement: {path}: not JSON ({err.msg}, line {err.lineno})") from err
         fmt = detect_format(obj)
+        if fmt in ("sglang", "vllm") and not dense_known:
+            raise CliError(
+                f"placement: {path} is a {fmt} file (rows by model layer) and how many dense "
+                "layers precede the first MoE layer is unknown: give --model, --model-config "
+                "or --dense-layers"
+            )
         try:
             placement = formats.loads(text, fmt, model=model, num_gpus=num_gpus)
         except ValueError as err:
@@ -211,6 +299,8 @@ def _slot_hint(fmt: formats.Format, obj: Any, num_gpus: int) -> str:
     return f" (read {slots} slots per layer as {num_gpus} GPUs from --gpus: is it the right one?)"
 
 
-def write_placement(placement: Placement, fmt: formats.Format, path: Path) -> None:
+def write_placement(
+    placement: Placement, fmt: formats.Format, path: Path, hidden_layers: int | None = None
+) -> None:
     with bad_input("out"):
-        path.write_text(formats.dumps(placement, fmt) + "\n")
+        path.write_text(formats.dumps(placement, fmt, num_hidden_layers=hidden_layers) + "\n")

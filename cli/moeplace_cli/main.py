@@ -19,7 +19,7 @@ from moeplace_cli import inputs, report
 from moeplace_cli import strategies as strategies_mod
 from moeplace_cli.errors import CliError, bad_input, err_console, reports_errors
 from moeplace_cli.gpus_cmd import gpus_app
-from moeplace_cli.inputs import LoadInput, WindowSpec
+from moeplace_cli.inputs import LoadInput, ModelChoice, ModelInfo, WindowSpec
 from moeplace_cli.options import (
     DenseOpt,
     DispatchOpt,
@@ -29,6 +29,8 @@ from moeplace_cli.options import (
     HedgeOpt,
     JsonOpt,
     LoadOpt,
+    ModelConfigOpt,
+    ModelOpt,
     NameArg,
     NamespaceOpt,
     OutputFormat,
@@ -42,6 +44,7 @@ from moeplace_cli.options import (
     TransOpt,
     WindowOpt,
 )
+from placement.engine_flags import engine_flags
 from placement.evaluate import Evaluation, evaluate
 from placement.load import LoadModelConfig, estimate, sampling_for
 from placement.model import FloatArray, Placement
@@ -138,20 +141,19 @@ def window_spec(samples: Path | None, window: int, prompts: str | None) -> Windo
 
 @dataclass(frozen=True)
 class ProblemExtras:
-    """Optional parts of a problem: traffic, the current placement, the model's metadata."""
+    """Optional parts of a problem: traffic, the current placement."""
 
     transitions: Path | None = None
     traffic_weight: float = 0.0
     current: Path | None = None
     migration_weight: float = 0.0
-    dense_layers: int | None = None
-    top_k: int = 1
 
 
 def make_problem(
     loaded: LoadInput,
     gpus: Path,
     redundant: int,
+    info: ModelInfo,
     extras: ProblemExtras | None = None,
     dispatch: str = "even",
 ) -> Problem:
@@ -160,12 +162,11 @@ def make_problem(
     more = extras or ProblemExtras()
     cluster = inputs.read_cluster(gpus)
     trans = inputs.read_transitions_file(more.transitions, loaded.load)
-    model = loaded.model(more.dense_layers, more.top_k)
     current = None
     if more.current is not None:
-        current = inputs.read_placement(more.current, model, cluster.size)
+        current = inputs.read_placement(more.current, info.shape, cluster.size, info.dense_known)
     return inputs.build_problem(
-        model,
+        info.shape,
         cluster,
         loaded.load,
         redundant,
@@ -186,6 +187,36 @@ def hedge_samples(loaded: LoadInput, dispatch: str) -> FloatArray | None:
 def solving_dispatch(strategy: str) -> str:
     """The dispatch rule a strategy places copies for."""
     return "best" if strategy == strategies_mod.CPSAT_BEST else "even"
+
+
+ENGINE_FORMATS = (OutputFormat.sglang, OutputFormat.vllm)
+
+
+def check_engine_format(fmt: OutputFormat, info: ModelInfo, loaded: LoadInput) -> None:
+    """An engine file numbers model layers: refuse to guess how many dense layers come first."""
+    if fmt in ENGINE_FORMATS and not info.dense_known:
+        raise CliError(
+            f"--format {fmt.value}: how many dense layers precede the first MoE layer is "
+            f"unknown ({loaded.source} has no moe_layer_index): give --model PRESET, "
+            "--model-config config.json or --dense-layers N (0 for a model without any)"
+        )
+    if not info.dense_known:
+        err_console.print(
+            "moeplace: warning: dense layers before the first MoE layer unknown, recorded as 0; "
+            "give --model, --model-config or --dense-layers before exporting to an engine",
+            highlight=False,
+        )
+
+
+def engine_summary(placement: Placement, info: ModelInfo) -> dict[str, Any]:
+    """The engine flags that must match the file (printed with it)."""
+    flags = engine_flags(placement, info.hidden_layers)
+    return {
+        "hiddenLayers": flags["hiddenLayers"],
+        "sglangFlags": " ".join(flags["sglangArgs"]),
+        "vllmFlags": " ".join(flags["vllmArgs"][:-1]) + f" '{flags['vllmArgs'][-1]}'",
+        "engineFlags": flags,
+    }
 
 
 def emit(title: str, summary: dict[str, Any], as_json: bool) -> None:
@@ -239,8 +270,10 @@ def solve(
     fmt: Annotated[
         OutputFormat, typer.Option("--format", help="Placement file format.")
     ] = OutputFormat.canonical,
+    model_preset: ModelOpt = None,
+    model_config: ModelConfigOpt = None,
     dense_layers: DenseOpt = None,
-    top_k: TopKOpt = 1,
+    top_k: TopKOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Compute a placement for one load and write it in an engine's format."""
@@ -249,13 +282,15 @@ def solve(
     loaded = inputs.resolve_load(load, window_spec(samples, window, prompts))
     if current is None and migration_weight > 0:
         raise CliError("--migration-weight needs --current")
-    extras = ProblemExtras(
-        transitions, traffic_weight, current, migration_weight, dense_layers, top_k
+    info = inputs.resolve_model(
+        loaded, ModelChoice(model_preset, model_config, dense_layers, top_k)
     )
-    problem = make_problem(loaded, gpus, redundant, extras, solving_dispatch(strategy))
+    check_engine_format(fmt, info, loaded)
+    extras = ProblemExtras(transitions, traffic_weight, current, migration_weight)
+    problem = make_problem(loaded, gpus, redundant, info, extras, solving_dispatch(strategy))
     settings = SolverSettings(time_limit, seed, threads, hedge)
     solution = run_solver(problem, strategy, settings, not as_json)
-    inputs.write_placement(solution.placement, fmt.value, out)
+    inputs.write_placement(solution.placement, fmt.value, out, info.hidden_layers)
     ev = score(solution.placement, problem, loaded.scored, DispatchRule.even, problem.current)
     summary = {
         **report.solution_summary(strategy, solution),
@@ -265,6 +300,8 @@ def solve(
         "out": str(out),
         "format": fmt.value,
     }
+    if fmt in ENGINE_FORMATS:
+        summary |= engine_summary(solution.placement, info)
     emit(f"moeplace solve: {strategy} -> {out}", summary, as_json)
 
 
@@ -284,6 +321,8 @@ def evaluate_cmd(
     previous: Annotated[
         Path | None, typer.Option("--previous", help="Earlier placement: count moved copies.")
     ] = None,
+    model_preset: ModelOpt = None,
+    model_config: ModelConfigOpt = None,
     dense_layers: DenseOpt = None,
     per_layer: Annotated[
         bool, typer.Option("--per-layer", help="Also print one row per MoE layer.")
@@ -293,16 +332,19 @@ def evaluate_cmd(
     """Score a placement file on a load: straggler time, bounds, balancedness, traffic."""
     loaded = inputs.resolve_load(load, window_spec(samples, window, prompts))
     cluster = inputs.read_cluster(gpus)
-    model = loaded.model(dense_layers, 1)
-    chosen = inputs.read_placement(placement, model, cluster.size)
-    before = inputs.read_placement(previous, model, cluster.size) if previous else None
+    info = inputs.resolve_model(loaded, ModelChoice(model_preset, model_config, dense_layers))
+    model = info.shape
+    chosen = inputs.read_placement(placement, model, cluster.size, info.dense_known)
+    before = None
+    if previous is not None:
+        before = inputs.read_placement(previous, model, cluster.size, info.dense_known)
     if before is not None and before.num_slots != chosen.num_slots:
         raise CliError(
             f"previous: {previous} has {before.num_slots} slots per layer, "
             f"{placement} has {chosen.num_slots}"
         )
-    extras = ProblemExtras(transitions=transitions, dense_layers=dense_layers)
-    problem = make_problem(loaded, gpus, chosen.num_slots - model.experts, extras)
+    extras = ProblemExtras(transitions=transitions)
+    problem = make_problem(loaded, gpus, chosen.num_slots - model.experts, info, extras)
     ev = score(chosen, problem, loaded.scored, dispatch, before)
     summary = {
         "placement": str(placement),
@@ -312,14 +354,14 @@ def evaluate_cmd(
         **report.problem_summary(problem),
         "load": loaded.source,
         "batches": int(ev.layer_time.shape[0]),
-        "layerIds": loaded.layer_ids,
+        "layerIds": loaded.shown_layer_ids,
         "layerTime": ev.layer_time.mean(0).tolist(),
         "layerFluid": ev.layer_fluid.mean(0).tolist(),
         "layerSlowestGpu": ev.gpu_time.mean(0).argmax(-1).tolist(),
     }
     emit(f"moeplace evaluate: {placement} ({dispatch.value} dispatch)", summary, as_json)
     if per_layer and not as_json:
-        out_console.print(report.per_layer_table(ev, loaded.layer_ids))
+        out_console.print(report.per_layer_table(ev, loaded.shown_layer_ids))
 
 
 @app.command()
@@ -356,6 +398,8 @@ def compare(
     png: Annotated[
         Path | None, typer.Option("--png", help="Write heatmaps and straggler bars here.")
     ] = None,
+    model_preset: ModelOpt = None,
+    model_config: ModelConfigOpt = None,
     dense_layers: DenseOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -366,9 +410,10 @@ def compare(
     spec = window_spec(samples, window, prompts)
     loaded = inputs.resolve_load(load, spec)
     scored = scoring_load(loaded, spec, score_prompts)
-    extras = ProblemExtras(transitions=transitions, dense_layers=dense_layers)
+    info = inputs.resolve_model(loaded, ModelChoice(model_preset, model_config, dense_layers))
+    extras = ProblemExtras(transitions=transitions)
     problems = {
-        rule: make_problem(loaded, gpus, redundant, extras, rule)
+        rule: make_problem(loaded, gpus, redundant, info, extras, rule)
         for rule in dict.fromkeys(solving_dispatch(name) for name in names)
     }
     problem = next(iter(problems.values()))  # the same but for the samples hedged over

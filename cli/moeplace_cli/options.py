@@ -88,8 +88,23 @@ DenseOpt = Annotated[
     typer.Option(
         "--dense-layers",
         min=0,
-        help="Dense layers before the first MoE layer (SGLang rows); default: the first "
-        "moe_layer_index in --load (0 with --samples).",
+        help="Dense layers before the first MoE layer (SGLang rows). Default: from --model, "
+        "--model-config or the load's moe_layer_index (which must agree); with none of them "
+        "sglang/vllm files are refused: give 0 for a model without dense layers.",
+    ),
+]
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        help="Model preset (placement.presets): its hidden, dense and MoE layers, experts, top-k.",
+    ),
+]
+ModelConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--model-config",
+        help="The model's Hugging Face config.json: hidden/dense/MoE layers, experts, top-k.",
     ),
 ]
 TransOpt = Annotated[
@@ -99,7 +114,12 @@ DispatchOpt = Annotated[
     DispatchRule,
     typer.Option("--dispatch", help="even: split over copies evenly; best: per-batch LP."),
 ]
-TopKOpt = Annotated[int, typer.Option("--top-k", min=1, help="Experts per token (metadata).")]
+TopKOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--top-k", min=1, help="Experts per token (metadata); default: the model's, else 1."
+    ),
+]
 NameArg = Annotated[str, typer.Argument(help="Name of the MoEDeployment object.")]
 NamespaceOpt = Annotated[
     str | None, typer.Option("--namespace", "-n", help="Namespace; default: 'default'.")

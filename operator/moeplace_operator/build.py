@@ -21,6 +21,7 @@ from moeplace_operator.spec import (
     RolloutMode,
     RolloutSpec,
 )
+from placement.engine_flags import engine_flags
 from placement.formats import parse_canonical, to_sglang
 from placement.model import MoEModelShape, Placement
 
@@ -36,6 +37,7 @@ ROLE_LABEL = f"{ANNOTATION_PREFIX}/role"
 CLEARED_SUMMARY_FIELDS = ("trafficSharePercent", "eplbTrafficSharePercent")
 PLACEMENT_KEY = "placement.json"
 SGLANG_KEY = "sglang.json"
+ENGINE_FLAGS_KEY = "engine-flags.json"
 
 
 def rfc3339(moment: datetime) -> str:
@@ -61,7 +63,7 @@ def model_shape(spec: ModelSpec) -> MoEModelShape:
         experts=spec.experts_per_layer,
         top_k=spec.top_k,
         expert_bytes=spec.expert_bytes,
-        dense_layers_before=spec.dense_layers_before,
+        dense_layers_before=spec.layout().dense_layers_before,
     )
 
 
@@ -99,10 +101,12 @@ def configmap_body(
     version: int,
     rolled_out_at: datetime,
     resource_version: str | None,
+    hidden_layers: int,
 ) -> Body:
     """Complete ConfigMap written in one create/replace call (never half-written): canonical
-    placement, SGLang map, version and hash both as keys (for mounted files) and annotations
-    (for watchers); ``resourceVersion`` makes a concurrent writer fail instead of interleave."""
+    placement, SGLang map (``hidden_layers`` rows), the engine flags that must match it,
+    version and hash both as keys (for mounted files) and annotations (for watchers);
+    ``resourceVersion`` makes a concurrent writer fail instead of interleave."""
     content_hash = placement.content_hash()
     metadata: Body = {
         "name": name,
@@ -127,7 +131,8 @@ def configmap_body(
         "metadata": metadata,
         "data": {
             PLACEMENT_KEY: placement.to_json(),
-            SGLANG_KEY: json.dumps(to_sglang(placement), separators=(",", ":")),
+            SGLANG_KEY: json.dumps(to_sglang(placement, hidden_layers), separators=(",", ":")),
+            ENGINE_FLAGS_KEY: json.dumps(engine_flags(placement, hidden_layers), indent=2),
             "hash": content_hash,
             "version": str(version),
         },

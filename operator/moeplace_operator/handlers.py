@@ -16,7 +16,7 @@ import kopf
 from moeplace_operator import metrics
 from moeplace_operator.config import OperatorConfig, configure_kopf
 from moeplace_operator.kube import Kube, TransientApiError, load_config
-from moeplace_operator.nodes import NodeGPUs, has_gpu_labels, node_gpus
+from moeplace_operator.nodes import NodeGPUs, has_gpu_labels, is_usable, node_gpus
 from moeplace_operator.reconcile import Reconcile, Runtime, gpu_nodes
 from moeplace_operator.spec import GROUP, PLURAL, VERSION
 
@@ -81,24 +81,35 @@ def _gpu_labelled(labels: kopf.Labels, **_: Any) -> bool:
 
 @kopf.index("nodes", when=_gpu_labelled)
 def gpu_node_index(
-    name: str, labels: kopf.Labels, annotations: kopf.Annotations, **_: Any
+    name: str,
+    labels: kopf.Labels,
+    annotations: kopf.Annotations,
+    spec: kopf.Spec,
+    status: kopf.Status,
+    **_: Any,
 ) -> NodeGPUs:
-    return node_gpus(name, labels, annotations)
+    return node_gpus(name, labels, annotations, is_usable(spec, status))
 
 
+# The nudging handlers are async: kopf runs sync handlers in worker threads, and an
+# asyncio.Event must be set from its own event loop.
 @kopf.on.event("nodes")
-def node_changed(
+async def node_changed(
     name: str,
     labels: kopf.Labels,
     annotations: kopf.Annotations,
     type: str | None,
     memo: kopf.Memo,
+    spec: kopf.Spec,
+    status: kopf.Status,
     **_: Any,
 ) -> None:
-    """Nudge every MoEDeployment when a node's GPU facts change (not on heartbeats)."""
+    """Nudge every MoEDeployment when a node's GPU facts or usability change (not on
+    heartbeats)."""
     fingerprints: dict[str, str] = memo.node_fingerprints
     gone = type == "DELETED" or not has_gpu_labels(labels)
-    fingerprint = "" if gone else node_gpus(name, labels, annotations).fingerprint()
+    node = node_gpus(name, labels, annotations, is_usable(spec, status))
+    fingerprint = "" if gone else node.fingerprint()
     if fingerprints.get(name, "") != fingerprint:
         fingerprints[name] = fingerprint
         memo.nudges.nudge_all()
@@ -107,7 +118,7 @@ def node_changed(
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
 @kopf.on.resume(GROUP, VERSION, PLURAL)
-def nudge(namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
+async def nudge(namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
     memo.nudges.nudge((namespace or "", name))
 
 
@@ -128,11 +139,12 @@ async def reconciler(
     try:
         while not stopped:
             with metrics.RECONCILE_SECONDS.time():
-                await reconcile_once(memo, body, index, logger)
-            await nudges.sleep(key, float(body["spec"].get("reconcileIntervalSeconds", 60)))
+                done = await reconcile_once(memo, body, index, logger)
+            interval = float(body["spec"].get("reconcileIntervalSeconds", 60))
+            await nudges.sleep(key, interval if done else RETRY_DELAY_S)
     finally:
         nudges.forget(key)
-        memo.runtime.forget(f"{namespace}/{name}")
+        forget_object(memo, namespace or "", name)
 
 
 async def reconcile_once(
@@ -140,10 +152,24 @@ async def reconcile_once(
     body: kopf.Body,
     index: Mapping[Any, Any],
     logger: Logger,
-) -> None:
-    """One pass; transient API faults become kopf's retry with a delay."""
+) -> bool:
+    """One pass; False after a transient API fault, retried soon by the same daemon: leaving
+    the daemon (kopf's TemporaryError) would drop the object's cached plans with it."""
     try:
         await Reconcile(memo.runtime, body, gpu_nodes(index), logger, memo.last_refused).run()
     except TransientApiError as error:
         metrics.ERRORS.labels("TransientApiError").inc()
-        raise kopf.TemporaryError(f"Kubernetes API: {error}", delay=RETRY_DELAY_S) from error
+        logger.warning(f"Kubernetes API: {error}; retrying in {RETRY_DELAY_S:g} s")
+        return False
+    return True
+
+
+def forget_object(memo: kopf.Memo, namespace: str, name: str) -> None:
+    """Drop what the operator keeps for a MoEDeployment whose daemon ends (deleted, or the
+    operator stops): cached plans, per-object gauges, Event de-duplication."""
+    key = f"{namespace}/{name}"
+    memo.runtime.forget(key)
+    metrics.forget_object(namespace, name)
+    refused: dict[str, str] = memo.last_refused
+    for seen in [k for k in refused if k.startswith(f"{key}/")]:
+        del refused[seen]

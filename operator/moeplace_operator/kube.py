@@ -1,6 +1,6 @@
 """Thin typed wrappers over the Kubernetes API calls the reconciler makes. Synchronous (the
 official client is): the reconciler runs them in worker threads. API faults are turned into
-``TransientApiError`` (retry soon) so the handlers can map them to ``kopf.TemporaryError``."""
+``TransientApiError`` (retry soon): the daemon retries the object after a short delay."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any, TypeVar, cast
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
+from urllib3.exceptions import HTTPError as Urllib3Error
 
 from moeplace_operator.spec import GROUP, PLURAL, VERSION, TargetKind
 
@@ -48,7 +49,9 @@ def _call(fn: Callable[[], T]) -> T:
         if error.status in (409, 429) or (error.status or 0) >= 500:
             raise TransientApiError(f"{error.status} {error.reason}") from error
         raise
-    except OSError as error:  # connection refused/reset, TLS, timeouts
+    # Connection refused/reset, TLS, timeouts; urllib3's MaxRetryError and ProtocolError (what
+    # the client raises while the apiserver restarts) are not OSErrors.
+    except (OSError, Urllib3Error) as error:
         raise TransientApiError(str(error)) from error
 
 

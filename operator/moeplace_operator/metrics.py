@@ -3,6 +3,8 @@ stay bounded: strategy, outcome, reason; per-object gauges carry namespace and n
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import Counter, Gauge, Histogram
 
 SOLVES = Counter(
@@ -47,3 +49,20 @@ SPEED_DRIFT_GPUS = Gauge(
     "GPUs of the EP group whose speed drift exceeds gpus.speedDriftThresholdPercent.",
     ["namespace", "name"],
 )
+
+
+def _remove(gauges: tuple[Gauge, ...], namespace: str, name: str) -> None:
+    for gauge in gauges:
+        with contextlib.suppress(KeyError):  # never set for this object
+            gauge.remove(namespace, name)
+
+
+def forget_drift(namespace: str, name: str) -> None:
+    """Remove the speed-drift series (no claim without enough per-rank data)."""
+    _remove((SPEED_DRIFT, SPEED_DRIFT_GPUS), namespace, name)
+
+
+def forget_object(namespace: str, name: str) -> None:
+    """Remove a MoEDeployment's per-object series (it is gone: no stale gauge stays)."""
+    _remove((PREDICTED_GAIN, GAIN_OVER_EPLB), namespace, name)
+    forget_drift(namespace, name)

@@ -7,13 +7,18 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from moeplace_operator.spec import GPUSpec
 from placement.model import GPU, Cluster, LatencyCurve
 
 SPEED_LABEL_PREFIX = "gpu.moeplace.io/speed-"
+# Speeds are relative to the pool's nominal GPU (spreads of 1-20% are what is measured); a
+# value outside (0, 100] is a unit or publishing error, not a GPU 1e300 times faster.
+MAX_RELATIVE_SPEED = 100.0
+_SPEED = TypeAdapter(Annotated[float, Field(gt=0, le=MAX_RELATIVE_SPEED, allow_inf_nan=False)])
 CURVES_ANNOTATION = "gpu.moeplace.io/latency-curves"
 # Set by the operator when a GPU's measured speed drifts from its label; the node's profiler
 # re-profiles when it is newer than its gpu.moeplace.io/profiled-at (moeplace_profiler.publish).
@@ -30,6 +35,7 @@ class NodeGPUs(BaseModel):
     labels: dict[str, str]
     speeds: dict[int, float]
     curves: dict[int, LatencyCurve] = {}
+    usable: bool = True  # Ready and not cordoned: only such nodes join an EP group
 
     def fingerprint(self) -> str:
         """Changes exactly when what placement depends on changes (not on heartbeats)."""
@@ -41,19 +47,18 @@ def has_gpu_labels(labels: Mapping[str, str]) -> bool:
 
 
 def parse_speeds(labels: Mapping[str, str]) -> dict[int, float]:
-    """GPU index -> relative speed from ``gpu.moeplace.io/speed-<index>`` labels; unparsable or
-    non-positive values are skipped (that GPU then counts as unprofiled)."""
+    """GPU index -> relative speed from ``gpu.moeplace.io/speed-<index>`` labels; values that
+    are not a finite number in (0, MAX_RELATIVE_SPEED] are skipped (that GPU then counts as
+    unprofiled, which status reports)."""
     speeds: dict[int, float] = {}
     for key, value in labels.items():
         match = _SPEED_LABEL.match(key)
         if not match:
             continue
         try:
-            speed = float(value)
-        except ValueError:
+            speeds[int(match.group(1))] = _SPEED.validate_python(value)
+        except ValidationError:
             continue
-        if speed > 0:
-            speeds[int(match.group(1))] = speed
     return speeds
 
 
@@ -69,12 +74,25 @@ def parse_curves(annotation: str | None) -> dict[int, LatencyCurve]:
         return {}
 
 
-def node_gpus(name: str, labels: Mapping[str, str], annotations: Mapping[str, str]) -> NodeGPUs:
+def is_usable(spec: Mapping[str, Any], status: Mapping[str, Any]) -> bool:
+    """Not cordoned (``spec.unschedulable``) and its Ready condition True."""
+    conditions = status.get("conditions") or []
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+    return ready and not spec.get("unschedulable", False)
+
+
+def node_gpus(
+    name: str,
+    labels: Mapping[str, str],
+    annotations: Mapping[str, str],
+    usable: bool = True,
+) -> NodeGPUs:
     return NodeGPUs(
         name=name,
         labels=dict(labels),
         speeds=parse_speeds(labels),
         curves=parse_curves(annotations.get(CURVES_ANNOTATION)),
+        usable=usable,
     )
 
 
@@ -107,17 +125,19 @@ def selects(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
 
 
 def build_gpu_group(nodes: Iterable[NodeGPUs], spec: GPUSpec) -> GPUGroup:
-    """The first ``nodeCount`` selected nodes by name, ``gpusPerNode`` GPUs each, in slot order.
+    """The first ``nodeCount`` selected, usable (Ready, not cordoned) nodes by name,
+    ``gpusPerNode`` GPUs each, in slot order.
 
     Latency curves are used only when every GPU has one (a Cluster never mixes units)."""
-    chosen = sorted(
-        (n for n in nodes if selects(spec.node_selector, n.labels)), key=lambda n: n.name
-    )
+    selected = [n for n in nodes if selects(spec.node_selector, n.labels)]
+    chosen = sorted((n for n in selected if n.usable), key=lambda n: n.name)
     if len(chosen) < spec.node_count:
+        unusable = len(selected) - len(chosen)
         raise NodesUnavailableError(
             "NotEnoughNodes",
-            f"{len(chosen)} node(s) match nodeSelector {spec.node_selector}, "
-            f"need {spec.node_count}",
+            f"{len(selected)} node(s) match nodeSelector {spec.node_selector}"
+            + (f", {unusable} of them NotReady or cordoned" if unusable else "")
+            + f", need {spec.node_count} usable",
         )
     chosen = chosen[: spec.node_count]
     indices = range(spec.gpus_per_node)

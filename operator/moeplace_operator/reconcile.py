@@ -6,7 +6,6 @@ worker thread; the event loop only awaits."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -66,6 +65,7 @@ from moeplace_operator.nodes import (
 from moeplace_operator.planning import Plan, fitting, inputs_fingerprint, plan, score_pinned
 from moeplace_operator.spec import (
     ConditionType,
+    ModelSpec,
     MoEDeploymentSpec,
     MoEDeploymentStatus,
     PlacementSummary,
@@ -157,6 +157,11 @@ class Reconcile:
     @property
     def generation(self) -> int:
         return int(self.body["metadata"].get("generation", 0))
+
+    @property
+    def hidden_layers(self) -> int:
+        """Rows of the engine's per-hidden-layer map, from the spec's model."""
+        return ModelSpec.model_validate(self.body["spec"]["model"]).layout().hidden_layers
 
     async def run(self) -> None:
         generation = self.generation  # the live body may move on while we work
@@ -416,9 +421,7 @@ class Reconcile:
         return replace(update, message=f"{update.message}; {message}")
 
     def forget_drift(self) -> None:
-        for gauge in (metrics.SPEED_DRIFT, metrics.SPEED_DRIFT_GPUS):
-            with contextlib.suppress(KeyError):
-                gauge.remove(self.namespace, self.name)
+        metrics.forget_drift(self.namespace, self.name)
 
     def drift_message(
         self, spec: MoEDeploymentSpec, group: GPUGroup, found: SpeedDrift, drifting: list[int]
@@ -523,6 +526,7 @@ class Reconcile:
             version=version,
             rolled_out_at=self.now,
             resource_version=raw["metadata"].get("resourceVersion") if raw else None,
+            hidden_layers=self.hidden_layers,
         )
         await self.runtime.io(kube.write_configmap, body)
         return Published(placement, placement.content_hash(), version, self.now, None)

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 from placement.evaluate import Dispatch as DispatchRule
+from placement.presets import PRESETS, ModelLayout, agreed, check_shape, preset_layout
 
 GROUP = "moeplace.io"
 VERSION = "v1alpha1"
@@ -51,8 +52,34 @@ class Camel(BaseModel):
     )
 
 
+def _preset_rules() -> list[dict[str, str]]:
+    """CEL: each explicit field given with a named preset must match the preset's value."""
+    fields = {
+        "moeLayers": "moe_layers",
+        "expertsPerLayer": "experts",
+        "denseLayersBefore": "dense_layers_before",
+        "hiddenLayers": "hidden_layers",
+    }
+    rules = []
+    for field, attribute in fields.items():
+        table = ", ".join(
+            f"'{name}': {getattr(p.layout, attribute)}" for name, p in PRESETS.items()
+        )
+        rules.append(
+            cel(
+                f"!has(self.preset) || !has(self.{field}) || "
+                f"self.{field} == {{{table}}}[self.preset]",
+                f"{field} must match model.preset's",
+                f".{field}",
+            )
+        )
+    return rules
+
+
 class ModelSpec(Camel):
-    """The MoE model served: its metric label and its shape."""
+    """The MoE model served: its metric label and its shape. Where the MoE layers sit among
+    the hidden layers is never assumed: give `preset`, or `denseLayersBefore` and
+    `hiddenLayers` (both may be given; they must agree)."""
 
     model_config = ConfigDict(
         json_schema_extra=validations(
@@ -62,6 +89,18 @@ class ModelSpec(Camel):
                 "topK must not exceed expertsPerLayer",
                 ".topK",
             ),
+            cel(
+                "has(self.preset) || (has(self.denseLayersBefore) && has(self.hiddenLayers))",
+                "give model.preset, or model.denseLayersBefore and model.hiddenLayers (the "
+                "engine's per-hidden-layer map needs both)",
+            ),
+            cel(
+                "!has(self.denseLayersBefore) || !has(self.hiddenLayers) || "
+                "self.denseLayersBefore + self.moeLayers <= self.hiddenLayers",
+                "denseLayersBefore + moeLayers must not exceed hiddenLayers",
+                ".hiddenLayers",
+            ),
+            *_preset_rules(),
         )
     )
 
@@ -70,21 +109,69 @@ class ModelSpec(Camel):
         max_length=128,
         description="Model name: the `model` label of moe_expert_tokens_total in Prometheus.",
     )
+    preset: str | None = Field(
+        default=None,
+        max_length=64,
+        description="A published model whose layout is known (hidden layers, dense layers "
+        "before the first MoE layer, experts), from its Hugging Face config.json: "
+        f"{', '.join(PRESETS)}. moeLayers and expertsPerLayer must match it.",
+        json_schema_extra={"enum": list(PRESETS)},
+    )
     moe_layers: int = Field(ge=1, le=512, description="Number of MoE layers (rows of the map).")
     experts_per_layer: int = Field(
         ge=1, le=4096, description="Routed (logical) experts per MoE layer."
     )
     top_k: int = Field(default=1, ge=1, le=64, description="Experts each token is routed to.")
-    dense_layers_before: int = Field(
-        default=0,
+    dense_layers_before: int | None = Field(
+        default=None,
         ge=0,
         le=512,
         description="Dense hidden layers before the first MoE layer: rows padded in SGLang's "
-        "--init-expert-location map (1 for DeepSeek-V2-Lite, 3 for DeepSeek-V3).",
+        "--init-expert-location map (1 for DeepSeek-V2-Lite, 3 for DeepSeek-V3, 0 for "
+        "Mixtral and Qwen-MoE). Required without preset (never assumed 0).",
+    )
+    hidden_layers: int | None = Field(
+        default=None,
+        ge=1,
+        le=1024,
+        description="The model's hidden (decoder) layers, dense ones included "
+        "(num_hidden_layers of its config.json): rows of SGLang's map. Required without "
+        "preset.",
     )
     expert_bytes: int = Field(
         default=0, ge=0, description="Bytes of one expert's weights (migration cost estimate)."
     )
+
+    @model_validator(mode="after")
+    def _layout_known(self) -> ModelSpec:
+        self.layout()
+        return self
+
+    def layout(self) -> ModelLayout:
+        """The model's layout from the preset and/or the explicit fields (which must agree)."""
+        dense: list[tuple[str, int]] = []
+        hidden: list[tuple[str, int]] = []
+        if self.preset is not None:
+            origin = f"model.preset {self.preset}"
+            preset = preset_layout(self.preset)
+            check_shape(preset, origin, self.moe_layers, self.experts_per_layer)
+            dense.append((origin, preset.dense_layers_before))
+            hidden.append((origin, preset.hidden_layers))
+        if self.dense_layers_before is not None:
+            dense.append(("model.denseLayersBefore", self.dense_layers_before))
+        if self.hidden_layers is not None:
+            hidden.append(("model.hiddenLayers", self.hidden_layers))
+        before = agreed("dense layers before the first MoE layer", dense)
+        layers = agreed("hidden layers", hidden)
+        if before is None or layers is None:
+            raise ValueError("give model.preset, or model.denseLayersBefore and model.hiddenLayers")
+        return ModelLayout(
+            hidden_layers=layers,
+            dense_layers_before=before,
+            moe_layers=self.moe_layers,
+            experts=self.experts_per_layer,
+            top_k=min(self.top_k, self.experts_per_layer),
+        )
 
 
 class GPUSpec(Camel):

@@ -50,7 +50,13 @@ def _send(sock: socket.socket, op: int, values: Sequence[int]) -> None:
 def _recv_exact(sock: socket.socket, size: int) -> bytes:
     buf = bytearray()
     while len(buf) < size:
-        chunk = sock.recv(size - len(buf))
+        try:
+            chunk = sock.recv(size - len(buf))
+        except TimeoutError as error:
+            raise TimeoutError(
+                f"no answer from a collective peer within {sock.gettimeout():g} s: "
+                "a rank is stuck or its host is gone"
+            ) from error
         if not chunk:
             raise ConnectionError("peer closed the collective connection")
         buf += chunk
@@ -70,10 +76,19 @@ class LoopbackCollective:
 
     Each reduction is one round trip per non-zero rank (a few tens of µs on loopback). Ranks
     must call the same operations in the same order, as with any collective library.
+    ``timeout_s`` bounds joining; ``op_timeout_s`` bounds each operation's wait for a peer
+    (a dead rank's closed socket fails at once; a stuck rank or a vanished host fails after
+    it, with ``TimeoutError``, instead of hanging the others mid-switch).
     """
 
     def __init__(
-        self, rank: int, world_size: int, port: int, host: str = "127.0.0.1", timeout_s: float = 60
+        self,
+        rank: int,
+        world_size: int,
+        port: int,
+        host: str = "127.0.0.1",
+        timeout_s: float = 60,
+        op_timeout_s: float = 120,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
@@ -83,6 +98,8 @@ class LoopbackCollective:
             self._peers = _accept_peers(host, port, world_size - 1, timeout_s)
         else:
             self._peers = [_connect(host, port, rank, timeout_s)]
+        for sock in self._peers:
+            sock.settimeout(op_timeout_s)
 
     @property
     def rank(self) -> int:
@@ -134,7 +151,6 @@ def _accept_peers(host: str, port: int, count: int, timeout_s: float) -> list[so
         while len(by_rank) < count:
             sock, _ = server.accept()
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.settimeout(None)
             (peer_rank,) = struct.unpack("!I", _recv_exact(sock, 4))
             by_rank[peer_rank] = sock
     return [by_rank[r] for r in sorted(by_rank)]
@@ -152,6 +168,5 @@ def _connect(host: str, port: int, rank: int, timeout_s: float) -> socket.socket
                 raise
             time.sleep(0.05)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.settimeout(None)
     sock.sendall(struct.pack("!I", rank))
     return sock

@@ -12,6 +12,7 @@ from cli_helpers import H200, PAL, ROUTING, run
 from placement.gpus import GPUProfile, read_gpus_csv
 
 COUNTS = ROUTING / "expert_counts.csv"
+PER_PROMPT = ROUTING / "per_prompt_expert_counts.npz"
 TRANSITIONS = ROUTING / "layer_transition_counts.npy"
 pytestmark = pytest.mark.skipif(
     not (COUNTS.is_file() and PAL.is_file() and H200.is_file()), reason="shared data absent"
@@ -53,6 +54,39 @@ def test_solve_and_evaluate_sglang(tmp_path: Path, pal32: Path) -> None:
     assert summary["straggler"] == pytest.approx(solved.json()["straggler"])
     assert 1.0 <= float(summary["ratio"]) < 1.1  # type: ignore[arg-type]
     assert 0 < float(summary["trafficShare"]) < 1  # type: ignore[arg-type]
+
+
+def test_samples_without_dense_layers_give_the_hidden_layers(tmp_path: Path, pal32: Path) -> None:
+    """The issue's case: ``--samples`` with no --dense-layers. The npz's moe_layer_index
+    (1..26) says one dense layer; 27 rows: row 0 the dense padding, rows 1..26 the MoE layers."""
+    solved = {}
+    for fmt in ("sglang", "canonical"):
+        out = tmp_path / f"{fmt}.json"
+        ran = run("solve", "--samples", PER_PROMPT, "--gpus", pal32, "--redundant", 32,
+                  "--strategy", "round-robin", "--format", fmt, "--out", out, "--json")  # fmt: skip
+        assert ran.exit_code == 0, ran.stderr
+        solved[fmt] = json.loads(out.read_text())
+    rows = solved["sglang"]["physical_to_logical_map"]
+    assert len(rows) == 27 and rows[0] == [s % 64 for s in range(96)]
+    assert rows[1:] == solved["canonical"]["phy2log"]
+    assert solved["canonical"]["model"]["denseLayersBefore"] == 1
+
+
+def test_real_data_agrees_with_the_preset_and_refuses_another(tmp_path: Path, pal32: Path) -> None:
+    out = tmp_path / "sglang.json"
+    ran = run("solve", "--samples", PER_PROMPT, "--gpus", pal32, "--redundant", 32, "--strategy",
+              "round-robin", "--format", "sglang", "--model", "deepseek-v2-lite", "--out", out,
+              "--json")  # fmt: skip
+    assert ran.exit_code == 0, ran.stderr
+    summary = ran.json()
+    assert summary["hiddenLayers"] == 27
+    assert summary["sglangFlags"] == "--ep-size 32 --ep-num-redundant-experts 32"
+    bad = tmp_path / "x.json"
+    refused = run("solve", "--samples", PER_PROMPT, "--gpus", pal32, "--strategy", "round-robin",
+                  "--format", "sglang", "--dense-layers", 0, "--out", bad)  # fmt: skip
+    assert refused.exit_code == 2
+    assert "says 1, --dense-layers says 0" in refused.stderr
+    assert not bad.exists()
 
 
 def test_compare_on_pal(tmp_path: Path, pal32: Path) -> None:

@@ -75,11 +75,16 @@ def test_formats_round_trip_through_evaluate(scenario: Scenario, fmt: str) -> No
 
 
 def test_sglang_rows_include_dense_layers(scenario: Scenario) -> None:
+    """The samples npz has no moe_layer_index: --dense-layers says it."""
     out = scenario.tmp / "sglang.json"
-    ran = run("solve", "--load", scenario.load, "--gpus", scenario.gpus, "--strategy", "eplb",
-              "--format", "sglang", "--dense-layers", 3, "--out", out)  # fmt: skip
+    ran = run("solve", "--samples", scenario.samples, "--window", 10, "--gpus", scenario.gpus,
+              "--strategy", "eplb", "--format", "sglang", "--dense-layers", 3, "--out", out,
+              "--json")  # fmt: skip
     assert ran.exit_code == 0, ran.stderr
-    assert len(json.loads(out.read_text())["physical_to_logical_map"]) == 3 + LAYERS
+    rows = json.loads(out.read_text())["physical_to_logical_map"]
+    assert len(rows) == 3 + LAYERS and rows[0] == list(range(EXPERTS))
+    flags = ran.json()["engineFlags"]
+    assert isinstance(flags, dict) and flags["hiddenLayers"] == 3 + LAYERS
 
 
 def test_solve_with_curves_and_transitions(scenario: Scenario) -> None:

@@ -5,6 +5,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from moeplace_operator.build import (
+    ENGINE_FLAGS_KEY,
     HASH_ANNOTATION,
     PLACEMENT_KEY,
     SGLANG_KEY,
@@ -103,10 +104,11 @@ def test_configmap_round_trip() -> None:
         version=7,
         rolled_out_at=NOW,
         resource_version="42",
+        hidden_layers=2,
     )
     assert body["metadata"]["ownerReferences"][0]["uid"] == "u-1"
     assert body["metadata"]["annotations"][HASH_ANNOTATION] == plan.content_hash()
-    assert set(body["data"]) == {PLACEMENT_KEY, SGLANG_KEY, "hash", "version"}
+    assert set(body["data"]) == {PLACEMENT_KEY, SGLANG_KEY, ENGINE_FLAGS_KEY, "hash", "version"}
     published = read_published(body)
     assert published is not None
     assert published.placement == plan and published.version == 7
@@ -126,19 +128,27 @@ def test_corrupt_map_keeps_its_version_so_the_next_one_is_newer() -> None:
     assert published_version({"metadata": {}, "data": {"version": "x"}}) == 0
 
 
-def test_sglang_map_pads_dense_layers() -> None:
+def test_sglang_map_pads_dense_layers_and_flags_match_it() -> None:
+    """2 dense + 1 MoE + 1 trailing dense hidden layer; 2 GPUs x 3 slots = 4 experts + 2."""
     body = configmap_body(
         name="x",
         namespace="ns",
         role="placement",
         owner=OWNER,
-        placement=placement([[0, 1, 2, 3]], dense=2),
+        placement=placement([[0, 1, 2, 3, 0, 1]], dense=2),
         version=1,
         rolled_out_at=NOW,
         resource_version=None,
+        hidden_layers=4,
     )
     rows = json.loads(body["data"][SGLANG_KEY])["physical_to_logical_map"]
-    assert len(rows) == 3 and rows[2] == [0, 1, 2, 3]
+    assert len(rows) == 4 and rows[2] == [0, 1, 2, 3, 0, 1]
+    flags = json.loads(body["data"][ENGINE_FLAGS_KEY])
+    assert flags["hiddenLayers"] == len(rows) and flags["denseLayersBefore"] == 2
+    assert flags["physicalSlots"] == len(rows[0]) and flags["epSize"] == 2
+    assert flags["sglangArgs"] == ["--ep-size", "2", "--ep-num-redundant-experts", "2"]
+    assert json.loads(flags["vllmArgs"][-1]) == {"num_redundant_experts": 2}
+    assert flags["vllmEplbConfig"] == {"num_redundant_experts": 2}
 
 
 def test_target_patch_sets_pod_template_annotation() -> None:

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import kopf
+import numpy as np
 import pytest
 from fake_prometheus import FakePrometheus
 from moeplace_operator.loadsource import (
@@ -25,7 +26,9 @@ from moeplace_operator.reconcile import Reconcile, Runtime
 from moeplace_operator.spec import ModelSpec, PrometheusLoad
 from prometheus_client import REGISTRY
 
-MODEL = ModelSpec(name="m", moe_layers=2, experts_per_layer=4, top_k=1)
+MODEL = ModelSpec(
+    name="m", moe_layers=2, experts_per_layer=4, top_k=1, dense_layers_before=0, hidden_layers=2
+)
 NOW = datetime(2026, 12, 1, 8, 0, tzinfo=UTC)
 
 
@@ -37,8 +40,8 @@ def test_rank_query_and_parse() -> None:
     query = rank_query("moe_layer_tokens_total", 'a"b', "1h")
     assert query == 'sum by (rank) (increase(moe_layer_tokens_total{model="a\\"b"}[1h]))'
     got = parse_rank_result([rank("0", "3"), rank("2", "5"), rank("2", "1"), rank("9", "7")], 3)
-    assert got.tolist() == [3.0, 0.0, 6.0]  # same rank summed, out of range ignored
-    assert parse_rank_result([rank("1", "NaN")], 2).tolist() == [0.0, 0.0]
+    np.testing.assert_allclose(got, [3.0, 0.0, 6.0])  # same rank summed, out of range ignored
+    np.testing.assert_allclose(parse_rank_result([rank("1", "NaN")], 2), [0.0, 0.0])
     with pytest.raises(MetricsUnavailableError, match="rank") as error:
         parse_rank_result([{"metric": {}, "value": [1, "2"]}], 2)
     assert error.value.reason == "BadRankSeries"
@@ -55,7 +58,8 @@ def test_fetch_rank_counters_two_instant_queries_over_the_window() -> None:
     try:
         spec = PrometheusLoad(url=prometheus.url, window="90m")
         seconds, tokens = fetch_rank_counters(PrometheusSource(spec), MODEL, NOW, 2)
-        assert seconds.tolist() == [2.5, 3.0] and tokens.tolist() == [1000.0, 1200.0]
+        np.testing.assert_allclose(seconds, [2.5, 3.0])
+        np.testing.assert_allclose(tokens, [1000.0, 1200.0])
         sent = [q["query"][0] for q in prometheus.queries]
         assert sent == [
             rank_query("moe_layer_compute_seconds_total", "m", "90m"),
@@ -112,7 +116,14 @@ def moed(url: str, threshold: float | None, status: dict[str, Any]) -> dict[str,
     return {
         "metadata": {"name": "lite", "namespace": "ns", "uid": "u1", "generation": 1},
         "spec": {
-            "model": {"name": "m", "moeLayers": 2, "expertsPerLayer": 4, "topK": 1},
+            "model": {
+                "name": "m",
+                "moeLayers": 2,
+                "expertsPerLayer": 4,
+                "topK": 1,
+                "denseLayersBefore": 0,
+                "hiddenLayers": 2,
+            },
             "gpus": gpus,
             "placement": {"strategy": "greedy"},
             "load": {"prometheus": {"url": url, "window": "30m", "samples": 3}},

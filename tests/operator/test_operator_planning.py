@@ -31,7 +31,14 @@ def spec(
 ) -> MoEDeploymentSpec:
     return MoEDeploymentSpec.model_validate(
         {
-            "model": {"name": "m", "moeLayers": layers, "expertsPerLayer": experts, "topK": 2},
+            "model": {
+                "name": "m",
+                "moeLayers": layers,
+                "expertsPerLayer": experts,
+                "topK": 2,
+                "denseLayersBefore": 0,
+                "hiddenLayers": layers,
+            },
             "gpus": {"nodeSelector": {"p": "a"}, "nodeCount": nodes, "gpusPerNode": gpus},
             "placement": {"strategy": strategy, "timeLimitSeconds": 2, **placement},
             "load": {"static": {"configMapName": "load"}},

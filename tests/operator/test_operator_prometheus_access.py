@@ -43,7 +43,13 @@ PASSWORD = "password-s3cr3t-2d4e"
 
 def spec_with(prometheus: dict[str, Any]) -> dict[str, Any]:
     return {
-        "model": {"name": "m", "moeLayers": 2, "expertsPerLayer": 4},
+        "model": {
+            "name": "m",
+            "moeLayers": 2,
+            "expertsPerLayer": 4,
+            "denseLayersBefore": 0,
+            "hiddenLayers": 2,
+        },
         "gpus": {"nodeSelector": {"pool": "a"}, "nodeCount": 2, "gpusPerNode": 2},
         "placement": {"strategy": "greedy"},
         "load": {"prometheus": prometheus},

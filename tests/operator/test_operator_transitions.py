@@ -38,7 +38,9 @@ from moeplace_operator.spec import (
 
 from placement.model import Cluster
 
-MODEL = ModelSpec(name="m", moe_layers=3, experts_per_layer=4, top_k=2)
+MODEL = ModelSpec(
+    name="m", moe_layers=3, experts_per_layer=4, top_k=2, dense_layers_before=0, hidden_layers=3
+)
 HEADER = "moe_layer_index,src_expert,dst_expert,count\n"
 
 
@@ -192,7 +194,14 @@ def diagonal_instance(weight: float) -> tuple[MoEDeploymentSpec, GPUGroup, LoadD
     layers, experts = 4, 8
     spec = MoEDeploymentSpec.model_validate(
         {
-            "model": {"name": "m", "moeLayers": layers, "expertsPerLayer": experts, "topK": 1},
+            "model": {
+                "name": "m",
+                "moeLayers": layers,
+                "expertsPerLayer": experts,
+                "topK": 1,
+                "denseLayersBefore": 0,
+                "hiddenLayers": layers,
+            },
             "gpus": {"nodeSelector": {"p": "a"}, "nodeCount": 1, "gpusPerNode": 4},
             "placement": {"strategy": "cpsat", "timeLimitSeconds": 1, "trafficWeight": weight},
             "load": {"static": {"configMapName": "load"}},
@@ -262,7 +271,14 @@ def moed(weight: float, status: dict[str, Any]) -> dict[str, Any]:
     return {
         "metadata": {"name": "lite", "namespace": "ns", "uid": "u1", "generation": 1},
         "spec": {
-            "model": {"name": "m", "moeLayers": 3, "expertsPerLayer": 4, "topK": 2},
+            "model": {
+                "name": "m",
+                "moeLayers": 3,
+                "expertsPerLayer": 4,
+                "topK": 2,
+                "denseLayersBefore": 0,
+                "hiddenLayers": 3,
+            },
             "gpus": {"nodeSelector": {"pool": "a"}, "nodeCount": 1, "gpusPerNode": 2},
             "placement": {"strategy": "greedy", "trafficWeight": weight},
             "load": {"static": {"configMapName": "routing"}},

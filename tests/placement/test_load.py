@@ -16,6 +16,7 @@ from placement.load import (
     estimate,
     parse_transitions_csv,
     read_counts_csv,
+    read_layer_index,
     read_per_prompt,
     read_transitions,
     windows,
@@ -221,3 +222,15 @@ def test_sampling_follows_the_dispatch_rule() -> None:
     per_batch = estimate(history, LoadModelConfig(sampling=sampling_for("best")))
     assert (per_batch.samples == history).all()  # judged batch by batch: the batches as seen
     assert estimate(history, LoadModelConfig(sampling=sampling_for("even"))).samples.shape[0] == 32
+
+
+def test_layer_index_read_from_the_npz(tmp_path: Path) -> None:
+    indexed = tmp_path / "indexed.npz"
+    np.savez(indexed, counts=np.ones((2, 3, 4)), moe_layer_index=np.array([1, 2, 3]))
+    assert read_layer_index(indexed, 3) == [1, 2, 3]
+    bare = tmp_path / "bare.npz"
+    np.savez(bare, counts=np.ones((2, 3, 4)))
+    assert read_layer_index(bare, 3) is None
+    wrong = r"moe_layer_index must be 2 layer numbers >= 0, got shape \(3,\)"
+    with pytest.raises(LoadFileError, match=wrong):
+        read_layer_index(indexed, 2)

@@ -142,3 +142,30 @@ def test_lockstep_loopback(tmp_path: Path) -> None:
 def test_lockstep_torch_gloo(tmp_path: Path) -> None:
     pytest.importorskip("torch")
     _check(run_ranks(torch_gloo, tmp_path))
+
+
+def test_a_stuck_rank_times_out_instead_of_hanging_the_others() -> None:
+    """Rank 1 joins, then never takes part: rank 0's all-reduce fails after op_timeout_s."""
+    import threading
+    import time
+
+    port = free_port()
+    joined = threading.Event()
+
+    def stuck_rank() -> None:
+        peer = LoopbackCollective(1, 2, port)
+        joined.set()
+        time.sleep(2.0)  # alive, silent: what a wedged rank or a vanished host looks like
+        peer.close()
+
+    thread = threading.Thread(target=stuck_rank)
+    thread.start()
+    rank0 = LoopbackCollective(0, 2, port, op_timeout_s=0.3)
+    assert joined.wait(5)
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"no answer from a collective peer within 0\.3 s"):
+        rank0.all_reduce_min([1])
+    waited = time.monotonic() - start
+    rank0.close()
+    thread.join()
+    assert 0.25 < waited < 1.5
