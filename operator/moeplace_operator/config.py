@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 
 import kopf
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from moeplace_operator.spec import GROUP
 
@@ -23,6 +24,22 @@ class OperatorConfig(BaseModel):
         description="<namespace>/<name> of the ConfigMap holding the CRD to apply at start "
         "(the chart's; empty: leave the CRD alone).",
     )
+    prometheus_allowed_urls: list[str] = Field(
+        default_factory=list,
+        description="Base URLs a MoEDeployment's load.prometheus.url must have (or be under, "
+        "by whole path segments); empty: any.",
+    )
+
+    @field_validator("prometheus_allowed_urls")
+    @classmethod
+    def _base_urls(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            if not re.match(r"^https?://[^/?#@]+(/[^?#]*)?$", url):
+                raise ValueError(
+                    f"MOEPLACE_PROMETHEUS_ALLOWED_URLS: {url!r} is not an http(s) base URL "
+                    "without credentials, query or fragment"
+                )
+        return urls
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> OperatorConfig:
@@ -33,9 +50,15 @@ class OperatorConfig(BaseModel):
             "metrics_port": values.get("MOEPLACE_METRICS_PORT"),
             "liveness_endpoint": values.get("MOEPLACE_LIVENESS_ENDPOINT"),
             "crd_configmap": values.get("MOEPLACE_CRD_CONFIGMAP"),
-            "namespaces": [n for n in values.get("MOEPLACE_NAMESPACES", "").split(",") if n],
+            "namespaces": _listed(values.get("MOEPLACE_NAMESPACES", "")),
+            "prometheus_allowed_urls": _listed(values.get("MOEPLACE_PROMETHEUS_ALLOWED_URLS", "")),
         }
         return cls.model_validate({k: v for k, v in raw.items() if v is not None})
+
+
+def _listed(text: str) -> list[str]:
+    """A comma-separated environment value -> its non-empty items."""
+    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 def configure_kopf(settings: kopf.OperatorSettings) -> None:

@@ -7,6 +7,7 @@ a unit test fails when the committed files differ from what this module generate
 from __future__ import annotations
 
 import argparse
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,8 @@ def to_structural(node: Schema, defs: Schema) -> Schema:
             raise ValueError(f"cannot express union {node['anyOf']} structurally")
         rest = {k: v for k, v in node.items() if k != "anyOf"}
         return to_structural({**branches[0], **rest}, defs)
-    out: Schema = {k: v for k, v in node.items() if k in _KEPT}
+    # copies: a model used twice shares its lists, which YAML would print as &id anchors
+    out: Schema = {k: copy.deepcopy(v) for k, v in node.items() if k in _KEPT}
     if out.get("default", 0) is None:
         del out["default"]
     for bound in ("exclusiveMinimum", "exclusiveMaximum"):

@@ -67,6 +67,7 @@ async def startup(
         kube=kube,
         solver_pool=ThreadPoolExecutor(config.solver_workers, "moeplace-solver"),
         solver_threads=config.solver_threads,
+        prometheus_allowed=tuple(config.prometheus_allowed_urls),
     )
     memo.nudges = Nudges()
     memo.node_fingerprints = {}

@@ -4,6 +4,7 @@ official client is): the reconciler runs them in worker threads. API faults are 
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
@@ -40,6 +41,10 @@ def _status_message(error: ApiException) -> str:
     except (ValueError, AttributeError):
         message = None
     return str(message or error.reason)
+
+
+class SecretForbiddenError(Exception):
+    """The operator may not read a referenced Secret (RBAC)."""
 
 
 def load_config() -> None:
@@ -81,6 +86,25 @@ class Kube:
             return None
         result: Body = self.api.sanitize_for_serialization(found)  # type: ignore[no-untyped-call]
         return result
+
+    def read_secret(self, namespace: str, name: str) -> dict[str, str] | None:
+        """A Secret's data, decoded (None when missing). A refusal (403: the chart grants get
+        only on the Secrets listed in rbac.secretReads) is ``SecretForbiddenError``;
+        nothing of the API's answer is kept in it."""
+        try:
+            found = _call(lambda: self.core.read_namespaced_secret(name, namespace))
+        except MissingObjectError:
+            return None
+        except ForbiddenError:
+            raise SecretForbiddenError(f"{namespace}/{name}") from None
+        except ApiException as error:
+            if error.status == 401:
+                raise SecretForbiddenError(f"{namespace}/{name}") from None
+            raise
+        data = found.data or {}
+        return {
+            key: base64.b64decode(value).decode("utf-8", "replace") for key, value in data.items()
+        }
 
     def write_configmap(self, body: Body) -> None:
         """One create (no resourceVersion) or one replace (with it): the object is either the

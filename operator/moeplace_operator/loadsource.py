@@ -1,6 +1,11 @@
 """Per-expert load: from Prometheus (sub-window samples, decay weighting) or a static CSV; and
 the layer-to-layer transitions of the traffic term (Prometheus instant query or a ConfigMap key).
 
+Prometheus access is guarded (``resolve_source``): the URL must match the operator's allowlist,
+credentials and the CA bundle come from Secrets/ConfigMaps, TLS is verified, redirects are not
+followed, and a failure becomes a fixed message (host, HTTP status, category): the client's
+exception text carries the response body, which must never reach status, Events or logs.
+
 Everything here is synchronous (prometheus-api-client is): the reconciler calls it in a worker
 thread, never on the event loop. Parsing is separated from fetching so it can be unit tested.
 """
@@ -12,19 +17,25 @@ import binascii
 import csv
 import io
 import re
+import ssl
 import zlib
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
+from urllib.parse import urlsplit
 
 import numpy as np
+import requests
 from prometheus_api_client import PrometheusConnect
+from prometheus_api_client.exceptions import PrometheusApiClientException
 from pydantic import TypeAdapter, ValidationError
+from requests.adapters import HTTPAdapter
 from typing_extensions import TypedDict  # pydantic needs it (not typing's) before 3.12
 from urllib3.util.retry import Retry
 
-from moeplace_operator.spec import ModelSpec, PrometheusLoad
+from moeplace_operator.kube import SecretForbiddenError
+from moeplace_operator.spec import KeyRef, ModelSpec, PrometheusLoad
 from placement.evaluate import Dispatch as DispatchRule
 from placement.load import (
     LoadFileError,
@@ -108,32 +119,240 @@ def parse_range_result(
     return out
 
 
-def prometheus_client(spec: PrometheusLoad) -> PrometheusConnect:
-    return PrometheusConnect(
-        url=spec.url, disable_ssl=True, retry=Retry(total=1, backoff_factor=0.2),
-        timeout=QUERY_TIMEOUT_S,
-    )  # fmt: skip
+class ObjectReader(Protocol):
+    """What ``resolve_source`` reads through (``kube.Kube``; fakes in tests)."""
+
+    def read_configmap(self, namespace: str, name: str) -> dict[str, Any] | None: ...
+
+    def read_secret(self, namespace: str, name: str) -> dict[str, str] | None: ...
+
+
+@dataclass(frozen=True)
+class PrometheusSource:
+    """A Prometheus load spec with what it needs to be queried: the Authorization header's
+    value (never printed) and the PEM of its CA bundle (None: the system's roots)."""
+
+    spec: PrometheusLoad
+    authorization: str | None = field(default=None, repr=False)
+    ca_pem: str | None = None
+
+    @property
+    def origin(self) -> str:
+        return origin(self.spec.url)
+
+
+def origin(url: str) -> str:
+    """``scheme://host[:port]`` of ``url``: what messages name (a path or query is not shown)."""
+    parts = urlsplit(url)
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:  # messages must never fail: a bad port is refused by validation
+        port = ""
+    return f"{parts.scheme}://{parts.hostname}{port}"
+
+
+def _url_key(url: str) -> tuple[str, str, int, str]:
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return parts.scheme, parts.hostname or "", port, parts.path.rstrip("/")
+
+
+def check_allowed(url: str, allowed: Sequence[str]) -> None:
+    """``url`` must have the scheme, host and port of an ``allowed`` entry and its path or a
+    path under it (whole segments: ``https://p/a`` allows ``https://p/a/b``, not ``/ab``).
+    An empty allowlist allows every URL."""
+    if not allowed:
+        return
+    try:
+        scheme, host, port, path = _url_key(url)
+        rules = [_url_key(rule) for rule in allowed]
+    except ValueError:
+        raise MetricsUnavailableError("PrometheusUrlNotAllowed", "unparsable url") from None
+    dotted = any(part in {".", ".."} for part in path.split("/")) or "%2e" in path.lower()
+    for r_scheme, r_host, r_port, r_path in rules:
+        under = path == r_path or path.startswith(f"{r_path}/")
+        if (scheme, host, port) == (r_scheme, r_host, r_port) and under and not dotted:
+            return
+    raise MetricsUnavailableError(
+        "PrometheusUrlNotAllowed",
+        f"{origin(url)}{path} is outside the operator's Prometheus allowlist "
+        f"(chart value prometheus.allowedUrls: {', '.join(allowed)}); not queried",
+    )
+
+
+def _secret_value(reader: ObjectReader, namespace: str, ref: KeyRef) -> str:
+    try:
+        data = reader.read_secret(namespace, ref.name)
+    except SecretForbiddenError:
+        raise MetricsUnavailableError(
+            "PrometheusSecretForbidden",
+            f"the operator may not read Secret {ref.name} (list it in the chart value "
+            "rbac.secretReads)",
+        ) from None
+    value = (data or {}).get(ref.key)
+    if value is None:
+        raise MetricsUnavailableError(
+            "PrometheusSecretMissing", f"Secret {ref.name} key {ref.key} not found"
+        )
+    return value
+
+
+def _single_line(value: str, ref: KeyRef) -> str:
+    """Credentials go into a header: printable ASCII only (a trailing newline is dropped)."""
+    value = value.strip()
+    if not value or not all(" " <= c <= "~" for c in value):
+        raise MetricsUnavailableError(
+            "BadPrometheusCredentials",
+            f"Secret {ref.name} key {ref.key}: not one line of printable ASCII",
+        )
+    return value
+
+
+def _authorization(spec: PrometheusLoad, reader: ObjectReader, namespace: str) -> str | None:
+    if spec.bearer_token_secret is not None:
+        ref = spec.bearer_token_secret
+        return f"Bearer {_single_line(_secret_value(reader, namespace, ref), ref)}"
+    if spec.basic_auth is not None:
+        user_ref, password_ref = spec.basic_auth.username, spec.basic_auth.password
+        user = _single_line(_secret_value(reader, namespace, user_ref), user_ref)
+        password = _single_line(_secret_value(reader, namespace, password_ref), password_ref)
+        return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+    return None
+
+
+def _ca_pem(spec: PrometheusLoad, reader: ObjectReader, namespace: str) -> str | None:
+    if spec.ca is None:
+        return None
+    if spec.ca.secret is not None:
+        ref, where = spec.ca.secret, f"Secret {spec.ca.secret.name} key {spec.ca.secret.key}"
+        pem: str | None = _secret_value(reader, namespace, ref)
+    else:
+        assert spec.ca.config_map is not None  # the CRD's CEL rule: exactly one
+        ref, where = (
+            spec.ca.config_map,
+            f"ConfigMap {spec.ca.config_map.name} key {spec.ca.config_map.key}",
+        )
+        pem = ((reader.read_configmap(namespace, ref.name) or {}).get("data") or {}).get(ref.key)
+    if pem is None:
+        raise MetricsUnavailableError("PrometheusCAMissing", f"CA bundle {where} not found")
+    try:
+        ssl.create_default_context(cadata=pem)
+    except (ssl.SSLError, ValueError):
+        raise MetricsUnavailableError(
+            "BadPrometheusCA", f"CA bundle {where}: no PEM certificate"
+        ) from None
+    return pem
+
+
+def resolve_source(
+    spec: PrometheusLoad, namespace: str, reader: ObjectReader, allowed: Sequence[str]
+) -> PrometheusSource:
+    """The allowlist checked (nothing is read for a refused URL), then the credentials and the
+    CA bundle read from the MoEDeployment's namespace: every pass, so a rotation is seen."""
+    check_allowed(spec.url, allowed)
+    return PrometheusSource(
+        spec, _authorization(spec, reader, namespace), _ca_pem(spec, reader, namespace)
+    )
+
+
+class _CABundleAdapter(HTTPAdapter):
+    """Verifies the server against one CA bundle only (requests would add its own roots)."""
+
+    def __init__(self, context: ssl.SSLContext, retry: Retry) -> None:
+        self._context = context
+        super().__init__(max_retries=retry)
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, ssl_context=self._context, **kwargs)
+
+    def cert_verify(self, conn: Any, url: str, verify: Any, cert: Any) -> None:
+        conn.cert_reqs = "CERT_REQUIRED"  # the context holds the CA; hostnames are checked
+
+
+def prometheus_client(source: PrometheusSource) -> PrometheusConnect:
+    """TLS verified (the CA bundle or the system's roots), no redirect followed (it could lead
+    outside the allowlist; requests would keep the Authorization header on the same host)."""
+    url = source.spec.url.rstrip("/")
+    retry = Retry(total=1, backoff_factor=0.2)
+    session = requests.Session()
+    session.max_redirects = 0
+    headers = {"Authorization": source.authorization} if source.authorization else None
+    client = PrometheusConnect(
+        url=url, headers=headers, retry=retry, timeout=QUERY_TIMEOUT_S, session=session
+    )
+    if source.ca_pem is not None:  # after the client mounted its own adapter on the url
+        session.mount(
+            url, _CABundleAdapter(ssl.create_default_context(cadata=source.ca_pem), retry)
+        )
+    return client
+
+
+def failure_message(error: Exception, source: PrometheusSource) -> str:
+    """A fixed description of a failed query: never the exception's text, which may hold the
+    response body (prometheus-api-client puts it there) or the request URL."""
+    if isinstance(error, PrometheusApiClientException):
+        code = re.match(r"HTTP Status Code (\d{3})", str(error))
+        status = int(code.group(1)) if code else 0
+        refused = " (credentials refused)" if status in (401, 403) else ""
+        category = f"HTTP {status}{refused}" if status else "HTTP error"
+    elif isinstance(error, requests.exceptions.SSLError):
+        category = "TLS verification failed (load.prometheus.ca?)"
+    elif isinstance(error, requests.exceptions.TooManyRedirects):
+        category = "redirected (redirects are not followed)"
+    elif isinstance(error, requests.exceptions.Timeout):
+        category = f"no answer within {QUERY_TIMEOUT_S}s"
+    elif isinstance(error, requests.exceptions.ConnectionError):
+        category = "connection failed"
+    elif isinstance(error, (ValueError, KeyError, TypeError, AttributeError)):
+        category = "not a Prometheus API answer"
+    else:
+        category = f"query failed ({type(error).__name__})"
+    return f"Prometheus at {source.origin}: {category}"
+
+
+def _query(
+    source: PrometheusSource, reason: str, what: str, call: Callable[[], Any]
+) -> list[dict[str, Any]]:
+    """``call``'s series; any failure -> MetricsUnavailableError(``reason``) with a fixed
+    message (``from None``: a logged traceback would print the body in the cause)."""
+    try:
+        series = call()
+    except Exception as error:  # the client raises many types; all mean "not available now"
+        message = failure_message(error, source)
+        raise MetricsUnavailableError(reason, f"{what}: {message}") from None
+    if not isinstance(series, list) or not all(isinstance(one, dict) for one in series):
+        raise MetricsUnavailableError(
+            reason, f"{what}: Prometheus at {source.origin}: not a list of series"
+        )
+    return series
 
 
 def fetch_prometheus(
-    spec: PrometheusLoad, model: ModelSpec, now: datetime, dispatch: DispatchRule = "even"
+    source: PrometheusSource, model: ModelSpec, now: datetime, dispatch: DispatchRule = "even"
 ) -> LoadData:
     """Query ``samples`` sub-windows covering ``window`` in one range query. The samples the
     solver hedges over (``placement.load.sampling_for`` the dispatch rule): bootstrap
     resamples of their mean for even split, the sub-windows themselves for the best split."""
+    spec = source.spec
     window = parse_duration(spec.window)
     step = window / spec.samples
     query = (spec.query or default_query(model.name)).replace("$window", format_duration(step))
-    client = prometheus_client(spec)
-    try:
-        series = client.custom_query_range(
+    client = prometheus_client(source)
+    series = _query(
+        source,
+        "PrometheusUnreachable",
+        "load query",
+        lambda: client.custom_query_range(
             query, start_time=now - window + step, end_time=now, step=format_duration(step)
-        )
-    except Exception as error:  # the client raises many types; all mean "no metrics now"
+        ),
+    )
+    try:
+        samples = parse_range_result(series, model, spec.layer_offset, spec.samples)
+    except (ValueError, TypeError, AttributeError):  # their text may quote the answer
         raise MetricsUnavailableError(
-            "PrometheusUnreachable", f"query to {spec.url} failed: {error}"
-        ) from error
-    samples = parse_range_result(series, model, spec.layer_offset, spec.samples)
+            "BadLoadSeries",
+            f"load query: Prometheus at {source.origin}: not a matrix of numeric samples",
+        ) from None
     if samples.sum() <= 0:
         raise MetricsUnavailableError(
             "NoTraffic", f"no {METRIC} increase for model {model.name!r} in the last {spec.window}"
@@ -197,16 +416,15 @@ _PAIR_SERIES = TypeAdapter(list[_PairSeries])
 
 
 def instant_query(
-    client: PrometheusConnect, url: str, query: str, now: datetime, reason: str
+    client: PrometheusConnect, source: PrometheusSource, query: str, now: datetime, reason: str
 ) -> list[dict[str, Any]]:
     """``query`` evaluated at ``now``; any failure -> MetricsUnavailableError(``reason``)."""
-    try:
-        series: list[dict[str, Any]] = client.custom_query(query, params={"time": now.timestamp()})
-    except Exception as error:  # the client raises many types; all mean "not available now"
-        raise MetricsUnavailableError(
-            reason, f"query {query!r} to {url} failed: {error}"
-        ) from error
-    return series
+    return _query(
+        source,
+        reason,
+        f"query {query[:200]!r}",
+        lambda: client.custom_query(query, params={"time": now.timestamp()}),
+    )
 
 
 def default_transitions_query(model_name: str) -> str:
@@ -231,7 +449,7 @@ def _validated(
             reason,
             f"{error.error_count()} invalid {what} series; first at {where}: {first['msg']} "
             f"(each series needs {needs})",
-        ) from error
+        ) from None  # the ValidationError's text quotes the input
 
 
 def parse_transitions_result(
@@ -266,12 +484,13 @@ def parse_transitions_result(
 
 
 def fetch_prometheus_transitions(
-    spec: PrometheusLoad, model: ModelSpec, now: datetime
+    source: PrometheusSource, model: ModelSpec, now: datetime
 ) -> FloatArray:
     """One instant query over the whole window -> [L-1, E, E] (unscaled)."""
+    spec = source.spec
     query = spec.transitions_query or default_transitions_query(model.name)
     query = query.replace("$window", format_duration(parse_duration(spec.window)))
-    series = instant_query(prometheus_client(spec), spec.url, query, now, "TransitionsQueryFailed")
+    series = instant_query(prometheus_client(source), source, query, now, "TransitionsQueryFailed")
     transitions = parse_transitions_result(series, model, spec.layer_offset)
     if transitions.sum() <= 0:
         raise MetricsUnavailableError(
@@ -375,15 +594,15 @@ def parse_rank_result(series: list[dict[str, Any]], ranks: int) -> FloatArray:
 
 
 def fetch_rank_counters(
-    spec: PrometheusLoad, model: ModelSpec, now: datetime, ranks: int
+    source: PrometheusSource, model: ModelSpec, now: datetime, ranks: int
 ) -> tuple[FloatArray, FloatArray]:
     """Expert compute seconds and token-expert pairs per rank over the whole ``window``: two
     instant queries -> ([ranks] seconds, [ranks] tokens), rank r = GPU r of the EP group."""
-    window = format_duration(parse_duration(spec.window))
-    client = prometheus_client(spec)
+    window = format_duration(parse_duration(source.spec.window))
+    client = prometheus_client(source)
     out: list[FloatArray] = []
     for metric in (SECONDS_METRIC, TOKENS_METRIC):
         query = rank_query(metric, model.name, window)
-        series = instant_query(client, spec.url, query, now, "DriftQueryFailed")
+        series = instant_query(client, source, query, now, "DriftQueryFailed")
         out.append(parse_rank_result(series, ranks))
     return out[0], out[1]

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import kopf
+from pydantic import ValidationError
 
 from moeplace_operator import metrics
 from moeplace_operator.build import (
@@ -44,12 +45,14 @@ from moeplace_operator.kube import ForbiddenError, Kube, MissingObjectError
 from moeplace_operator.loadsource import (
     LoadData,
     MetricsUnavailableError,
+    PrometheusSource,
     fetch_prometheus,
     fetch_prometheus_transitions,
     fetch_rank_counters,
     parse_duration,
     parse_load_csv,
     parse_static_transitions,
+    resolve_source,
     scale_transitions,
 )
 from moeplace_operator.nodes import (
@@ -94,6 +97,7 @@ class Runtime:
     kube: Kube
     solver_pool: ThreadPoolExecutor
     solver_threads: int
+    prometheus_allowed: tuple[str, ...] = ()  # base URLs load.prometheus.url must match
     io_pool: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(8, "moeplace-io")
     )
@@ -135,6 +139,7 @@ class Reconcile:
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
     solved_at: datetime | None = None  # set when the plan comes from the cache
     load_configmap: dict[str, Any] | None = None  # the static load's ConfigMap, as read
+    prometheus: PrometheusSource | None = None  # load.prometheus resolved, by ``load``
 
     @property
     def name(self) -> str:
@@ -160,7 +165,6 @@ class Reconcile:
 
     async def run(self) -> None:
         generation = self.generation  # the live body may move on while we work
-        spec = MoEDeploymentSpec.model_validate(self.body["spec"])
         status = MoEDeploymentStatus.model_validate(self.body.get("status") or {})
         kube = self.runtime.kube
         in_service = read_published(
@@ -170,7 +174,7 @@ class Reconcile:
         )
         summary = status.placement  # kept as it was when degraded
         try:
-            updates, summary = await self.converge(spec, in_service)
+            updates, summary = await self.converge(self.spec(), in_service)
         except DegradedError as degraded:
             metrics.ERRORS.labels(degraded.reason).inc()
             self.logger.info("degraded: %s", degraded)  # info: warnings become Events each tick
@@ -181,6 +185,19 @@ class Reconcile:
         patch = status_patch(generation=generation, conditions=conditions, summary=summary)
         if not already_applied(patch, {"status": dict(self.body.get("status") or {})}):
             await self.runtime.io(kube.patch_status, self.namespace, self.name, patch)
+
+    def spec(self) -> MoEDeploymentSpec:
+        """The spec, or DegradedError(InvalidSpec) naming what is wrong: an object stored
+        before the CRD refused it (a URL with credentials, say). The models hide the input in
+        their errors; the chain is dropped so no traceback prints it either."""
+        try:
+            return MoEDeploymentSpec.model_validate(self.body["spec"])
+        except ValidationError as error:
+            problems = "; ".join(
+                f"{'.'.join(str(part) for part in e['loc'])}: {e['msg']}"
+                for e in error.errors()[:3]
+            )
+            raise DegradedError("InvalidSpec", f"spec refused: {problems}", []) from None
 
     def announce_degradation(self, status: MoEDeploymentStatus, degraded: DegradedError) -> None:
         """A Warning Event when the object becomes degraded or the reason changes."""
@@ -260,9 +277,16 @@ class Reconcile:
     async def load(self, spec: MoEDeploymentSpec) -> tuple[LoadData, ConditionUpdate]:
         try:
             if spec.load.prometheus is not None:
+                self.prometheus = await self.runtime.io(
+                    resolve_source,
+                    spec.load.prometheus,
+                    self.namespace,
+                    self.runtime.kube,
+                    self.runtime.prometheus_allowed,
+                )
                 data = await self.runtime.io(
                     fetch_prometheus,
-                    spec.load.prometheus,
+                    self.prometheus,
                     spec.model,
                     self.now,
                     spec.placement.dispatch.rule,
@@ -322,8 +346,9 @@ class Reconcile:
             fresh = cached is not None and self.now - cached.read_at < max_age
             if cached is not None and cached.source == version and fresh:
                 return source, cached.raw
+            assert self.prometheus is not None  # resolved by ``load``, which runs first
             raw = await self.runtime.io(
-                fetch_prometheus_transitions, prometheus, spec.model, self.now
+                fetch_prometheus_transitions, self.prometheus, spec.model, self.now
             )
         else:
             assert spec.load.static is not None
@@ -365,7 +390,7 @@ class Reconcile:
         Nodes once per change of the set of drifting GPUs. Too little data says nothing, and
         any failure here is logged, never raised: it must not stop the placement."""
         threshold = spec.gpus.speed_drift_threshold_percent / 100
-        prometheus = spec.load.prometheus
+        prometheus = self.prometheus  # resolved by ``load``, which runs first
         try:
             found: SpeedDrift | None = None
             if prometheus is not None and threshold > 0:

@@ -4,8 +4,10 @@ reads. Field descriptions become ``kubectl explain`` text; CEL rules live next t
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
@@ -40,8 +42,13 @@ def validations(*rules: dict[str, str]) -> dict[str, Any]:
 
 
 class Camel(BaseModel):
+    # hide_input_in_errors: a refused value (a URL with credentials) is never echoed in errors
     model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="ignore",
+        frozen=True,
+        hide_input_in_errors=True,
     )
 
 
@@ -265,13 +272,98 @@ class PlacementSpec(Camel):
     seed: int = Field(default=0, ge=0, description="Solver random seed (reproducible plans).")
 
 
+class KeyRef(Camel):
+    """One key of a Secret or ConfigMap in the MoEDeployment's namespace."""
+
+    name: DNSName = Field(description="Object name in the MoEDeployment's namespace.")
+    key: str = Field(
+        min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$", description="Key in its data."
+    )
+
+
+class BasicAuth(Camel):
+    """HTTP basic auth, both parts read from Secrets."""
+
+    username: KeyRef = Field(description="Secret key holding the user name.")
+    password: KeyRef = Field(description="Secret key holding the password.")
+
+
+class CABundle(Camel):
+    """PEM CA certificates that sign the Prometheus server's certificate: exactly one of
+    configMap and secret."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "has(self.configMap) != has(self.secret)", "set exactly one of configMap and secret"
+            )
+        )
+    )
+
+    config_map: KeyRef | None = Field(default=None, description="ConfigMap key holding the PEM.")
+    secret: KeyRef | None = Field(default=None, description="Secret key holding the PEM.")
+
+
+# Readable refusals of URLs that would echo credentials or are not a base URL; the same rules
+# as CEL (admission) and in pydantic (the operator's and the CLI's own reading).
+URL_CREDENTIALS = "^https?://[^/?#]*@"
+URL_QUERY = "[?#]"
+URL_MESSAGES = {
+    URL_CREDENTIALS: "url must not carry credentials (user:password@host); use "
+    "bearerTokenSecret or basicAuth",
+    URL_QUERY: "url must be a base URL, without query or fragment",
+}
+CREDENTIALS_NEED_HTTPS = "credentials (bearerTokenSecret, basicAuth) are sent only over https://"
+CA_NEEDS_HTTPS = "ca is used only with an https:// url"
+
+
 class PrometheusLoad(Camel):
     """Read per-expert token counts from Prometheus."""
 
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            *(
+                cel(f"!self.url.matches('{rule}')", message)
+                for rule, message in URL_MESSAGES.items()
+            ),
+            cel(
+                "isURL(self.url) && url(self.url).getHostname() != ''",
+                "url must be a valid URL with a host",
+            ),
+            cel(
+                "!has(self.bearerTokenSecret) || !has(self.basicAuth)",
+                "set at most one of bearerTokenSecret and basicAuth",
+            ),
+            cel(
+                "(!has(self.bearerTokenSecret) && !has(self.basicAuth)) || "
+                "self.url.startsWith('https://')",
+                CREDENTIALS_NEED_HTTPS,
+            ),
+            cel("!has(self.ca) || self.url.startsWith('https://')", CA_NEEDS_HTTPS),
+        ),
+    )
+
     url: str = Field(
         min_length=1,
+        max_length=2048,
         pattern=r"^https?://",
-        description="Prometheus base URL, e.g. http://prometheus.monitoring:9090.",
+        description="Prometheus base URL, e.g. https://prometheus.monitoring:9090; no "
+        "credentials, query or fragment. The operator's allowlist (chart value "
+        "prometheus.allowedUrls) may restrict it.",
+    )
+    bearer_token_secret: KeyRef | None = Field(
+        default=None,
+        description="Secret key holding a bearer token sent as `Authorization: Bearer` "
+        "(https only; the operator needs get on the Secret: chart value "
+        "rbac.secretReads).",
+    )
+    basic_auth: BasicAuth | None = Field(
+        default=None, description="HTTP basic auth from Secrets (https only)."
+    )
+    ca: CABundle | None = Field(
+        default=None,
+        description="CA bundle the server certificate is verified against (instead of the "
+        "public roots). TLS is always verified.",
     )
     query: str | None = Field(
         default=None,
@@ -311,6 +403,27 @@ class PrometheusLoad(Camel):
         "when placement.trafficWeight > 0. Default: sum by (layer, src, dst) "
         '(increase(moe_expert_transitions_total{model="<name>"}[$window])).',
     )
+
+    @model_validator(mode="after")
+    def _safe_endpoint(self) -> PrometheusLoad:
+        for rule, message in URL_MESSAGES.items():
+            if re.search(rule, self.url):
+                raise ValueError(message)
+        try:
+            parts = urlsplit(self.url)
+            valid = bool(parts.hostname) and (parts.port or 0) >= 0  # .port checks the port
+        except ValueError:  # a port that is not a number in 0..65535
+            valid = False
+        if not valid:
+            raise ValueError("url must be a valid URL with a host")
+        https = self.url.startswith("https://")
+        if (self.bearer_token_secret or self.basic_auth) and not https:
+            raise ValueError(CREDENTIALS_NEED_HTTPS)
+        if self.bearer_token_secret and self.basic_auth:
+            raise ValueError("set at most one of bearerTokenSecret and basicAuth")
+        if self.ca and not https:
+            raise ValueError(CA_NEEDS_HTTPS)
+        return self
 
 
 class StaticLoad(Camel):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import ssl
 from typing import Any
 
 
@@ -16,12 +17,19 @@ class FakePrometheus:
         result: list[dict[str, Any]],
         result_type: str = "vector",
         by_query: dict[str, list[dict[str, Any]]] | None = None,
+        reply: tuple[int, bytes, dict[str, str]] | None = None,
+        authorization: str | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
+        """``reply``: (status, body, headers) sent instead of the result; ``authorization``:
+        the only Authorization header answered (others get 401 with a body that echoes it,
+        like a verbose proxy); ``tls``: serve https with this server context."""
         import http.server
         import threading
         import urllib.parse
 
         queries = self.queries = []
+        headers_seen = self.authorizations = []
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
@@ -29,6 +37,12 @@ class FakePrometheus:
                 params = urllib.parse.parse_qs(url.query)
                 queries.append(params)
                 query = params.get("query", [""])[0]
+                headers_seen.append(self.headers.get("Authorization"))
+                if authorization is not None and self.headers.get("Authorization") != authorization:
+                    echoed = f"denied: {self.headers.get('Authorization')}".encode()
+                    return self.answer(401, echoed, {"Content-Type": "text/plain"})
+                if reply is not None:
+                    return self.answer(*reply)
                 kind, answer = result_type, result
                 for part, special in (by_query or {}).items():
                     if part in query:
@@ -37,8 +51,13 @@ class FakePrometheus:
                 body = json.dumps(
                     {"status": "success", "data": {"resultType": kind, "result": answer}}
                 ).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
+                self.answer(200, body, {"Content-Type": "application/json"})
+
+            def answer(self, status: int, body: bytes, headers: dict[str, str]) -> None:
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
 
@@ -46,7 +65,10 @@ class FakePrometheus:
                 pass
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        scheme = "https" if tls is not None else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self) -> None:

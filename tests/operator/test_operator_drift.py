@@ -16,6 +16,7 @@ import pytest
 from fake_prometheus import FakePrometheus
 from moeplace_operator.loadsource import (
     MetricsUnavailableError,
+    PrometheusSource,
     fetch_rank_counters,
     parse_rank_result,
     rank_query,
@@ -56,7 +57,7 @@ def test_fetch_rank_counters_two_instant_queries_over_the_window() -> None:
     )
     try:
         spec = PrometheusLoad(url=prometheus.url, window="90m")
-        seconds, tokens = fetch_rank_counters(spec, MODEL, NOW, 2)
+        seconds, tokens = fetch_rank_counters(PrometheusSource(spec), MODEL, NOW, 2)
         np.testing.assert_allclose(seconds, [2.5, 3.0])
         np.testing.assert_allclose(tokens, [1000.0, 1200.0])
         sent = [q["query"][0] for q in prometheus.queries]
@@ -68,7 +69,9 @@ def test_fetch_rank_counters_two_instant_queries_over_the_window() -> None:
     finally:
         prometheus.close()
     with pytest.raises(MetricsUnavailableError) as error:
-        fetch_rank_counters(PrometheusLoad(url="http://127.0.0.1:1"), MODEL, NOW, 2)
+        fetch_rank_counters(
+            PrometheusSource(PrometheusLoad(url="http://127.0.0.1:1")), MODEL, NOW, 2
+        )
     assert error.value.reason == "DriftQueryFailed"
 
 

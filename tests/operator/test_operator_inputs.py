@@ -140,7 +140,7 @@ def test_prometheus_load_hedges_over_bootstrap_or_sub_windows() -> None:
     from datetime import UTC, datetime
 
     from fake_prometheus import FakePrometheus
-    from moeplace_operator.loadsource import fetch_prometheus
+    from moeplace_operator.loadsource import PrometheusSource, fetch_prometheus
     from moeplace_operator.spec import PrometheusLoad
 
     def one(layer: str, expert: str, values: list[float]) -> dict[str, object]:
@@ -152,8 +152,8 @@ def test_prometheus_load_hedges_over_bootstrap_or_sub_windows() -> None:
     try:
         spec = PrometheusLoad(url=prometheus.url, window="30m", samples=3, layer_offset=1)
         now = datetime(2026, 1, 1, tzinfo=UTC)
-        windows = fetch_prometheus(spec, MODEL, now, dispatch="best")
-        hedged = fetch_prometheus(spec, MODEL, now)
+        windows = fetch_prometheus(PrometheusSource(spec), MODEL, now, dispatch="best")
+        hedged = fetch_prometheus(PrometheusSource(spec), MODEL, now)
     finally:
         prometheus.close()
     assert windows.samples is not None and hedged.samples is not None

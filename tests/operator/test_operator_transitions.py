@@ -19,6 +19,7 @@ from moeplace_operator.build import gain_percent, status_patch
 from moeplace_operator.loadsource import (
     LoadData,
     MetricsUnavailableError,
+    PrometheusSource,
     default_transitions_query,
     fetch_prometheus_transitions,
     parse_static_transitions,
@@ -105,7 +106,7 @@ def test_fetch_prometheus_transitions_instant_query_over_the_window() -> None:
     try:
         spec = PrometheusLoad(url=prometheus.url, window="2h", layer_offset=1)
         now = datetime(2026, 1, 1, tzinfo=UTC)
-        counts = fetch_prometheus_transitions(spec, MODEL, now)
+        counts = fetch_prometheus_transitions(PrometheusSource(spec), MODEL, now)
         assert counts[0, 2, 3] == 8 and counts.sum() == 8
         (query,) = prometheus.queries
         assert query["query"] == [default_transitions_query("m").replace("$window", "2h")]
@@ -115,12 +116,16 @@ def test_fetch_prometheus_transitions_instant_query_over_the_window() -> None:
     empty = FakePrometheus([])
     try:
         with pytest.raises(MetricsUnavailableError, match="transitions=True") as error:
-            fetch_prometheus_transitions(PrometheusLoad(url=empty.url), MODEL, now)
+            fetch_prometheus_transitions(
+                PrometheusSource(PrometheusLoad(url=empty.url)), MODEL, now
+            )
         assert error.value.reason == "NoTransitions"
     finally:
         empty.close()
     with pytest.raises(MetricsUnavailableError) as error:
-        fetch_prometheus_transitions(PrometheusLoad(url="http://127.0.0.1:1"), MODEL, now)
+        fetch_prometheus_transitions(
+            PrometheusSource(PrometheusLoad(url="http://127.0.0.1:1")), MODEL, now
+        )
     assert error.value.reason == "TransitionsQueryFailed"
 
 
@@ -354,7 +359,7 @@ def test_transitions_are_read_again_only_when_their_source_changes(
 
     reads: list[str] = []
 
-    def fake_fetch(spec: Any, model: Any, now: datetime) -> np.ndarray:
+    def fake_fetch(source: Any, model: Any, now: datetime) -> np.ndarray:
         reads.append("prometheus")
         return np.ones((2, 4, 4))
 
@@ -370,7 +375,10 @@ def test_transitions_are_read_again_only_when_their_source_changes(
     def read(body: dict[str, Any], minutes: float, configmap: Any = None) -> None:
         step = Reconcile(runtime, body, [], logging.getLogger("t"), {})  # type: ignore[arg-type]
         step.now, step.load_configmap = start + timedelta(minutes=minutes), configmap
-        asyncio.run(step.read_transitions(MoEDeploymentSpec.model_validate(body["spec"])))
+        spec = MoEDeploymentSpec.model_validate(body["spec"])
+        if spec.load.prometheus is not None:  # what ``load`` resolves first
+            step.prometheus = PrometheusSource(spec.load.prometheus)
+        asyncio.run(step.read_transitions(spec))
 
     body = moed(0.5, {})
     body["spec"]["load"] = {"prometheus": {"url": "http://p:9090", "window": "1h", "samples": 6}}
