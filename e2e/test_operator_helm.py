@@ -111,7 +111,9 @@ def test_template_secret_reads_are_get_by_name_only(cluster: Cluster) -> None:
         "rbac.secretReads[0].namespace=team-a",
         "rbac.secretReads[0].names={prom-creds,prom-ca}",
     )
-    (role,) = [d for d in docs if d["kind"] == "Role"]
+    (role,) = [
+        d for d in docs if d["kind"] == "Role" and d["metadata"]["name"].endswith("-secrets")
+    ]
     assert role["metadata"]["namespace"] == "team-a"
     assert role["rules"] == [
         {
@@ -121,8 +123,10 @@ def test_template_secret_reads_are_get_by_name_only(cluster: Cluster) -> None:
             "verbs": ["get"],
         }
     ]
-    cluster_role = next(d for d in docs if d["kind"] == "ClusterRole")
-    assert "secrets" not in {res for r in cluster_role["rules"] for res in r["resources"]}
+    cluster_wide = [r for d in docs if d["kind"] == "ClusterRole" for r in d["rules"]]
+    assert "secrets" not in {res for r in cluster_wide for res in r["resources"]}
+    namespaced = [r for d in docs if d["kind"] == "Role" for r in d["rules"]]
+    assert [r for r in namespaced if "secrets" in r["resources"]] == role["rules"]
     bad = ["--set", "rbac.secretReads[0].namespace=team-a"]
     result = cluster.helm("template", "x", str(CHART), *bad, check=False)
     assert result.returncode != 0 and "names" in result.stderr
