@@ -21,7 +21,7 @@ import ssl
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
@@ -327,6 +327,14 @@ def _query(
     return series
 
 
+def last_step_boundary(now: datetime, step: timedelta) -> datetime:
+    """``now`` rounded down to a multiple of ``step`` since the epoch. The range query ends
+    there, so every tick within one sub-window reads the same samples and the inputs'
+    fingerprint holds: no re-solve and no status write until a sub-window completes."""
+    seconds = step.total_seconds()
+    return datetime.fromtimestamp(now.timestamp() // seconds * seconds, tz=now.tzinfo or UTC)
+
+
 def fetch_prometheus(
     source: PrometheusSource, model: ModelSpec, now: datetime, dispatch: DispatchRule = "even"
 ) -> LoadData:
@@ -338,12 +346,13 @@ def fetch_prometheus(
     step = window / spec.samples
     query = (spec.query or default_query(model.name)).replace("$window", format_duration(step))
     client = prometheus_client(source)
+    end = last_step_boundary(now, step)
     series = _query(
         source,
         "PrometheusUnreachable",
         "load query",
         lambda: client.custom_query_range(
-            query, start_time=now - window + step, end_time=now, step=format_duration(step)
+            query, start_time=end - window + step, end_time=end, step=format_duration(step)
         ),
     )
     try:
@@ -597,12 +606,16 @@ def fetch_rank_counters(
     source: PrometheusSource, model: ModelSpec, now: datetime, ranks: int
 ) -> tuple[FloatArray, FloatArray]:
     """Expert compute seconds and token-expert pairs per rank over the whole ``window``: two
-    instant queries -> ([ranks] seconds, [ranks] tokens), rank r = GPU r of the EP group."""
-    window = format_duration(parse_duration(source.spec.window))
+    instant queries -> ([ranks] seconds, [ranks] tokens), rank r = GPU r of the EP group.
+    Evaluated at the load query's last sub-window boundary, so the drift figures (and the
+    status that reports them) hold still between boundaries like the load does."""
+    spec = source.spec
+    window = parse_duration(spec.window)
+    at = last_step_boundary(now, window / spec.samples)
     client = prometheus_client(source)
     out: list[FloatArray] = []
     for metric in (SECONDS_METRIC, TOKENS_METRIC):
-        query = rank_query(metric, model.name, window)
-        series = instant_query(client, source, query, now, "DriftQueryFailed")
+        query = rank_query(metric, model.name, format_duration(window))
+        series = instant_query(client, source, query, at, "DriftQueryFailed")
         out.append(parse_rank_result(series, ranks))
     return out[0], out[1]

@@ -134,6 +134,32 @@ def test_curves_used_only_when_complete() -> None:
     assert not build_gpu_group([_node("n", "a", [1, 1], "garbage")], spec).cluster.has_curves
 
 
+def test_prometheus_load_query_ends_at_the_last_sub_window_boundary() -> None:
+    """Ticks within one sub-window send the same range query (same samples, same inputs
+    fingerprint: no re-solve, no status write); the next sub-window moves it by one step."""
+    from datetime import UTC, datetime
+
+    from fake_prometheus import FakePrometheus
+    from moeplace_operator.loadsource import PrometheusSource, fetch_prometheus
+    from moeplace_operator.spec import PrometheusLoad
+
+    series = {"metric": {"layer": "1", "expert": "0"}, "values": [[1_700_000_000, "5"]]}
+    prometheus = FakePrometheus([series], result_type="matrix")
+    try:
+        source = PrometheusSource(
+            PrometheusLoad(url=prometheus.url, window="30m", samples=3, layer_offset=1)
+        )
+        for minute, second in ((0, 10), (9, 59), (10, 1)):
+            fetch_prometheus(source, MODEL, datetime(2026, 1, 1, 8, minute, second, tzinfo=UTC))
+    finally:
+        prometheus.close()
+    ends = [float(q["end"][0]) for q in prometheus.queries]
+    starts = [float(q["start"][0]) for q in prometheus.queries]
+    eight = datetime(2026, 1, 1, 8, 0, tzinfo=UTC).timestamp()
+    assert ends == [eight, eight, eight + 600]
+    assert starts == [eight - 1200, eight - 1200, eight - 600]  # three 10-minute sub-windows
+
+
 def test_prometheus_load_hedges_over_bootstrap_or_sub_windows() -> None:
     """Even dispatch: the solver hedges over bootstrap resamples of the sub-windows' mean;
     speed-aware dispatch (scored batch by batch): over the sub-windows themselves."""
