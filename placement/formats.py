@@ -203,7 +203,9 @@ def check_eplb_arrays(obj: dict[str, Any], table: IntArray, experts: int) -> Int
         slot = int(log2phy[layer, e, r])
         where = f"log2phy[{layer}][{e}][{r}] = {slot}"
         if r >= logcnt[layer, e]:
-            raise PlacementFormatError(f"{where}: expert {e} has only {logcnt[layer, e]} copies")
+            raise PlacementFormatError(
+                f"{where}: expert {e} has {logcnt[layer, e]} copies in phy2log"
+            )
         if not 0 <= slot < P or table[layer, slot] != e:
             held = f"holds expert {table[layer, slot]}" if 0 <= slot < P else "does not exist"
             raise PlacementFormatError(f"{where}, but that slot {held} in phy2log")
@@ -214,8 +216,7 @@ def check_eplb_arrays(obj: dict[str, Any], table: IntArray, experts: int) -> Int
     if len(missing):
         layer, slot = missing[0].tolist()
         raise PlacementFormatError(
-            f"log2phy[{layer}] does not list slot {slot} (expert {table[layer, slot]}) "
-            f"or lists a copy past -1 padding"
+            f"log2phy[{layer}] does not list slot {slot} (expert {table[layer, slot]})"
         )
     return ranks
 
