@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moeplace_cli.errors import CliError, bad_input
+from moeplace_cli.errors import CliError, bad_input, err_console
 from placement import formats
 from placement.gpus import load_cluster
 from placement.load import (
@@ -20,6 +20,7 @@ from placement.load import (
 )
 from placement.model import Cluster, FloatArray, MoEModelShape, Placement
 from placement.problem import Problem, Weights
+from placement.validate import Engine, InvalidPlacementError, check_engine, describe_duplicates
 
 
 @dataclass(frozen=True)
@@ -175,8 +176,12 @@ def detect_format(obj: Any) -> formats.Format:
     )
 
 
-def read_placement(path: Path, model: MoEModelShape, num_gpus: int) -> Placement:
-    """A placement file in any supported format, checked against the model and the GPUs."""
+def read_placement(
+    path: Path, model: MoEModelShape, num_gpus: int, engine: Engine | None = None
+) -> Placement:
+    """A placement file in any supported format, checked against the model and the GPUs.
+    Two copies of one expert on one GPU (DeepSeek's EPLB output) are read with a warning, or
+    refused when ``engine`` cannot load them."""
     with bad_input(f"placement: {path}"):
         text = path.read_text()
         try:
@@ -195,6 +200,15 @@ def read_placement(path: Path, model: MoEModelShape, num_gpus: int) -> Placement
         raise CliError(
             f"placement: is for {shape[0]} layers x {shape[1]} experts, the load has "
             f"{model.moe_layers} x {model.experts}"
+        )
+    try:
+        duplicates = check_engine(placement, engine or "vllm")
+    except InvalidPlacementError as err:
+        raise CliError(f"placement: {path}: {err} (--engine {engine})") from err
+    if len(duplicates):
+        err_console.print(
+            f"warning: placement: {path}: {describe_duplicates(duplicates)}; vLLM and SGLang "
+            "run it as it is, SGLang with DeepEP does not (--engine sglang-deepep refuses it)"
         )
     return placement
 

@@ -21,9 +21,11 @@ from moeplace_cli.errors import CliError, bad_input, err_console, reports_errors
 from moeplace_cli.gpus_cmd import gpus_app
 from moeplace_cli.inputs import LoadInput, WindowSpec
 from moeplace_cli.options import (
+    ENGINE_SETUPS,
     DenseOpt,
     DispatchOpt,
     DispatchRule,
+    EngineOpt,
     GpusOpt,
     Hedge,
     HedgeOpt,
@@ -288,14 +290,16 @@ def evaluate_cmd(
     per_layer: Annotated[
         bool, typer.Option("--per-layer", help="Also print one row per MoE layer.")
     ] = False,
+    engine: EngineOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Score a placement file on a load: straggler time, bounds, balancedness, traffic."""
     loaded = inputs.resolve_load(load, window_spec(samples, window, prompts))
     cluster = inputs.read_cluster(gpus)
     model = loaded.model(dense_layers, 1)
-    chosen = inputs.read_placement(placement, model, cluster.size)
-    before = inputs.read_placement(previous, model, cluster.size) if previous else None
+    setup = ENGINE_SETUPS[engine] if engine is not None else None
+    chosen = inputs.read_placement(placement, model, cluster.size, setup)
+    before = inputs.read_placement(previous, model, cluster.size, setup) if previous else None
     if before is not None and before.num_slots != chosen.num_slots:
         raise CliError(
             f"previous: {previous} has {before.num_slots} slots per layer, "

@@ -21,9 +21,7 @@ def load_file(name: str, path: Path, package_dir: Path | None = None) -> ModuleT
     """Execute ``path`` as module ``name``; ``package_dir`` makes ``name`` a package there
     (so the file's relative imports resolve to its siblings)."""
     locations = [str(package_dir)] if package_dir is not None else None
-    spec = importlib.util.spec_from_file_location(
-        name, path, submodule_search_locations=locations
-    )
+    spec = importlib.util.spec_from_file_location(name, path, submodule_search_locations=locations)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module

@@ -68,7 +68,7 @@ def test_eplb_round_trip_and_wider_log2phy() -> None:
     assert loads(text, "eplb", p.model, 2, strategy=p.strategy).phy2log == p.phy2log
     obj = json.loads(text)
     # a log2phy wider than the largest count (our files before: P-E+1) still reads
-    obj["log2phy"] = [[row + [-1] for row in layer] for layer in obj["log2phy"]]
+    obj["log2phy"] = [[[*row, -1] for row in layer] for layer in obj["log2phy"]]
     assert loads(json.dumps(obj), "eplb", p.model, 2).phy2log == p.phy2log
     obj["log2phy"][1][1] = [3, 1, -1]  # expert 1's copies by rank: slot 3 first
     assert loads(json.dumps(obj), "eplb", p.model, 2).phy2log == p.phy2log
