@@ -27,7 +27,7 @@ def test_solve_every_strategy(scenario: Scenario, strategy: str) -> None:
     assert ran.exit_code == 0, ran.stderr
     summary = ran.json()
     placement = Placement.model_validate_json(out.read_text())
-    validate(placement)
+    validate(placement, allow_duplicates=strategy.startswith("eplb"))  # DeepSeek's output as is
     assert placement.table.shape == (LAYERS, EXPERTS + 4)
     assert placement.num_gpus == GPUS
     assert placement.model.dense_layers_before == FIRST_LAYER
