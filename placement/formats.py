@@ -134,7 +134,8 @@ def to_eplb(placement: Placement, ranks: IntArray | None = None) -> dict[str, An
 
 
 def dumps(placement: Placement, fmt: Format = "canonical", **kwargs: Any) -> str:
-    """Serialise ``placement`` in ``fmt``; ``num_hidden_layers`` is passed to SGLang's."""
+    """Serialise ``placement`` in ``fmt``; ``num_hidden_layers`` is passed to SGLang's,
+    ``ranks`` (replica ranks [L, P]) to EPLB's."""
     if fmt == "canonical":
         return placement.to_json()
     if fmt == "sglang":
@@ -142,7 +143,7 @@ def dumps(placement: Placement, fmt: Format = "canonical", **kwargs: Any) -> str
     if fmt == "vllm":
         return json.dumps(to_vllm(placement))
     if fmt == "eplb":
-        return json.dumps(to_eplb(placement))
+        return json.dumps(to_eplb(placement, kwargs.get("ranks")))
     raise ValueError(f"unknown format {fmt!r}; choose from {FORMATS}")
 
 

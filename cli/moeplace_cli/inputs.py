@@ -18,7 +18,7 @@ from placement.load import (
     read_transitions,
     windows,
 )
-from placement.model import Cluster, FloatArray, MoEModelShape, Placement
+from placement.model import Cluster, FloatArray, IntArray, MoEModelShape, Placement
 from placement.problem import Problem, Weights
 from placement.validate import Engine, InvalidPlacementError, check_engine, describe_duplicates
 
@@ -225,6 +225,9 @@ def _slot_hint(fmt: formats.Format, obj: Any, num_gpus: int) -> str:
     return f" (read {slots} slots per layer as {num_gpus} GPUs from --gpus: is it the right one?)"
 
 
-def write_placement(placement: Placement, fmt: formats.Format, path: Path) -> None:
+def write_placement(
+    placement: Placement, fmt: formats.Format, path: Path, ranks: IntArray | None = None
+) -> None:
+    """Write ``placement``; ``ranks`` [L, P] order an EPLB file's log2phy (else slot order)."""
     with bad_input("out"):
-        path.write_text(formats.dumps(placement, fmt) + "\n")
+        path.write_text(formats.dumps(placement, fmt, ranks=ranks) + "\n")

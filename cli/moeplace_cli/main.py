@@ -49,6 +49,7 @@ from placement.load import LoadModelConfig, estimate, sampling_for
 from placement.model import FloatArray, Placement
 from placement.problem import Problem, Weights
 from placement.solvers.base import Solution
+from placement.solvers.eplb import replica_ranks
 
 app = typer.Typer(
     name="moeplace",
@@ -257,7 +258,8 @@ def solve(
     problem = make_problem(loaded, gpus, redundant, extras, solving_dispatch(strategy))
     settings = SolverSettings(time_limit, seed, threads, hedge)
     solution = run_solver(problem, strategy, settings, not as_json)
-    inputs.write_placement(solution.placement, fmt.value, out)
+    ranks = replica_ranks(problem, strategy)  # DeepSeek's log2phy order for EPLB's own output
+    inputs.write_placement(solution.placement, fmt.value, out, ranks)
     ev = score(solution.placement, problem, loaded.scored, DispatchRule.even, problem.current)
     summary = {
         **report.solution_summary(strategy, solution),

@@ -189,16 +189,38 @@ def _node_layout(problem: Problem) -> int:
     return n if np.array_equal(node, blocks) else 1
 
 
-def _solve(problem: Problem, groups: int, nodes: int, name: str) -> Solution:
+def _policy(problem: Problem, strategy: str) -> tuple[int, int]:
+    """(num_groups, num_nodes) the ``eplb`` / ``eplb-global`` strategy runs with."""
+    if strategy == "eplb-global":
+        return 1, 1
+    nodes = _node_layout(problem)
+    return (nodes if problem.model.experts % nodes == 0 else 1), nodes
+
+
+def replica_ranks(problem: Problem, strategy: str) -> IntArray | None:
+    """[L, P] replica ranks of the ``eplb``/``eplb-global`` placement for ``problem`` (what
+    DeepSeek orders log2phy by; pass them to ``formats.dumps(..., ranks=)``), None for other
+    strategies. EPLB is deterministic: this re-runs it."""
+    if strategy not in ("eplb", "eplb-global"):
+        return None
+    groups, nodes = _policy(problem, strategy)
+    _, ranks, _ = replicas_and_ranks(
+        problem.load, problem.num_slots, groups, nodes, problem.cluster.size
+    )
+    return ranks
+
+
+def _solve(problem: Problem, strategy: str) -> Solution:
     start = time.perf_counter()
     G = problem.cluster.size
+    groups, nodes = _policy(problem, strategy)
     phy2log, _, _ = replicas_and_ranks(problem.load, problem.num_slots, groups, nodes, G)
     details = {
         "nodes": float(nodes),
         "groups": float(groups),
         "duplicates_on_gpu": float(len(duplicate_copies(phy2log, G))),
     }
-    return heuristic_solution(problem, phy2log, name, start, details)
+    return heuristic_solution(problem, phy2log, strategy, start, details)
 
 
 @register("eplb", duplicates_on_gpu=True)
@@ -206,13 +228,11 @@ def solve_eplb(problem: Problem, options: SolveOptions) -> Solution:
     """DeepSeek's hierarchical EPLB on the problem's mean load, with groups = nodes when the
     experts divide (else its global policy). Output unchanged: it may hold two copies of an
     expert on one GPU (``details['duplicates_on_gpu']``), as the engines run it."""
-    nodes = _node_layout(problem)
-    groups = nodes if problem.model.experts % nodes == 0 else 1
-    return _solve(problem, groups, nodes, "eplb")
+    return _solve(problem, "eplb")
 
 
 @register("eplb-global", duplicates_on_gpu=True)
 def solve_eplb_global(problem: Problem, options: SolveOptions) -> Solution:
     """DeepSeek's global EPLB (one group, one node): what vLLM and SGLang run for models
     without expert groups (DeepSeek-V2-Lite, Qwen3-MoE, Mixtral). Output unchanged."""
-    return _solve(problem, 1, 1, "eplb-global")
+    return _solve(problem, "eplb-global")
