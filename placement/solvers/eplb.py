@@ -1,6 +1,8 @@
-"""DeepSeek's EPLB, exactly: the same phy2log, log2phy and logcnt as DeepSeek's eplb.py (and
-its ports, SGLang's ``eplb_algorithms/deepseek.py`` and vLLM's ``DefaultEplbPolicy``) for the
-same input. Written from the published description (docs/anchors.md) in numpy.
+"""DeepSeek's EPLB, exactly: the same phy2log, log2phy and logcnt as DeepSeek's eplb.py (which
+SGLang ships as ``eplb_algorithms/deepseek.py``) for the same input, ties included; vLLM's
+numpy port ``DefaultEplbPolicy`` gives the same phy2log on loads without ties (on ties it
+orders equal loads as numpy's argsort does: the same replica counts and per-GPU loads, other
+slots). Written from the published description (docs/anchors.md) in numpy.
 
 Greedy in three steps, per layer:
 
