@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moeplace_cli.errors import CliError, bad_input
+from moeplace_cli.errors import CliError, bad_input, err_console
 from placement import formats
 from placement.gpus import load_cluster
 from placement.load import (
@@ -19,7 +19,7 @@ from placement.load import (
     read_transitions,
     windows,
 )
-from placement.model import Cluster, FloatArray, MoEModelShape, Placement
+from placement.model import Cluster, FloatArray, IntArray, MoEModelShape, Placement
 from placement.presets import (
     LayoutError,
     ModelLayout,
@@ -29,6 +29,7 @@ from placement.presets import (
     preset_layout,
 )
 from placement.problem import Problem, Weights
+from placement.validate import Engine, InvalidPlacementError, check_engine, describe_duplicates
 
 
 @dataclass(frozen=True)
@@ -255,10 +256,16 @@ def detect_format(obj: Any) -> formats.Format:
 
 
 def read_placement(
-    path: Path, model: MoEModelShape, num_gpus: int, dense_known: bool = True
+    path: Path,
+    model: MoEModelShape,
+    num_gpus: int,
+    dense_known: bool = True,
+    engine: Engine | None = None,
 ) -> Placement:
     """A placement file in any supported format, checked against the model and the GPUs;
-    an SGLang or vLLM file (rows by model layer) only when the dense layers are known."""
+    an SGLang or vLLM file (rows by model layer) only when the dense layers are known.
+    Two copies of one expert on one GPU (DeepSeek's EPLB output) are read with a warning, or
+    refused when ``engine`` cannot load them."""
     with bad_input(f"placement: {path}"):
         text = path.read_text()
         try:
@@ -284,6 +291,15 @@ def read_placement(
             f"placement: is for {shape[0]} layers x {shape[1]} experts, the load has "
             f"{model.moe_layers} x {model.experts}"
         )
+    try:
+        duplicates = check_engine(placement, engine or "vllm")
+    except InvalidPlacementError as err:
+        raise CliError(f"placement: {path}: {err} (--engine {engine})") from err
+    if len(duplicates):
+        err_console.print(
+            f"warning: placement: {path}: {describe_duplicates(duplicates)}; vLLM and SGLang "
+            "run it as it is, SGLang with DeepEP does not (--engine sglang-deepep refuses it)"
+        )
     return placement
 
 
@@ -300,7 +316,14 @@ def _slot_hint(fmt: formats.Format, obj: Any, num_gpus: int) -> str:
 
 
 def write_placement(
-    placement: Placement, fmt: formats.Format, path: Path, hidden_layers: int | None = None
+    placement: Placement,
+    fmt: formats.Format,
+    path: Path,
+    hidden_layers: int | None = None,
+    ranks: IntArray | None = None,
 ) -> None:
+    """Write ``placement``: SGLang's rows for ``hidden_layers``; ``ranks`` [L, P] order an EPLB
+    file's log2phy (else slot order)."""
     with bad_input("out"):
-        path.write_text(formats.dumps(placement, fmt, num_hidden_layers=hidden_layers) + "\n")
+        text = formats.dumps(placement, fmt, num_hidden_layers=hidden_layers, ranks=ranks)
+        path.write_text(text + "\n")

@@ -21,9 +21,11 @@ from moeplace_cli.errors import CliError, bad_input, err_console, reports_errors
 from moeplace_cli.gpus_cmd import gpus_app
 from moeplace_cli.inputs import LoadInput, ModelChoice, ModelInfo, WindowSpec
 from moeplace_cli.options import (
+    ENGINE_SETUPS,
     DenseOpt,
     DispatchOpt,
     DispatchRule,
+    EngineOpt,
     GpusOpt,
     Hedge,
     HedgeOpt,
@@ -50,6 +52,7 @@ from placement.load import LoadModelConfig, estimate, sampling_for
 from placement.model import FloatArray, Placement
 from placement.problem import Problem, Weights
 from placement.solvers.base import Solution
+from placement.solvers.eplb import replica_ranks
 
 app = typer.Typer(
     name="moeplace",
@@ -290,7 +293,8 @@ def solve(
     problem = make_problem(loaded, gpus, redundant, info, extras, solving_dispatch(strategy))
     settings = SolverSettings(time_limit, seed, threads, hedge)
     solution = run_solver(problem, strategy, settings, not as_json)
-    inputs.write_placement(solution.placement, fmt.value, out, info.hidden_layers)
+    ranks = replica_ranks(problem, strategy)  # DeepSeek's log2phy order for EPLB's own output
+    inputs.write_placement(solution.placement, fmt.value, out, info.hidden_layers, ranks)
     ev = score(solution.placement, problem, loaded.scored, DispatchRule.even, problem.current)
     summary = {
         **report.solution_summary(strategy, solution),
@@ -327,6 +331,7 @@ def evaluate_cmd(
     per_layer: Annotated[
         bool, typer.Option("--per-layer", help="Also print one row per MoE layer.")
     ] = False,
+    engine: EngineOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Score a placement file on a load: straggler time, bounds, balancedness, traffic."""
@@ -334,10 +339,11 @@ def evaluate_cmd(
     cluster = inputs.read_cluster(gpus)
     info = inputs.resolve_model(loaded, ModelChoice(model_preset, model_config, dense_layers))
     model = info.shape
-    chosen = inputs.read_placement(placement, model, cluster.size, info.dense_known)
+    setup = ENGINE_SETUPS[engine] if engine is not None else None
+    chosen = inputs.read_placement(placement, model, cluster.size, info.dense_known, setup)
     before = None
     if previous is not None:
-        before = inputs.read_placement(previous, model, cluster.size, info.dense_known)
+        before = inputs.read_placement(previous, model, cluster.size, info.dense_known, setup)
     if before is not None and before.num_slots != chosen.num_slots:
         raise CliError(
             f"previous: {previous} has {before.num_slots} slots per layer, "

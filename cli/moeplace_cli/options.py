@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from placement.validate import Engine
+
 
 class OutputFormat(StrEnum):
     canonical = "canonical"
@@ -19,6 +21,22 @@ class OutputFormat(StrEnum):
 class DispatchRule(StrEnum):
     even = "even"
     best = "best"
+
+
+class EngineSetup(StrEnum):
+    """Engine setups and whether they load two copies of one expert on one GPU
+    (placement.validate.ENGINES)."""
+
+    vllm = "vllm"
+    sglang = "sglang"
+    sglang_deepep = "sglang-deepep"
+
+
+ENGINE_SETUPS: dict[EngineSetup, Engine] = {
+    EngineSetup.vllm: "vllm",
+    EngineSetup.sglang: "sglang",
+    EngineSetup.sglang_deepep: "sglang-deepep",
+}
 
 
 class Hedge(StrEnum):
@@ -118,6 +136,14 @@ TopKOpt = Annotated[
     int | None,
     typer.Option(
         "--top-k", min=1, help="Experts per token (metadata); default: the model's, else 1."
+    ),
+]
+EngineOpt = Annotated[
+    EngineSetup | None,
+    typer.Option(
+        "--engine",
+        help="Engine setup that will load the placement: sglang-deepep refuses two copies of "
+        "one expert on one GPU (DeepEP loads only the first); default: warn about them.",
     ),
 ]
 NameArg = Annotated[str, typer.Argument(help="Name of the MoEDeployment object.")]

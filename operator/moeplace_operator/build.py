@@ -160,7 +160,9 @@ def read_published(configmap: Mapping[str, Any] | None) -> Published | None:
     data = configmap.get("data") or {}
     annotations = configmap.get("metadata", {}).get("annotations") or {}
     try:
-        placement = parse_canonical(data[PLACEMENT_KEY])
+        # ours, solved and validated before it was written: EPLB's may hold two copies of an
+        # expert on one GPU, as the engines run it
+        placement = parse_canonical(data[PLACEMENT_KEY], allow_duplicates=True)
         version = int(data.get("version", annotations.get(VERSION_ANNOTATION, "0")))
         stamp = annotations.get(ROLLED_OUT_AT_ANNOTATION)
         rolled_out_at = parse_rfc3339(stamp.replace("Z", "+0000")) if stamp else None

@@ -1,6 +1,7 @@
 """One interface for every solver: ``solve(problem, strategy, options) -> Solution``.
 
-Every solver returns a placement that has passed :func:`placement.validate.validate`; the
+Every solver returns a placement that has passed :func:`placement.validate.validate` (EPLB's
+with two copies of one expert on one GPU allowed, as the engines run it); the
 objective and bound it reports are in the problem's time unit (µs with latency curves,
 token-times with speed factors), summed over layers.
 """
@@ -49,11 +50,17 @@ class Solution:
 
 SolverFn = Callable[[Problem, SolveOptions], Solution]
 _REGISTRY: dict[str, SolverFn] = {}
+_DUPLICATES_ON_GPU: set[str] = set()  # strategies whose output may hold two copies on a GPU
 
 
-def register(name: str) -> Callable[[SolverFn], SolverFn]:
+def register(name: str, duplicates_on_gpu: bool = False) -> Callable[[SolverFn], SolverFn]:
+    """Register a solver; ``duplicates_on_gpu`` for a baseline reproduced as the engines run
+    it (DeepSeek's EPLB), the only ones exempt from the no-two-copies-per-GPU rule."""
+
     def wrap(fn: SolverFn) -> SolverFn:
         _REGISTRY[name] = fn
+        if duplicates_on_gpu:
+            _DUPLICATES_ON_GPU.add(name)
         return fn
 
     return wrap
@@ -90,5 +97,5 @@ def solve(
     if strategy not in _REGISTRY:
         raise ValueError(f"unknown strategy {strategy!r}; choose from {strategies()}")
     solution = _REGISTRY[strategy](problem, options or SolveOptions())
-    validate(solution.placement, problem.model)
+    validate(solution.placement, problem.model, allow_duplicates=strategy in _DUPLICATES_ON_GPU)
     return solution

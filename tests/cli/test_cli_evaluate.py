@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 from pathlib import Path
 
 import numpy as np
@@ -92,3 +93,18 @@ def test_per_layer_table(scenario: Scenario) -> None:
     assert summary["layerIds"] == [1, 2, 3]
     slowest = summary["layerSlowestGpu"]
     assert isinstance(slowest, list) and len(slowest) == LAYERS
+
+
+def test_two_copies_on_a_gpu_warn_or_are_refused_for_deepep(scenario: Scenario) -> None:
+    row = [0, 0, 1, 2, 3, 4, 5, 6, 7, 1, 2, 3]  # GPU 0 (slots 0-2) holds expert 0 twice
+    path = scenario.tmp / "deepseek.eplb.json"
+    path.write_text(json.dumps({"phy2log": [row] * LAYERS}))
+    ran = run("evaluate", "--placement", path, "--load", scenario.load, "--gpus", scenario.gpus,
+              "--json")  # fmt: skip
+    assert ran.exit_code == 0, ran.stderr
+    assert "warning" in ran.stderr and "3 extra copies" in ran.stderr
+    assert float(ran.json()["straggler"]) > 0  # type: ignore[arg-type]
+    refused = run("evaluate", "--placement", path, "--load", scenario.load, "--gpus",
+                  scenario.gpus, "--engine", "sglang-deepep")  # fmt: skip
+    assert refused.exit_code != 0
+    assert "DeepEP loads only the first copy" in refused.stderr

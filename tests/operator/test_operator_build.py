@@ -115,6 +115,22 @@ def test_configmap_round_trip() -> None:
     assert published.rolled_out_at == NOW and published.resource_version == "42"
 
 
+def test_published_eplb_placement_with_two_copies_on_a_gpu_reads_back() -> None:
+    deepseek = placement([[0, 0, 1, 2, 3, 0]])  # GPU 0 holds expert 0 twice, as EPLB may
+    body = configmap_body(
+        name="demo-placement",
+        namespace="ns",
+        role="placement",
+        owner=OWNER,
+        placement=deepseek,
+        version=3,
+        rolled_out_at=NOW,
+        resource_version="1",
+    )
+    published = read_published(body)
+    assert published is not None and published.placement == deepseek
+
+
 @pytest.mark.parametrize("data", [None, {}, {PLACEMENT_KEY: "{not json"}])
 def test_unreadable_configmap_is_no_placement(data: dict | None) -> None:
     assert read_published({"metadata": {}, "data": data} if data is not None else None) is None

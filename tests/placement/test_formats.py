@@ -62,6 +62,21 @@ def test_eplb_arrays() -> None:
     assert obj["log2phy"][1] == [[2, -1], [1, 3], [0, -1]]
 
 
+def test_eplb_round_trip_and_wider_log2phy() -> None:
+    p = _example()
+    text = dumps(p, "eplb")
+    assert loads(text, "eplb", p.model, 2, strategy=p.strategy).phy2log == p.phy2log
+    obj = json.loads(text)
+    # a log2phy wider than the largest count (our files before: P-E+1) still reads
+    obj["log2phy"] = [[[*row, -1] for row in layer] for layer in obj["log2phy"]]
+    assert loads(json.dumps(obj), "eplb", p.model, 2).phy2log == p.phy2log
+    obj["log2phy"][1][1] = [3, 1, -1]  # expert 1's copies by rank: slot 3 first
+    assert loads(json.dumps(obj), "eplb", p.model, 2).phy2log == p.phy2log
+    obj["log2phy"][1][1] = [3, -1, -1]
+    with pytest.raises(PlacementFormatError, match=r"does not list slot 1 \(expert 1\)"):
+        loads(json.dumps(obj), "eplb", p.model, 2)
+
+
 def test_clear_errors() -> None:
     p = _example()
     with pytest.raises(PlacementFormatError, match="numGpus"):
@@ -77,7 +92,9 @@ def test_clear_errors() -> None:
     with pytest.raises(PlacementFormatError, match="logcnt"):
         loads(json.dumps(bad), "eplb", p.model, 2)
     with pytest.raises(InvalidPlacementError, match="two copies"):
-        loads('{"phy2log": [[0, 0, 1, 2], [0, 1, 2, 0]]}', "eplb", p.model, 2)
+        loads(
+            '{"phy2log": [[0, 0, 1, 2], [0, 1, 2, 0]]}', "eplb", p.model, 2, allow_duplicates=False
+        )
     with pytest.raises(PlacementFormatError, match="outside"):
         loads('{"phy2log": [[0, 7, 1, 2], [0, 1, 2, 0]]}', "eplb", p.model, 2)
 

@@ -24,7 +24,9 @@ HEURISTICS = ["linear", "round-robin", "eplb", "eplb-global", "greedy"]
 @given(problems(), st.sampled_from(HEURISTICS))
 def test_every_solver_returns_a_valid_placement(problem: Problem, strategy: str) -> None:
     sol = solve(problem, strategy, SolveOptions(time_limit_s=2.0))
-    validate(sol.placement, problem.model)  # solve() checks too; be explicit
+    # solve() checks too; be explicit. Only DeepSeek's EPLB, reproduced as the engines run
+    # it, may hold two copies of one expert on one GPU.
+    validate(sol.placement, problem.model, allow_duplicates=strategy.startswith("eplb"))
     assert sol.placement.num_gpus == problem.cluster.size
     assert sol.placement.slots_per_gpu == problem.slots_per_gpu
     assert sol.bound <= sol.objective * (1 + 1e-9) + 1e-9
