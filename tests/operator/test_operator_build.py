@@ -126,6 +126,7 @@ def test_published_eplb_placement_with_two_copies_on_a_gpu_reads_back() -> None:
         version=3,
         rolled_out_at=NOW,
         resource_version="1",
+        hidden_layers=1,
     )
     published = read_published(body)
     assert published is not None and published.placement == deepseek
