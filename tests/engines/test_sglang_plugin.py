@@ -17,6 +17,7 @@ import json
 import os
 import re
 import socket
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -127,8 +128,40 @@ def test_logical_counts_match_sglangs_conversion() -> None:
     theirs = _convert_global_physical_count_to_logical_count(
         torch.tensor(physical)[None], 3, E, torch.tensor(p2l)
     )[0].numpy()
-    assert np.array_equal(plugin.logical_counts(physical, p2l), theirs)
-    assert plugin.logical_counts(physical, p2l).sum() == physical.sum()
+    assert np.array_equal(plugin.logical_counts(physical, p2l, E), theirs)
+    assert plugin.logical_counts(physical, p2l, E).sum() == physical.sum()
+
+
+def test_routing_counts_from_sglangs_recorder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Routing metrics from SGLang's own expert distribution recorder (stat mode): the
+    physical expert ids its select_experts hook saw in one pass, per logical expert. Its
+    per-pass gatherer allocates on ``sglang.srt.utils.get_device()``, which raises without an
+    accelerator (expert_distribution.py:580): here it is pointed at the CPU."""
+    from sglang.srt.eplb import expert_distribution
+    from sglang.srt.eplb.expert_distribution import ExpertDistributionRecorder
+    from sglang.srt.eplb.expert_location import ExpertLocationMetadata
+    from sglang.srt.runtime_context import get_context
+
+    install_sglang()
+    get_context().override(
+        "test", expert_distribution_recorder_mode="stat", expert_distribution_recorder_buffer_size=8
+    )
+    monkeypatch.setattr(expert_distribution, "get_device", lambda: "cpu")
+    rows = to_sglang(moved_placement(), HIDDEN)["physical_to_logical_map"]
+    meta = ExpertLocationMetadata.init_by_mapping(None, rows, moe_ep_rank=0)
+    recorder = ExpertDistributionRecorder.init_new(meta, rank=0)
+    recorder.start_record()
+    rng = np.random.default_rng(1)
+    slots = {h: rng.integers(0, P, size=(16, 2)) for h in MOE_LAYERS}  # 16 tokens, top-2
+    with recorder.with_forward_pass(1, None):
+        for h in MOE_LAYERS:
+            with recorder.with_current_layer(h):
+                recorder.on_select_experts(topk_ids=torch.tensor(slots[h]))
+    counts = plugin.routing_counts(recorder, meta, tuple(MOE_LAYERS))
+    assert counts is not None
+    for row, h in enumerate(MOE_LAYERS):
+        expected = np.bincount(moved_placement().table[row][slots[h].ravel()], minlength=E)
+        assert counts[row].tolist() == expected.tolist()
 
 
 def _free_port() -> int:
@@ -210,3 +243,25 @@ def test_live_placement_moves_weights_on_every_rank_over_gloo(tmp_path: Path) ->
         dispatch = np.asarray(out["dispatch_end"])
         for hidden in MOE_LAYERS:
             assert np.array_equal(p2l[hidden, dispatch[hidden]], np.arange(E))
+
+
+def test_sglangs_plugin_loader_finds_and_registers_the_plugin(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The installed entry point, through SGLang's own loader, hooks ModelRunner.forward when
+    MOEPLACE_PLACEMENT_DIR is set, and nothing without it."""
+    from sglang.srt.plugins import GENERAL_PLUGINS_GROUP, load_plugins_by_group
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    found = load_plugins_by_group(GENERAL_PLUGINS_GROUP)
+    register, dist = found["moeplace"]
+    assert dist == "moeplace-serving"
+    monkeypatch.setattr(HookRegistry, "_hooks", defaultdict(list))
+    monkeypatch.delenv(plugin.ENV_DIR, raising=False)
+    register()
+    assert plugin.FORWARD_TARGET not in HookRegistry._hooks
+    monkeypatch.setenv(plugin.ENV_DIR, "/etc/moeplace/placement")
+    register()
+    [(hook_type, hook, _source)] = HookRegistry._hooks[plugin.FORWARD_TARGET]
+    assert hook_type is HookType.AFTER
+    assert hook is plugin._after_forward

@@ -173,43 +173,41 @@ class LivePlacement:
         )
 
     def _count_routing(self) -> None:
-        """Add this pass's tokens per logical expert from SGLang's expert distribution recorder
-        (its per-pass physical counts, mapped through the serving physical-to-logical map)."""
         from sglang.srt.eplb.expert_distribution import get_global_expert_distribution_recorder
         from sglang.srt.eplb.expert_location import get_global_expert_location_metadata
 
-        physical = _pass_physical_count(get_global_expert_distribution_recorder())
-        if physical is None:
-            return
-        metadata = get_global_expert_location_metadata()
-        moe_rows = list(self.shape.moe_layer_ids)
-        self.metrics.add_expert_tokens(
-            logical_counts(
-                physical[moe_rows], metadata.physical_to_logical_map_cpu.numpy()[moe_rows]
-            )
+        counts = routing_counts(
+            get_global_expert_distribution_recorder(),
+            get_global_expert_location_metadata(),
+            self.shape.moe_layer_ids,
         )
+        if counts is not None:
+            self.metrics.add_expert_tokens(counts)
+
+
+def routing_counts(
+    recorder: Any, metadata: Any, moe_layer_ids: tuple[int, ...]
+) -> npt.NDArray[np.int64] | None:
+    """[MoE layers, E] this rank's tokens per logical expert in the forward pass that just
+    ended, from SGLang's expert distribution recorder (``get_current_pass_count_buffer``: its
+    select-experts counts per physical slot, reset when the next pass starts) mapped through
+    the serving physical-to-logical map; None when the recorder did not count this pass."""
+    buffers = [recorder.get_current_pass_count_buffer(h) for h in moe_layer_ids]
+    if any(b is None for b in buffers):
+        return None
+    physical = np.stack([b.cpu().numpy() for b in buffers])
+    p2l = metadata.physical_to_logical_map_cpu.numpy()[list(moe_layer_ids)]
+    return logical_counts(physical, p2l, metadata.num_logical_experts)
 
 
 def logical_counts(
-    physical: npt.NDArray[np.integer], physical_to_logical: npt.NDArray[np.integer]
+    physical: npt.NDArray[np.integer], physical_to_logical: npt.NDArray[np.integer], experts: int
 ) -> npt.NDArray[np.int64]:
     """[L, P] tokens per physical slot -> [L, E] tokens per logical expert (copies summed)."""
     layers, _ = physical.shape
-    experts = int(physical_to_logical.max()) + 1
     flat = physical_to_logical.astype(np.int64) + (np.arange(layers) * experts)[:, None]
     summed = np.bincount(flat.ravel(), weights=physical.ravel(), minlength=layers * experts)
     return summed.reshape(layers, experts).round().astype(np.int64)
-
-
-def _pass_physical_count(recorder: Any) -> npt.NDArray[np.int64] | None:
-    """[hidden layers, P] this rank's tokens per physical slot in the pass that just ended, from
-    the recorder's primary gatherer (filled by ``select_experts``, reset at the next pass's
-    start), or None when the recorder did not record this pass."""
-    gatherers = getattr(recorder, "_single_pass_gatherers", None)
-    if not gatherers or not recorder.recording or not recorder._record_current_pass:
-        return None
-    collected = next(iter(gatherers.values())).collect()
-    return np.asarray(collected["global_physical_count"].cpu().numpy(), dtype=np.int64)
 
 
 def _start_recording() -> None:
