@@ -216,7 +216,7 @@ def _start_recording() -> None:
     from sglang.srt.eplb.expert_distribution import get_global_expert_distribution_recorder
 
     recorder = get_global_expert_distribution_recorder()
-    if recorder is None or recorder.recording:
+    if recorder.recording:
         return
     try:
         recorder.start_record()
