@@ -141,7 +141,3 @@ class EngineShape:
         if ((table < 0) | (table >= self.experts)).any():
             problems.append(f"phy2log holds expert ids outside 0..{self.experts - 1}")
         return problems
-
-    def hidden_layer_of(self, moe_layer: int) -> int:
-        """Hidden-layer index of placement row ``moe_layer``."""
-        return self.moe_layer_ids[moe_layer]

@@ -192,10 +192,12 @@ def routing_counts(
     ended, from SGLang's expert distribution recorder (``get_current_pass_count_buffer``: its
     select-experts counts per physical slot, reset when the next pass starts) mapped through
     the serving physical-to-logical map; None when the recorder did not count this pass."""
+    import torch
+
     buffers = [recorder.get_current_pass_count_buffer(h) for h in moe_layer_ids]
     if any(b is None for b in buffers):
         return None
-    physical = np.stack([b.cpu().numpy() for b in buffers])
+    physical = torch.stack(buffers).cpu().numpy()  # one device-to-host copy per pass
     p2l = metadata.physical_to_logical_map_cpu.numpy()[list(moe_layer_ids)]
     return logical_counts(physical, p2l, metadata.num_logical_experts)
 
