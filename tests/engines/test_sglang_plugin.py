@@ -58,7 +58,7 @@ def install_sglang(rank: int = 0, a2a: str = "none") -> None:
         ep_dispatch_algorithm="static",
         moe_a2a_backend=a2a,
     ).install()
-    get_parallel().override_permanently(tp_rank=rank, attn_tp_rank=rank)
+    get_parallel().override_permanently(tp_rank=rank, attn_tp_rank=rank, moe_ep_rank=rank)
     config = expert_location.ModelConfigForExpertLocation(num_layers=HIDDEN, num_logical_experts=E)
     expert_location.ModelConfigForExpertLocation.from_model_config = staticmethod(  # type: ignore[method-assign]
         lambda _model_config: config

@@ -111,7 +111,12 @@ class LivePlacement:
         self.model_config, self.get_model = model_config, get_model
         self.shape = sglang_shape(model_config, list(get_model().routed_experts_weights_of_layer))
         parallel = get_parallel()
-        self.rank, self.nnodes = parallel.tp_rank, parallel.nnodes
+        # as SGLang's EPLBManager: TP rank for the weight mover, MoE EP rank for the dispatch map
+        self.rank, self.ep_rank, self.nnodes = (
+            parallel.tp_rank,
+            parallel.moe_ep_rank,
+            parallel.nnodes,
+        )
         # the ranks of one attention-TP group hold the same tokens: the first one counts them
         self.counts_tokens = parallel.attn_tp_rank == 0
         self.metrics = ServingMetrics(
@@ -160,7 +165,7 @@ class LivePlacement:
 
         rows = to_sglang(new, self.shape.hidden_layers)["physical_to_logical_map"]
         metadata = ExpertLocationMetadata.init_by_mapping(
-            self.model_config, rows, moe_ep_rank=self.rank
+            self.model_config, rows, moe_ep_rank=self.ep_rank
         )
         weights = self.get_model().routed_experts_weights_of_layer
         for chunk in _chunks(sorted(weights), get_exec().moe.eplb_rebalance_layers_per_chunk):
