@@ -16,36 +16,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import numpy as np
-
 from placement import InvalidPlacementError, Placement, validate
+from placement.validate import describe_duplicates, duplicate_copies
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SameGpuCopies:
-    """``gpu`` holds ``copies`` (> 1) slots of ``expert`` in MoE layer ``layer``."""
-
-    layer: int
-    gpu: int
-    expert: int
-    copies: int
-
-
-def same_gpu_copies(placement: Placement) -> list[SameGpuCopies]:
-    """Every (layer, GPU, expert) with more than one copy of the expert on that GPU."""
-    per_gpu = placement.table.reshape(-1, placement.num_gpus, placement.slots_per_gpu)
-    found = []
-    for layer, gpus in enumerate(per_gpu):
-        for gpu, held in enumerate(gpus):
-            experts, counts = np.unique(held, return_counts=True)
-            found += [
-                SameGpuCopies(layer, gpu, int(e), int(c))
-                for e, c in zip(experts, counts, strict=True)
-                if c > 1
-            ]
-    return found
 
 
 @dataclass(frozen=True)
@@ -92,26 +66,15 @@ class EngineShape:
         warning for copies of one expert on one GPU where the engine tolerates them."""
         for problem in self._mismatches(placement):
             raise InvalidPlacementError(f"{self.engine}: {problem}")
-        doubled = same_gpu_copies(placement)
-        if doubled and not self.same_gpu_copies_ok:
-            first = doubled[0]
+        doubled = duplicate_copies(placement.table, placement.num_gpus)
+        if len(doubled) and not self.same_gpu_copies_ok:
             raise InvalidPlacementError(
-                f"{self.engine}: GPU {first.gpu} holds {first.copies} copies of expert "
-                f"{first.expert} in MoE layer {first.layer} ({len(doubled)} such cases), "
-                "and this engine setup loads only the first"
+                f"{self.engine}: {describe_duplicates(doubled)}, and this engine setup loads "
+                "only the first"
             )
-        # placement.validate may refuse such copies on its own (a placement-library rule)
-        validate(placement)
-        if doubled:
-            log.warning(
-                "%s: %d (layer, GPU) pairs hold two copies of one expert (first: layer %d, "
-                "GPU %d, expert %d); accepted, the second copy only adds capacity",
-                self.engine,
-                len(doubled),
-                doubled[0].layer,
-                doubled[0].gpu,
-                doubled[0].expert,
-            )
+        validate(placement, allow_duplicates=True)
+        if len(doubled):  # DeepSeek's EPLB output: the engines run it as it is
+            log.warning("%s: %s; accepted", self.engine, describe_duplicates(doubled))
 
     def _mismatches(self, placement: Placement) -> list[str]:
         m = placement.model
