@@ -59,10 +59,12 @@ lint: venv
 unit: venv
 	.venv/bin/pytest -m "not e2e" tests
 
-# Unit + e2e. The e2e fixture starts the cluster when none runs and stops it at the end.
+# Unit + e2e, then the engine tests (their own venv). The e2e fixture starts the cluster when
+# none runs and stops it at the end.
 # pytest exits 5 when it collects no test: make fails on it like on any other failure.
 test: tools lint
 	.venv/bin/pytest -m "not engines"
+	$(MAKE) engines-test
 
 # The engines' released code on CPU torch (tools/engines-venv.sh: a cached venv, ~5 GB once).
 engines-venv:
