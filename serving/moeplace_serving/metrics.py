@@ -181,6 +181,15 @@ class ServingMetrics:
             if pairs is not None:
                 arrays.transitions += pairs.reshape(arrays.transitions.shape)
 
+    def add_expert_tokens(self, counts: npt.NDArray[np.integer]) -> None:
+        """Add [L, E] routed-token counts counted elsewhere (an engine's own counters)."""
+        if counts.shape != (self.layers, self.experts):
+            raise ValueError(
+                f"expert counts of shape {counts.shape}, expected {(self.layers, self.experts)}"
+            )
+        with self._arrays.lock:
+            self._arrays.expert_tokens += counts.astype(np.int64)
+
     def _transition_counts(self, topk_ids: npt.NDArray[np.integer]) -> npt.NDArray[np.int64]:
         """[(L-1) * E * E] pair counts of one step: for every (sampled) token and layer l, each
         of its k experts in l with each of its k experts in l+1 (layer-major, so
