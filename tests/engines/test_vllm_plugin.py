@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -185,8 +186,12 @@ def _rank_main(rank: int, port: int, directory: str, plans: list[str], out: str)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=RANKS)
     from moeplace_serving.torch_collective import TorchCollective
+    from vllm.distributed.eplb import eplb_state
     from vllm.distributed.eplb.rebalance_execute import rearrange_expert_weights_inplace
 
+    # Without a GPU vLLM detects no platform, and the unspecified one reports pinned memory
+    # (PIN_MEMORY, read at import); vLLM's CPU platform does not. _commit_eplb_maps reads it.
+    eplb_state.PIN_MEMORY = False
     group = dist.group.WORLD
     shape = plugin.VllmShape(layers=LAYERS, experts=EXPERTS, num_gpus=RANKS, slots=SLOTS)
     source = plugin.PlacementSource(Path(directory), shape, TorchCollective(group=group))
@@ -200,16 +205,31 @@ def _rank_main(rank: int, port: int, directory: str, plans: list[str], out: str)
     ]
     buffer = [torch.empty_like(w) for w in weights[0]]
     communicator = _cpu_gloo_communicator(group)
+    # the fields of vLLM's EplbModelState that move_in and vLLM's _commit_eplb_maps use
+    model_state = SimpleNamespace(
+        physical_to_logical_map=current.clone(),
+        model=SimpleNamespace(expert_weights=weights),
+        expert_buffer=buffer,
+        communicator=communicator,
+        logical_to_physical_map=torch.full((LAYERS, EXPERTS, SLOTS - EXPERTS + 1), -1),
+        logical_replica_count=torch.zeros((LAYERS, EXPERTS), dtype=torch.int64),
+    )
+    state = SimpleNamespace(model_states={"m": model_state}, _moeplace_model_key="m")
     seen = []
     for version, plan in enumerate(plans, start=1):
         if rank == 0:
             _publish(Path(directory), Placement.model_validate_json(plan), version)
         dist.barrier()
-        new = _rebalance(policy, current)
-        rearrange_expert_weights_inplace(current, new, weights, buffer, group, communicator)
-        current = new
+        if version == 1:  # at model load: the plugin's move-in
+            assert plugin.move_in(state, source, group)
+            new = model_state.physical_to_logical_map
+        else:  # at a rearrangement step: vLLM calls the policy, then moves
+            new = _rebalance(policy, current)
+            rearrange_expert_weights_inplace(current, new, weights, buffer, group, communicator)
+        current = new.clone()
         held = [[w[:, 0].long().tolist() for w in layer] for layer in weights]
-        seen.append({"map": new[:, mine].tolist(), "held": held})
+        counts = model_state.logical_replica_count.tolist()
+        seen.append({"map": new[:, mine].tolist(), "held": held, "counts": counts})
     Path(out, f"rank{rank}.json").write_text(__import__("json").dumps(seen))
     dist.destroy_process_group()
 
@@ -233,3 +253,5 @@ def test_placement_change_moves_weights_on_every_rank_with_vllm_code(tmp_path: P
             assert step["map"] == wanted
             for layer in range(LAYERS):
                 assert step["held"][layer] == [wanted[layer], wanted[layer]]
+        # vLLM's commit (at move-in) derived the replica counts of the first placement
+        assert seen[0]["counts"] == plans[0].replica_counts().tolist()
