@@ -182,10 +182,10 @@ class ServingMetrics:
                 arrays.transitions += pairs.reshape(arrays.transitions.shape)
 
     def add_expert_tokens(self, counts: npt.NDArray[np.integer]) -> None:
-        """Add [L, E] routed-token counts counted elsewhere (an engine's own counters)."""
+        """Add ``counts`` [L, E] tokens per logical expert (an engine's own counters)."""
         if counts.shape != (self.layers, self.experts):
             raise ValueError(
-                f"expert counts of shape {counts.shape}, expected {(self.layers, self.experts)}"
+                f"counts of shape {counts.shape}, expected {(self.layers, self.experts)}"
             )
         with self._arrays.lock:
             self._arrays.expert_tokens += counts.astype(np.int64)

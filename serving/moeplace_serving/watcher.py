@@ -26,6 +26,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from pydantic import ValidationError
 
@@ -38,6 +39,13 @@ DATA_LINK = "..data"
 PLACEMENT_KEY = "placement.json"
 VERSION_KEY = "version"
 HASH_KEY = "hash"
+
+
+class PlacementCheck(Protocol):
+    """What the watcher asks of the serving side: raise InvalidPlacementError if it cannot
+    load ``placement`` (:class:`ServingShape`; the engine plugins' ``EngineShape``)."""
+
+    def check(self, placement: Placement) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -81,7 +89,7 @@ class PlacementWatcher:
     def __init__(
         self,
         directory: Path,
-        expect: ServingShape | None = None,
+        expect: PlacementCheck | None = None,
         poll_interval_s: float = 1.0,
         on_update: UpdateCallback | None = None,
         on_error: ErrorCallback | None = None,

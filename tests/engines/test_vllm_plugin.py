@@ -22,6 +22,7 @@ import torch.multiprocessing as mp
 from moeplace_serving.collective import LoopbackCollective
 from moeplace_serving.configdir import write_atomic
 from moeplace_serving.engines import vllm as plugin
+from moeplace_serving.engines.common import EngineShape
 from moeplace_serving.metrics import ServingMetrics
 
 from placement import MoEModelShape, Placement
@@ -66,9 +67,21 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _engine_shape() -> EngineShape:
+    return EngineShape(
+        engine="vLLM",
+        hidden_layers=LAYERS,
+        moe_layer_ids=tuple(range(LAYERS)),
+        experts=EXPERTS,
+        redundant_experts=SLOTS - EXPERTS,
+        ep_size=RANKS,
+        redundant_flag="num_redundant_experts",
+    )
+
+
 def _single_rank_source(directory: Path, metrics: ServingMetrics) -> plugin.PlacementSource:
     collective = LoopbackCollective(0, 1, port=_free_port())
-    shape = plugin.VllmShape(layers=LAYERS, experts=EXPERTS, num_gpus=RANKS, slots=SLOTS)
+    shape = _engine_shape()
     return plugin.PlacementSource(directory, shape, collective, metrics)
 
 
@@ -193,7 +206,7 @@ def _rank_main(rank: int, port: int, directory: str, plans: list[str], out: str)
     # (PIN_MEMORY, read at import); vLLM's CPU platform does not. _commit_eplb_maps reads it.
     eplb_state.PIN_MEMORY = False
     group = dist.group.WORLD
-    shape = plugin.VllmShape(layers=LAYERS, experts=EXPERTS, num_gpus=RANKS, slots=SLOTS)
+    shape = _engine_shape()
     source = plugin.PlacementSource(Path(directory), shape, TorchCollective(group=group))
     policy = plugin.policy_for(source)
     current = _trivial_map()

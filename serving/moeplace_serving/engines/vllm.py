@@ -35,14 +35,15 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-from dataclasses import dataclass
+import re
 from pathlib import Path
 from typing import Any, ClassVar
 
+from moeplace_serving.engines.common import EngineShape
 from moeplace_serving.metrics import ServingMetrics
 from moeplace_serving.switch import LockStepSwitch
-from moeplace_serving.watcher import PlacementWatcher, ServingShape
-from placement import InvalidPlacementError, Placement
+from moeplace_serving.watcher import PlacementWatcher
+from placement import Placement
 
 log = logging.getLogger(__name__)
 
@@ -53,29 +54,13 @@ FLUSH_ENV = "MOEPLACE_METRICS_FLUSH_STEPS"
 _PATCHED = "_moeplace_patched"
 
 
-@dataclass(frozen=True)
-class VllmShape(ServingShape):
-    """The serving shape plus vLLM's physical slot count (experts + num_redundant_experts)."""
-
-    slots: int = 0
-
-    def check(self, placement: Placement) -> None:
-        super().check(placement)
-        if placement.num_slots != self.slots:
-            raise InvalidPlacementError(
-                f"placement has {placement.num_slots} physical slots, vLLM serves "
-                f"{self.slots} ({self.experts} experts + "
-                f"{self.slots - self.experts} num_redundant_experts)"
-            )
-
-
 class PlacementSource:
     """This rank's watcher, lock-step switch and metrics for one vLLM model."""
 
     def __init__(
         self,
         directory: Path,
-        shape: VllmShape,
+        shape: EngineShape,
         collective: Any,
         metrics: ServingMetrics | None = None,
     ) -> None:
@@ -111,9 +96,9 @@ def policy_for(source: PlacementSource) -> type[Any]:
         ) -> Any:
             shape = cls.bound.shape
             if (weight.shape[0], weight.shape[1], num_replicas) != (
-                shape.layers,
+                len(shape.moe_layer_ids),
                 shape.experts,
-                shape.slots,
+                shape.physical_slots,
             ):
                 # another model of this engine (a speculative drafter): keep its map
                 return old_global_expert_indices
@@ -190,15 +175,18 @@ def attach(state: Any, model: Any, model_config: Any, directory: Path) -> Placem
     ``directory``: our policy, routing metrics, and the mounted placement moved in now."""
     parallel_state = importlib.import_module("vllm.distributed.parallel_state")
     ep = parallel_state.get_ep_group()
-    shape = VllmShape(
-        layers=model.num_moe_layers,
+    shape = EngineShape(
+        engine="vLLM",
+        hidden_layers=model_config.hf_text_config.num_hidden_layers,
+        moe_layer_ids=hidden_layer_ids(model),
         experts=model.num_logical_experts,
-        num_gpus=ep.world_size,
-        slots=model.num_physical_experts,
+        redundant_experts=model.num_redundant_experts,
+        ep_size=ep.world_size,
+        redundant_flag="num_redundant_experts",
     )
     metrics = ServingMetrics(
         os.environ.get(MODEL_ENV, str(model_config.model)),
-        shape.layers,
+        len(shape.moe_layer_ids),
         shape.experts,
         rank=ep.rank_in_group,
     )
@@ -214,6 +202,20 @@ def attach(state: Any, model: Any, model_config: Any, directory: Path) -> Placem
     state._moeplace_counter = ExpertTokenCounter(metrics, int(os.environ.get(FLUSH_ENV, "100")))
     move_in(state, source, ep.device_group)
     return source
+
+
+def hidden_layer_ids(model: Any) -> tuple[int, ...]:
+    """The decoder-layer index of each of vLLM's MoE layers (``model.moe_layers``, in the
+    order of vLLM's map rows), read from their ``layer_name`` (``model.layers.<i>.mlp.experts``)."""
+    ids = []
+    for layer in model.moe_layers:
+        found = re.search(r"(?:^|\.)layers\.(\d+)\.", str(layer.layer_name))
+        if found is None:
+            raise ValueError(
+                f"moeplace: cannot read a decoder layer index from {layer.layer_name!r}"
+            )
+        ids.append(int(found.group(1)))
+    return tuple(ids)
 
 
 def move_in(state: Any, source: PlacementSource, ep_group: Any) -> bool:
