@@ -173,6 +173,13 @@ def register() -> None:
 def attach(state: Any, model: Any, model_config: Any, directory: Path) -> PlacementSource:
     """Bind ``state`` (a vLLM ``EplbState`` that just added ``model``) to the placement in
     ``directory``: our policy, routing metrics, and the mounted placement moved in now."""
+    if state.is_async:
+        # the async worker calls the policy off the main thread, where our version agreement
+        # (a collective on the EP CPU group) could interleave with the main thread's
+        raise ValueError(
+            f"moeplace: {PLACEMENT_DIR_ENV} needs synchronous EPLB: "
+            "--eplb-config '{\"use_async\": false, ...}'"
+        )
     parallel_state = importlib.import_module("vllm.distributed.parallel_state")
     ep = parallel_state.get_ep_group()
     shape = EngineShape(
