@@ -1,0 +1,292 @@
+"""Closed loop through the real SGLang plugin: SGLang ranks -> Prometheus -> operator -> ConfigMap
+-> SGLang's ExpertLocationUpdater, end to end.
+
+The variant of e2e/test_closed_loop.py whose ranks run the SGLang plugin's real code path instead
+of the stand-in's: 4 rank processes (gloo, CPU), each with SGLang 0.5.23's runtime context (EP
+size 4, 8 redundant slots, static dispatch, DP attention: each rank holds its own tokens) and a
+tiny model of DeepSeek-V2-Lite's expert layout (27 layers, the first dense, 64 experts; each
+slot's weight tensor filled with the expert it holds; tests/engines/sglang_runtime.py). Per
+step, a rank replays its share of real DeepSeek-V2-Lite routing (the stand-in's trace), maps it
+to physical slots with SGLang's static dispatch (``topk_ids_logical_to_physical``) and feeds it to
+SGLang's expert distribution recorder as its select-experts hook does, then runs the plugin's
+``LivePlacement.on_forward_pass_end`` (what the registered ``ModelRunner.forward`` hook calls):
+routing counts into ``moe_expert_tokens_total`` on the rank's /metrics, the watcher, the lock-step
+switch, and SGLang's updater moving the weights. The real local cluster, Prometheus and operator
+(greedy, Prometheus load, 20 s window) and test_closed_loop's Syncer (kubelet-style ConfigMap
+copies, rank r 0.5 s after rank r-1) close the loop.
+
+Asserted: routing reached Prometheus and every token the ranks replayed was counted; all ranks
+switched to the operator's version at the same step, none refused it; each slot's weight tensor
+holds the expert the published placement names, and SGLang's dispatch sends every expert to a slot
+holding it. Printed: the time from the ConfigMap write to the switch.
+
+Run: ``.venv-engines/bin/python -m pytest -m engines e2e/test_closed_loop_engines.py -s``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("sglang")
+
+from conftest import Cluster, wait_for  # noqa: E402
+from moeplace_serving.engines import sglang as plugin  # noqa: E402
+from moeplace_serving.standin import DEFAULT_ROUTING, Trace  # noqa: E402
+from test_closed_loop import (  # noqa: E402
+    GPUS,
+    KUBELET_LAG_S,
+    NODES,
+    REDUNDANT,
+    SPEEDS,
+    TOKENS,
+    Process,
+    Syncer,
+    free_ports,
+    manifest,
+    placement_version,
+)
+
+from placement import Placement  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.append(str(ROOT / "tests" / "engines"))  # the shared SGLang setup (after e2e/)
+from sglang_runtime import TinySGLang  # noqa: E402
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.engines,
+    pytest.mark.skipif(not DEFAULT_ROUTING.exists(), reason="../shared/data is absent"),
+]
+
+RANKS = NODES * GPUS
+SGLANG = TinySGLang(
+    hidden_layers=27, dense_layers=1, experts=64, redundant=REDUNDANT, ep_size=RANKS
+)
+PROMPTS = (1, 51)  # the replayed prompt slice
+WINDOW_S = 20  # operator's load window (2 sub-windows of 10 s)
+CHECK_EVERY = 4  # forward passes between the ranks' version agreements
+STEP_S = 0.1
+
+
+def _rank_main(rank: int, port: int, metrics_port: int, model_name: str, tmp: str) -> None:
+    """One SGLang rank: replay routing through SGLang's recorder, run the plugin each pass, until
+    the test asks all ranks to stop; then write what it served to ``tmp/result-<rank>.json``."""
+    import torch.distributed as dist
+    from sglang.srt.eplb import expert_distribution
+    from sglang.srt.eplb.expert_location import (
+        ExpertLocationMetadata,
+        get_global_expert_location_metadata,
+        set_global_expert_location_metadata,
+    )
+
+    SGLANG.install(
+        rank,
+        dp_attention=True,
+        expert_distribution_recorder_mode="stat",
+        expert_distribution_recorder_buffer_size=8,
+    )
+    # its per-pass gatherer allocates on get_device(), which raises without an accelerator
+    expert_distribution.get_device = lambda: "cpu"
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=RANKS
+    )
+    trivial = ExpertLocationMetadata.init_by_mapping(None, SGLANG.trivial_rows(), moe_ep_rank=rank)
+    set_global_expert_location_metadata(trivial)
+    expert_distribution.set_global_expert_distribution_recorder(
+        expert_distribution.ExpertDistributionRecorder.init_new(trivial, rank=rank)
+    )
+    model = SGLANG.model(rank)
+    live = plugin.LivePlacement(
+        None,
+        lambda: model,
+        Path(tmp, f"rank-{rank}"),
+        check_every=CHECK_EVERY,
+        model_name=model_name,
+        metrics_port=metrics_port,
+    )
+    versions, switched_at = _serve(rank, live, Path(tmp, "stop"))
+    meta = get_global_expert_location_metadata()
+    active = live.switch.active
+    out = {
+        "versions": versions,
+        "switched_at": switched_at,
+        "events": [vars(e) for e in live.switch.events],
+        "hash": active.placement.content_hash() if active else None,
+        "weights": model.snapshot(),
+        "p2l": meta.physical_to_logical_map_cpu.tolist(),
+        "dispatch": meta.logical_to_rank_dispatch_physical_map.tolist(),
+        "counted": int(live.metrics.expert_tokens().sum()),
+        "invalid": live.metrics.reloads_invalid._value.get(),
+    }
+    Path(tmp, f"result-{rank}.json").write_text(json.dumps(out))
+    dist.destroy_process_group()
+
+
+def _serve(rank: int, live: plugin.LivePlacement, stop: Path) -> tuple[list[int], dict[int, float]]:
+    """Forward passes until rank 0 sees ``stop``: returns the version in service after each
+    pass and the wall time each version was switched to."""
+    import torch.distributed as dist
+    from sglang.srt.eplb.expert_distribution import get_global_expert_distribution_recorder
+    from sglang.srt.eplb.expert_location_dispatch import (
+        ExpertLocationDispatchInfo,
+        topk_ids_logical_to_physical,
+    )
+
+    trace, recorder = Trace(DEFAULT_ROUTING, PROMPTS), get_global_expert_distribution_recorder()
+    versions: list[int] = []
+    switched_at: dict[int, float] = {}
+    while True:
+        ids = trace.batch(len(versions), TOKENS)[1][rank::RANKS]  # this rank's tokens
+        with recorder.with_forward_pass(len(versions), None):
+            for row, hidden in enumerate(SGLANG.moe_layers):
+                with recorder.with_current_layer(hidden):
+                    logical = torch.from_numpy(ids[:, row].astype(np.int64))
+                    info = ExpertLocationDispatchInfo.init_new(hidden)
+                    recorder.on_select_experts(topk_ids=topk_ids_logical_to_physical(logical, info))
+        live.on_forward_pass_end()
+        version = live.switch.active_version
+        if not versions or version != versions[-1]:
+            switched_at[version] = time.time()
+        versions.append(version)
+        done = torch.tensor([int(rank == 0 and stop.exists())])
+        dist.all_reduce(done, op=dist.ReduceOp.MAX)
+        if done.item():
+            return versions, switched_at
+        time.sleep(STEP_S)
+
+
+@pytest.fixture
+def loop(cluster: Cluster, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """Namespace, kwok nodes, operator, SGLang ranks scraped by Prometheus, syncer."""
+    namespace = f"sgl-{uuid.uuid4().hex[:6]}"
+    model = f"lite-{namespace}"
+    cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds/moedeployment.yaml"))
+    cluster.kubectl(
+        "wait", "--for=condition=Established", "crd/moedeployments.moeplace.io", "--timeout=60s"
+    )
+    cluster.kubectl("create", "namespace", namespace)
+    cluster.make_nodes(NODES, GPUS, speeds=SPEEDS, pool=namespace, prefix=namespace)
+    ports = free_ports(RANKS + 3)
+    paths = os.pathsep.join(str(ROOT / d) for d in ("", "operator", "serving"))
+    operator = Process(
+        [sys.executable, "-m", "moeplace_operator"],
+        {**cluster.env, "PYTHONPATH": paths, "MOEPLACE_METRICS_PORT": str(ports + RANKS + 1),
+         "MOEPLACE_NAMESPACES": namespace,
+         "MOEPLACE_LIVENESS_ENDPOINT": f"http://127.0.0.1:{ports + RANKS + 2}/healthz"},
+        tmp_path / "operator.log",
+    )  # fmt: skip
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    ranks = torch.multiprocessing.spawn(
+        _rank_main,
+        args=(ports + RANKS, ports, model, str(tmp_path)),
+        nprocs=RANKS,
+        join=False,
+    )
+    job = f"sglang-{namespace}"
+    cluster.add_scrape_target(job, [f"127.0.0.1:{ports + r}" for r in range(RANKS)])
+    dirs = [tmp_path / f"rank-{rank}" for rank in range(RANKS)]
+    syncer = Syncer(cluster, namespace, "lite-placement", dirs)
+    syncer.start()
+    try:
+        yield {
+            "namespace": namespace, "model": model, "tmp": tmp_path, "ranks": ranks,
+            "syncer": syncer,
+        }  # fmt: skip
+    finally:
+        syncer.stop.set()
+        (tmp_path / "stop").touch()
+        _join(ranks, timeout=60)
+        cluster.kubectl(  # while the operator runs, so its finalizer is released
+            "delete", "moed", "--all", "-n", namespace, "--timeout=60s", check=False
+        )
+        operator.stop()
+        cluster.remove_scrape_target(job)
+        cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+        cluster.delete_nodes(pool=namespace)
+        tail = operator.log.read_text(errors="replace").splitlines()[-15:]
+        print("--- operator.log (tail)\n" + "\n".join(tail))
+
+
+def _join(ranks: Any, timeout: float) -> None:
+    """Wait for the rank processes; terminate those still running after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    try:
+        while not ranks.join(timeout=1):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the SGLang ranks did not stop within {timeout} s")
+    finally:
+        for proc in ranks.processes:
+            if proc.is_alive():
+                proc.terminate()
+
+
+def test_closed_loop_through_the_sglang_plugin(cluster: Cluster, loop: dict[str, Any]) -> None:
+    namespace, model, tmp, ranks = loop["namespace"], loop["model"], loop["tmp"], loop["ranks"]
+    started = time.monotonic()
+    # 1. the ranks' routing, counted by SGLang's recorder, reaches Prometheus; the window fills
+    routed = f'sum(rate(moe_expert_tokens_total{{model="{model}"}}[5s])) > 0'
+    # (join(0) raises at once if a rank process failed)
+    wait_for("routing in Prometheus", lambda: not ranks.join(0) and cluster.prom_query(routed), 120)
+    time.sleep(WINDOW_S)
+    # 2. the operator solves on it and publishes; the syncer delivers it to every rank
+    spec = manifest(namespace, model, cluster.prometheus_url)
+    spec["spec"]["load"]["prometheus"]["window"] = f"{WINDOW_S}s"
+    cluster.kubectl("apply", "--server-side", "-f", "-", input=json.dumps(spec))
+    wait_for("the operator's placement", lambda: placement_version(cluster, namespace), 120)
+    written = time.time()  # polled every 0.2 s: the ConfigMap's write, 0.2 s at most before
+    syncer = loop["syncer"]
+    wait_for("the syncer's copies", lambda: syncer.seen, 10)
+    time.sleep(RANKS * KUBELET_LAG_S + 2 * CHECK_EVERY * STEP_S + 1)  # copies, then agreements
+    syncer.stop.set()
+    syncer.join()
+    delivered = list(syncer.seen.values())[-1]  # the last version every rank got
+    version = int(delivered["version"])
+    published = Placement.model_validate_json(delivered["placement.json"])
+    time.sleep(2 * CHECK_EVERY * STEP_S + 1)
+    (tmp / "stop").touch()
+    _join(ranks, timeout=60)
+    results = [json.loads((tmp / f"result-{r}.json").read_text()) for r in range(RANKS)]
+    # 3. all ranks on the operator's version, switched at the same pass, nothing refused
+    events = [[(e["step"], e["new_version"]) for e in res["events"]] for res in results]
+    print(f"\nswitches per rank (pass, version): {events}")
+    assert all(res["versions"][-1] == version for res in results)
+    assert all(ev == events[0] for ev in events) and events[0][-1][1] == version
+    assert all(res["hash"] == published.content_hash() for res in results)
+    assert [res["invalid"] for res in results] == pytest.approx([0.0] * RANKS)
+    # 4. SGLang's updater put each expert in the slots the placement names; dispatch agrees
+    S = SGLANG.slots_per_rank
+    for rank, res in enumerate(results):
+        mine = published.table[:, rank * S : (rank + 1) * S]
+        for row, hidden in enumerate(SGLANG.moe_layers):
+            weights, ids = res["weights"][str(hidden)]
+            assert np.array_equal(np.asarray(weights), np.repeat(mine[row][:, None], 4, axis=1))
+            assert ids == mine[row].tolist()
+        p2l, dispatch = np.asarray(res["p2l"]), np.asarray(res["dispatch"])
+        assert np.array_equal(p2l[SGLANG.dense_layers :], published.table)
+        for hidden in SGLANG.moe_layers:
+            assert np.array_equal(p2l[hidden, dispatch[hidden]], np.arange(SGLANG.experts))
+    # 5. every replayed (token, expert) pair was counted once, across the ranks
+    passes = len(results[0]["versions"])
+    top_k = Trace(DEFAULT_ROUTING, PROMPTS).shape[1]
+    counted = sum(res["counted"] for res in results)
+    assert counted == passes * TOKENS * len(SGLANG.moe_layers) * top_k
+    switch = max(res["switched_at"][str(version)] for res in results)
+    print(
+        f"operator's v{version} ({published.strategy}): from the ConfigMap write to the switch "
+        f"of all {RANKS} ranks (at pass {events[0][-1][0]}) {switch - written:.1f} s "
+        f"(kubelet lag {RANKS - 1} x 0.5 s, agreement every {CHECK_EVERY} passes of "
+        f"{STEP_S} s; updater {max(res['events'][-1]['move_s'] for res in results) * 1e3:.0f} "
+        f"ms); {passes} passes, {counted} routed pairs counted; "
+        f"{time.monotonic() - started:.0f} s"
+    )
