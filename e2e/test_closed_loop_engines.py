@@ -5,7 +5,8 @@ The variant of e2e/test_closed_loop.py whose ranks run the SGLang plugin's real 
 of the stand-in's: 4 rank processes (gloo, CPU), each with SGLang 0.5.23's runtime context (EP
 size 4, 8 redundant slots, static dispatch, DP attention: each rank holds its own tokens) and a
 tiny model of DeepSeek-V2-Lite's expert layout (27 layers, the first dense, 64 experts; each
-slot's weight tensor filled with the expert it holds; tests/engines/sglang_runtime.py). Per
+slot's weight tensor filled with the expert it holds; tests/engines/sglang_runtime.py; the rank
+processes: e2e/sglang_ranks.py). Per
 step, a rank replays its share of real DeepSeek-V2-Lite routing (the stand-in's trace), maps it
 to physical slots with SGLang's static dispatch (``topk_ids_logical_to_physical``) and feeds it to
 SGLang's expert distribution recorder as its select-experts hook does, then runs the plugin's
@@ -40,9 +41,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("sglang")
 
+import sglang_ranks  # noqa: E402
 from conftest import Cluster, wait_for  # noqa: E402
-from moeplace_serving.engines import sglang as plugin  # noqa: E402
 from moeplace_serving.standin import DEFAULT_ROUTING, Trace  # noqa: E402
+from sglang_ranks import RankRun, TinySGLang  # noqa: E402
 from test_closed_loop import (  # noqa: E402
     GPUS,
     KUBELET_LAG_S,
@@ -60,8 +62,6 @@ from test_closed_loop import (  # noqa: E402
 from placement import Placement  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.append(str(ROOT / "tests" / "engines"))  # the shared SGLang setup (after e2e/)
-from sglang_runtime import TinySGLang  # noqa: E402
 
 pytestmark = [
     pytest.mark.e2e,
@@ -77,93 +77,6 @@ PROMPTS = (1, 51)  # the replayed prompt slice
 WINDOW_S = 20  # operator's load window (2 sub-windows of 10 s)
 CHECK_EVERY = 4  # forward passes between the ranks' version agreements
 STEP_S = 0.1
-
-
-def _rank_main(rank: int, port: int, metrics_port: int, model_name: str, tmp: str) -> None:
-    """One SGLang rank: replay routing through SGLang's recorder, run the plugin each pass, until
-    the test asks all ranks to stop; then write what it served to ``tmp/result-<rank>.json``."""
-    import torch.distributed as dist
-    from sglang.srt.eplb import expert_distribution
-    from sglang.srt.eplb.expert_location import (
-        ExpertLocationMetadata,
-        get_global_expert_location_metadata,
-        set_global_expert_location_metadata,
-    )
-
-    SGLANG.install(
-        rank,
-        dp_attention=True,
-        expert_distribution_recorder_mode="stat",
-        expert_distribution_recorder_buffer_size=8,
-    )
-    # its per-pass gatherer allocates on get_device(), which raises without an accelerator
-    expert_distribution.get_device = lambda: "cpu"
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=RANKS
-    )
-    trivial = ExpertLocationMetadata.init_by_mapping(None, SGLANG.trivial_rows(), moe_ep_rank=rank)
-    set_global_expert_location_metadata(trivial)
-    expert_distribution.set_global_expert_distribution_recorder(
-        expert_distribution.ExpertDistributionRecorder.init_new(trivial, rank=rank)
-    )
-    model = SGLANG.model(rank)
-    live = plugin.LivePlacement(
-        None,
-        lambda: model,
-        Path(tmp, f"rank-{rank}"),
-        check_every=CHECK_EVERY,
-        model_name=model_name,
-        metrics_port=metrics_port,
-    )
-    versions, switched_at = _serve(rank, live, Path(tmp, "stop"))
-    meta = get_global_expert_location_metadata()
-    active = live.switch.active
-    out = {
-        "versions": versions,
-        "switched_at": switched_at,
-        "events": [vars(e) for e in live.switch.events],
-        "hash": active.placement.content_hash() if active else None,
-        "weights": model.snapshot(),
-        "p2l": meta.physical_to_logical_map_cpu.tolist(),
-        "dispatch": meta.logical_to_rank_dispatch_physical_map.tolist(),
-        "counted": int(live.metrics.expert_tokens().sum()),
-        "invalid": live.metrics.reloads_invalid._value.get(),
-    }
-    Path(tmp, f"result-{rank}.json").write_text(json.dumps(out))
-    dist.destroy_process_group()
-
-
-def _serve(rank: int, live: plugin.LivePlacement, stop: Path) -> tuple[list[int], dict[int, float]]:
-    """Forward passes until rank 0 sees ``stop``: returns the version in service after each
-    pass and the wall time each version was switched to."""
-    import torch.distributed as dist
-    from sglang.srt.eplb.expert_distribution import get_global_expert_distribution_recorder
-    from sglang.srt.eplb.expert_location_dispatch import (
-        ExpertLocationDispatchInfo,
-        topk_ids_logical_to_physical,
-    )
-
-    trace, recorder = Trace(DEFAULT_ROUTING, PROMPTS), get_global_expert_distribution_recorder()
-    versions: list[int] = []
-    switched_at: dict[int, float] = {}
-    while True:
-        ids = trace.batch(len(versions), TOKENS)[1][rank::RANKS]  # this rank's tokens
-        with recorder.with_forward_pass(len(versions), None):
-            for row, hidden in enumerate(SGLANG.moe_layers):
-                with recorder.with_current_layer(hidden):
-                    logical = torch.from_numpy(ids[:, row].astype(np.int64))
-                    info = ExpertLocationDispatchInfo.init_new(hidden)
-                    recorder.on_select_experts(topk_ids=topk_ids_logical_to_physical(logical, info))
-        live.on_forward_pass_end()
-        version = live.switch.active_version
-        if not versions or version != versions[-1]:
-            switched_at[version] = time.time()
-        versions.append(version)
-        done = torch.tensor([int(rank == 0 and stop.exists())])
-        dist.all_reduce(done, op=dist.ReduceOp.MAX)
-        if done.item():
-            return versions, switched_at
-        time.sleep(STEP_S)
 
 
 @pytest.fixture
@@ -187,9 +100,12 @@ def loop(cluster: Cluster, tmp_path: Path) -> Iterator[dict[str, Any]]:
         tmp_path / "operator.log",
     )  # fmt: skip
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    run = RankRun(
+        SGLANG, PROMPTS, TOKENS, CHECK_EVERY, STEP_S, ports + RANKS, ports, model, str(tmp_path)
+    )
     ranks = torch.multiprocessing.spawn(
-        _rank_main,
-        args=(ports + RANKS, ports, model, str(tmp_path)),
+        sglang_ranks.main,
+        args=(run,),
         nprocs=RANKS,
         join=False,
     )
