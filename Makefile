@@ -71,7 +71,7 @@ engines-venv:
 	tools/engines-venv.sh
 
 engines-test: engines-venv
-	.venv-engines/bin/python -m pytest -m engines tests/engines
+	.venv-engines/bin/python -m pytest -m engines tests/engines e2e/test_closed_loop_engines.py
 
 # The demo script (e2e/demo.py) creates its kwok GPU nodes, the CRD, the operator and one
 # MoEDeployment, prints the placement and removes them; then the closed loop (serving stand-in

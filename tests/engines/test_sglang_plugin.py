@@ -2,13 +2,9 @@
 ExpertLocationMetadata and static dispatch table, and ExpertLocationUpdater moving expert weights
 between 4 rank processes over gloo on CPU.
 
-SGLang's runtime context is set up as its tests do (``get_context().override_server_args``, a
-dummy ServerArgs with our fields; ``get_parallel().override_permanently`` for the rank). The one
-stand-in is the model: ``ModelConfigForExpertLocation.from_model_config`` (which would import
-the model's architecture class and its GPU kernels) returns SGLang's own
-``ModelConfigForExpertLocation`` of a 4-layer model (1 dense + 3 MoE, 8 experts), and the model
-is an object holding ``routed_experts_weights_of_layer`` like SGLang's MoE models do, each
-expert's weights a tensor filled with its expert id.
+SGLang's runtime context and the one stand-in, the model (a 4-layer model: 1 dense + 3 MoE,
+8 experts, each expert's weights a tensor filled with its expert id), are set up by
+``sglang_runtime.TinySGLang`` (shared with e2e/test_closed_loop_engines.py).
 """
 
 from __future__ import annotations
@@ -26,6 +22,7 @@ import pytest
 import torch
 from moeplace_serving.configdir import write_atomic
 from moeplace_serving.engines import sglang as plugin
+from sglang_runtime import TinySGLang
 
 from placement import InvalidPlacementError, MoEModelShape, Placement
 from placement.formats import to_sglang
@@ -37,42 +34,15 @@ P = E + REDUNDANT
 S = P // G
 MOE_LAYERS = list(range(DENSE, HIDDEN))
 MODEL = MoEModelShape(moe_layers=len(MOE_LAYERS), experts=E, dense_layers_before=DENSE)
+SGLANG = TinySGLang(
+    hidden_layers=HIDDEN, dense_layers=DENSE, experts=E, redundant=REDUNDANT, ep_size=G
+)
 
 
 def moved_placement() -> Placement:
     """Every layer differs from the trivial start (slot s holds s % E) on every GPU."""
     rows = [[(s * 5 + layer) % E for s in range(P)] for layer in range(len(MOE_LAYERS))]
     return Placement.from_table(rows, MODEL, G, "test")
-
-
-def install_sglang(rank: int = 0, a2a: str = "none") -> None:
-    """SGLang's runtime context for EP size 4 on CPU, this process as ``rank``."""
-    from sglang.srt.eplb import expert_location
-    from sglang.srt.runtime_context import get_context, get_parallel
-
-    get_context().override_server_args(
-        tp_size=G,
-        ep_size=G,
-        ep_num_redundant_experts=REDUNDANT,
-        device="cpu",
-        ep_dispatch_algorithm="static",
-        moe_a2a_backend=a2a,
-    ).install()
-    get_parallel().override_permanently(tp_rank=rank, attn_tp_rank=rank, moe_ep_rank=rank)
-    config = expert_location.ModelConfigForExpertLocation(num_layers=HIDDEN, num_logical_experts=E)
-    expert_location.ModelConfigForExpertLocation.from_model_config = staticmethod(  # type: ignore[method-assign]
-        lambda _model_config: config
-    )
-
-
-class TinyMoE:
-    """What SGLang's updater moves: {hidden layer: [weights [slots, 4], ids [slots]]}."""
-
-    def __init__(self, rank: int) -> None:
-        experts = torch.tensor([s % E for s in range(rank * S, (rank + 1) * S)])
-        self.routed_experts_weights_of_layer = {
-            h: [experts[:, None].repeat(1, 4).float(), experts.clone()] for h in MOE_LAYERS
-        }
 
 
 def test_init_expert_location_file_loads_for_every_rank(tmp_path: Path) -> None:
@@ -84,7 +54,7 @@ def test_init_expert_location_file_loads_for_every_rank(tmp_path: Path) -> None:
     placement = moved_placement()
     path = tmp_path / "sglang.json"
     path.write_text(json.dumps(to_sglang(placement, HIDDEN)))
-    install_sglang()
+    SGLANG.install()
     for rank in range(G):
         get_context().override("test", init_expert_location=str(path))
         meta = compute_initial_expert_location_metadata(None, moe_ep_rank=rank)
@@ -98,7 +68,7 @@ def test_init_expert_location_file_loads_for_every_rank(tmp_path: Path) -> None:
 
 def test_shape_refuses_what_sglang_would_misread() -> None:
     """(c) the 26-rows-for-27-layers case, slots != experts + redundant, EP size; and DeepEP."""
-    install_sglang()
+    SGLANG.install()
     shape = plugin.sglang_shape(None, MOE_LAYERS)
     no_dense = MoEModelShape(moe_layers=HIDDEN - DENSE, experts=E)
     cases = {
@@ -112,7 +82,7 @@ def test_shape_refuses_what_sglang_would_misread() -> None:
         with pytest.raises(InvalidPlacementError, match=re.escape(words)):
             shape.check(bad)
     assert shape.same_gpu_copies_ok
-    install_sglang(a2a="deepep")
+    SGLANG.install(a2a="deepep")
     assert not plugin.sglang_shape(None, MOE_LAYERS).same_gpu_copies_ok
 
 
@@ -142,7 +112,7 @@ def test_routing_counts_from_sglangs_recorder(monkeypatch: pytest.MonkeyPatch) -
     from sglang.srt.eplb.expert_location import ExpertLocationMetadata
     from sglang.srt.runtime_context import get_context
 
-    install_sglang()
+    SGLANG.install()
     get_context().override(
         "test", expert_distribution_recorder_mode="stat", expert_distribution_recorder_buffer_size=8
     )
@@ -179,19 +149,16 @@ def _rank_main(rank: int, port: int, directory: str, results: str) -> None:
         set_global_expert_location_metadata,
     )
 
-    install_sglang(rank)
+    SGLANG.install(rank)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=G)
-    trivial = [[s % E for s in range(P)]] * HIDDEN
     set_global_expert_location_metadata(
-        ExpertLocationMetadata.init_by_mapping(None, trivial, moe_ep_rank=rank)
+        ExpertLocationMetadata.init_by_mapping(None, SGLANG.trivial_rows(), moe_ep_rank=rank)
     )
-    model = TinyMoE(rank)
+    model = SGLANG.model(rank)
     live = plugin.LivePlacement(None, lambda: model, Path(directory), check_every=1)
     for _ in range(2):
         live.on_forward_pass_end()
-    after_v1 = {
-        h: [t.tolist() for t in ts] for h, ts in model.routed_experts_weights_of_layer.items()
-    }
+    after_v1 = model.snapshot()
     active_v1 = live.switch.active_version
     if rank == 0:
         bad = Placement.from_table([[s % E for s in range(16)]] * 3, MODEL, G, "bad")
@@ -204,9 +171,7 @@ def _rank_main(rank: int, port: int, directory: str, results: str) -> None:
         "after_v1": after_v1,
         "active_v1": active_v1,
         "active_end": live.switch.active_version,
-        "weights_end": {
-            h: [t.tolist() for t in ts] for h, ts in model.routed_experts_weights_of_layer.items()
-        },
+        "weights_end": model.snapshot(),
         "p2l_end": meta.physical_to_logical_map_cpu.tolist(),
         "dispatch_end": meta.logical_to_rank_dispatch_physical_map.tolist(),
         "invalid": live.metrics.reloads_invalid._value.get(),
