@@ -102,7 +102,8 @@ def parse_range_result(
     series: list[dict[str, Any]], model: ModelSpec, layer_offset: int, samples: int
 ) -> FloatArray:
     """Prometheus matrix -> [K, L, E]; the K most recent points of each series, missing points
-    and out-of-shape labels ignored (zero)."""
+    and out-of-shape labels ignored (zero). A NaN, infinite or negative point is refused
+    (``BadLoadSeries``): counting it as zero would move experts on a broken query."""
     out = np.zeros((samples, model.moe_layers, model.experts_per_layer), dtype=np.float64)
     for one in series:
         labels = one.get("metric", {})
@@ -113,9 +114,14 @@ def parse_range_result(
             continue
         if not (0 <= layer < model.moe_layers and 0 <= expert < model.experts_per_layer):
             continue
-        values = [float(v) for _, v in one.get("values", [])][-samples:]
-        for k, value in enumerate(values, start=samples - len(values)):
-            out[k, layer, expert] = value if np.isfinite(value) else 0.0
+        values = np.array([float(v) for _, v in one.get("values", [])][-samples:])
+        if not (np.isfinite(values) & (values >= 0)).all():
+            raise MetricsUnavailableError(
+                "BadLoadSeries",
+                f"load query: the series of layer {layer + layer_offset}, expert {expert} "
+                "holds NaN, infinite or negative points (token counts must be finite and >= 0)",
+            )
+        out[samples - len(values) :, layer, expert] = values
     return out
 
 
@@ -397,6 +403,12 @@ def parse_load_csv(text: str, model: ModelSpec) -> FloatArray:
                 "BadLoadCSV",
                 f"row (layer {layer}, expert {expert}) is outside the model shape "
                 f"{model.moe_layers}x{model.experts_per_layer}",
+            )
+        if not (np.isfinite(count) and count >= 0):
+            raise MetricsUnavailableError(
+                "BadLoadCSV",
+                f"row (layer {layer}, expert {expert}) has count {count}: counts must be "
+                "finite and >= 0",
             )
         load[layer - first, expert] += count
     return load

@@ -58,6 +58,14 @@ def test_range_result_to_samples() -> None:
     assert samples.sum() == 15
 
 
+@pytest.mark.parametrize("bad", ["NaN", "+Inf", "-3"])
+def test_range_result_refuses_nan_infinite_or_negative_points(bad: str) -> None:
+    series = [{"metric": {"layer": "1", "expert": "2"}, "values": [[0, "5"], [1, bad]]}]
+    with pytest.raises(MetricsUnavailableError, match="layer 1, expert 2 holds NaN") as error:
+        parse_range_result(series, MODEL, layer_offset=1, samples=2)
+    assert error.value.reason == "BadLoadSeries"
+
+
 def test_load_csv() -> None:
     text = "moe_layer_index,expert_id,count\n1,0,4\n1,2,1\n2,1,9\n"
     assert parse_load_csv(text, MODEL).tolist() == [[4, 0, 1], [0, 9, 0]]
@@ -65,6 +73,9 @@ def test_load_csv() -> None:
         parse_load_csv("moe_layer_index,expert_id,count\n1,5,1\n", MODEL)
     with pytest.raises(MetricsUnavailableError, match="columns"):
         parse_load_csv("layer,expert\n1,2\n", MODEL)
+    for bad in ("nan", "inf", "-1"):
+        with pytest.raises(MetricsUnavailableError, match="must be finite and >= 0"):
+            parse_load_csv(f"moe_layer_index,expert_id,count\n1,0,4\n1,2,{bad}\n", MODEL)
 
 
 @pytest.mark.skipif(not REAL_CSV.exists(), reason="../shared/data absent")
