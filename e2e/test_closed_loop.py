@@ -23,6 +23,7 @@ Run: ``pytest -m e2e e2e/test_closed_loop.py -s`` (about 2.5 minutes).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -35,6 +36,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -155,11 +157,23 @@ def batch_counts(prompts: tuple[int, int], steps: list[int]) -> np.ndarray:
     return counts
 
 
-@pytest.fixture
-def loop(cluster: Cluster, tmp_path: Path) -> Iterator[dict[str, Any]]:
-    """Namespace, kwok nodes, operator, stand-in ranks scraped by Prometheus, syncer."""
-    namespace = f"loop-{uuid.uuid4().hex[:6]}"
-    model = f"lite-{namespace}"
+@dataclass(frozen=True)
+class Scenario:
+    """A namespace of its own with kwok GPU nodes (pool = namespace) and the operator watching
+    it; ``ports`` is the first of RANKS + 3 free ports (ranks, collective, operator x2)."""
+
+    namespace: str
+    model: str
+    ports: int
+    env: dict[str, str]
+    operator: Process
+
+
+@contextlib.contextmanager
+def operator_scenario(cluster: Cluster, tmp_path: Path, prefix: str) -> Iterator[Scenario]:
+    """The CRD, a namespace, its nodes and the operator; removed again afterwards (the
+    MoEDeployments first, while the operator runs, so their finalizer is released)."""
+    namespace = f"{prefix}-{uuid.uuid4().hex[:6]}"
     cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds/moedeployment.yaml"))
     cluster.kubectl(
         "wait", "--for=condition=Established", "crd/moedeployments.moeplace.io", "--timeout=60s"
@@ -175,42 +189,50 @@ def loop(cluster: Cluster, tmp_path: Path) -> Iterator[dict[str, Any]]:
                "MOEPLACE_LIVENESS_ENDPOINT": f"http://127.0.0.1:{ports + RANKS + 2}/healthz"},
         tmp_path / "operator.log",
     )  # fmt: skip
-    dirs = [tmp_path / f"rank-{rank}" for rank in range(RANKS)]
-    speeds = ",".join(str(s) for row in SPEEDS for s in row)  # slot order: node, then GPU
-    standin = Process(
-        [sys.executable, "-m", "moeplace_serving.standin", "--ranks", str(RANKS),
-         "--speeds", speeds, "--placement-dir", str(tmp_path / "rank-{rank}"),
-         "--prompts", "{}:{}".format(*BEFORE), "--shift-prompts", "{}:{}".format(*AFTER),
-         "--shift-file", str(tmp_path / "shift"), "--tokens", str(TOKENS),
-         "--dispatch", "alternate", "--slots-per-rank", str(SLOTS), "--model", model,
-         "--metrics-port", str(ports),
-         "--collective-port", str(ports + RANKS), "--poll-interval", "0.2",
-         "--step-interval", "0.1", "--report", str(tmp_path / "report.jsonl")],
-        env | {"OMP_NUM_THREADS": "1"},
-        tmp_path / "standin.log",
-    )  # fmt: skip
-    job = f"standin-{namespace}"
-    cluster.add_scrape_target(job, [f"127.0.0.1:{ports + r}" for r in range(RANKS)])
-    syncer = Syncer(cluster, namespace, "lite-placement", dirs)
-    syncer.start()
     try:
-        yield {
-            "namespace": namespace, "model": model, "metrics": ports, "tmp": tmp_path,
-            "syncer": syncer, "report": tmp_path / "report.jsonl",
-        }  # fmt: skip
+        yield Scenario(namespace, f"lite-{namespace}", ports, env, operator)
     finally:
-        syncer.stop.set()
-        standin.stop()
-        cluster.kubectl(  # while the operator runs, so its finalizer is released
-            "delete", "moed", "--all", "-n", namespace, "--timeout=60s", check=False
-        )
+        cluster.kubectl("delete", "moed", "--all", "-n", namespace, "--timeout=60s", check=False)
         operator.stop()
-        cluster.remove_scrape_target(job)
         cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
         cluster.delete_nodes(pool=namespace)
-        for log in (standin.log, operator.log):
-            tail = log.read_text(errors="replace").splitlines()[-25:]
-            print(f"--- {log.name} (tail)\n" + "\n".join(tail))
+
+
+@pytest.fixture
+def loop(cluster: Cluster, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """Namespace, kwok nodes, operator, stand-in ranks scraped by Prometheus, syncer."""
+    with operator_scenario(cluster, tmp_path, "loop") as scenario:
+        namespace, model, ports = scenario.namespace, scenario.model, scenario.ports
+        dirs = [tmp_path / f"rank-{rank}" for rank in range(RANKS)]
+        speeds = ",".join(str(s) for row in SPEEDS for s in row)  # slot order: node, then GPU
+        standin = Process(
+            [sys.executable, "-m", "moeplace_serving.standin", "--ranks", str(RANKS),
+             "--speeds", speeds, "--placement-dir", str(tmp_path / "rank-{rank}"),
+             "--prompts", "{}:{}".format(*BEFORE), "--shift-prompts", "{}:{}".format(*AFTER),
+             "--shift-file", str(tmp_path / "shift"), "--tokens", str(TOKENS),
+             "--dispatch", "alternate", "--slots-per-rank", str(SLOTS), "--model", model,
+             "--metrics-port", str(ports),
+             "--collective-port", str(ports + RANKS), "--poll-interval", "0.2",
+             "--step-interval", "0.1", "--report", str(tmp_path / "report.jsonl")],
+            scenario.env | {"OMP_NUM_THREADS": "1"},
+            tmp_path / "standin.log",
+        )  # fmt: skip
+        job = f"standin-{namespace}"
+        cluster.add_scrape_target(job, [f"127.0.0.1:{ports + r}" for r in range(RANKS)])
+        syncer = Syncer(cluster, namespace, "lite-placement", dirs)
+        syncer.start()
+        try:
+            yield {
+                "namespace": namespace, "model": model, "metrics": ports, "tmp": tmp_path,
+                "syncer": syncer, "report": tmp_path / "report.jsonl",
+            }  # fmt: skip
+        finally:
+            syncer.stop.set()
+            standin.stop()
+            cluster.remove_scrape_target(job)
+    for log in (standin.log, scenario.operator.log):
+        tail = log.read_text(errors="replace").splitlines()[-25:]
+        print(f"--- {log.name} (tail)\n" + "\n".join(tail))
 
 
 def manifest(namespace: str, model: str, prometheus_url: str) -> dict[str, Any]:

@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -50,12 +48,10 @@ from test_closed_loop import (  # noqa: E402
     KUBELET_LAG_S,
     NODES,
     REDUNDANT,
-    SPEEDS,
     TOKENS,
-    Process,
     Syncer,
-    free_ports,
     manifest,
+    operator_scenario,
     placement_version,
 )
 
@@ -82,56 +78,35 @@ STEP_S = 0.1
 @pytest.fixture
 def loop(cluster: Cluster, tmp_path: Path) -> Iterator[dict[str, Any]]:
     """Namespace, kwok nodes, operator, SGLang ranks scraped by Prometheus, syncer."""
-    namespace = f"sgl-{uuid.uuid4().hex[:6]}"
-    model = f"lite-{namespace}"
-    cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds/moedeployment.yaml"))
-    cluster.kubectl(
-        "wait", "--for=condition=Established", "crd/moedeployments.moeplace.io", "--timeout=60s"
-    )
-    cluster.kubectl("create", "namespace", namespace)
-    cluster.make_nodes(NODES, GPUS, speeds=SPEEDS, pool=namespace, prefix=namespace)
-    ports = free_ports(RANKS + 3)
-    paths = os.pathsep.join(str(ROOT / d) for d in ("", "operator", "serving"))
-    operator = Process(
-        [sys.executable, "-m", "moeplace_operator"],
-        {**cluster.env, "PYTHONPATH": paths, "MOEPLACE_METRICS_PORT": str(ports + RANKS + 1),
-         "MOEPLACE_NAMESPACES": namespace,
-         "MOEPLACE_LIVENESS_ENDPOINT": f"http://127.0.0.1:{ports + RANKS + 2}/healthz"},
-        tmp_path / "operator.log",
-    )  # fmt: skip
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    run = RankRun(
-        SGLANG, PROMPTS, TOKENS, CHECK_EVERY, STEP_S, ports + RANKS, ports, model, str(tmp_path)
-    )
-    ranks = torch.multiprocessing.spawn(
-        sglang_ranks.main,
-        args=(run,),
-        nprocs=RANKS,
-        join=False,
-    )
-    job = f"sglang-{namespace}"
-    cluster.add_scrape_target(job, [f"127.0.0.1:{ports + r}" for r in range(RANKS)])
-    dirs = [tmp_path / f"rank-{rank}" for rank in range(RANKS)]
-    syncer = Syncer(cluster, namespace, "lite-placement", dirs)
-    syncer.start()
-    try:
-        yield {
-            "namespace": namespace, "model": model, "tmp": tmp_path, "ranks": ranks,
-            "syncer": syncer,
-        }  # fmt: skip
-    finally:
-        syncer.stop.set()
-        (tmp_path / "stop").touch()
-        _join(ranks, timeout=60)
-        cluster.kubectl(  # while the operator runs, so its finalizer is released
-            "delete", "moed", "--all", "-n", namespace, "--timeout=60s", check=False
+    with operator_scenario(cluster, tmp_path, "sgl") as scenario:
+        namespace, model, ports = scenario.namespace, scenario.model, scenario.ports
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        run = RankRun(
+            SGLANG, PROMPTS, TOKENS, CHECK_EVERY, STEP_S, ports + RANKS, ports, model, str(tmp_path)
         )
-        operator.stop()
-        cluster.remove_scrape_target(job)
-        cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
-        cluster.delete_nodes(pool=namespace)
-        tail = operator.log.read_text(errors="replace").splitlines()[-15:]
-        print("--- operator.log (tail)\n" + "\n".join(tail))
+        ranks = torch.multiprocessing.spawn(
+            sglang_ranks.main,
+            args=(run,),
+            nprocs=RANKS,
+            join=False,
+        )
+        job = f"sglang-{namespace}"
+        cluster.add_scrape_target(job, [f"127.0.0.1:{ports + r}" for r in range(RANKS)])
+        dirs = [tmp_path / f"rank-{rank}" for rank in range(RANKS)]
+        syncer = Syncer(cluster, namespace, "lite-placement", dirs)
+        syncer.start()
+        try:
+            yield {
+                "namespace": namespace, "model": model, "tmp": tmp_path, "ranks": ranks,
+                "syncer": syncer,
+            }  # fmt: skip
+        finally:
+            syncer.stop.set()
+            (tmp_path / "stop").touch()
+            _join(ranks, timeout=60)
+            cluster.remove_scrape_target(job)
+    tail = scenario.operator.log.read_text(errors="replace").splitlines()[-15:]
+    print("--- operator.log (tail)\n" + "\n".join(tail))
 
 
 def _join(ranks: Any, timeout: float) -> None:
