@@ -143,11 +143,10 @@ def rebalance_experts(
     ``hierarchical=None`` decides as DeepSeek's eplb.py and vLLM do: hierarchical when
     ``num_groups % num_nodes == 0``, else global (one group, one node); SGLang passes it
     explicitly. Bad shapes raise ValueError (DeepSeek asserts)."""
-    w = np.asarray(weight, dtype=np.float32)
     phy2log, rank, logcnt = replicas_and_ranks(
-        w, num_replicas, num_groups, num_nodes, num_gpus, hierarchical
+        weight, num_replicas, num_groups, num_nodes, num_gpus, hierarchical
     )
-    return phy2log, log2phy_table(phy2log, w.shape[1], rank)[0], logcnt
+    return phy2log, log2phy_table(phy2log, logcnt.shape[1], rank)[0], logcnt
 
 
 def replicas_and_ranks(

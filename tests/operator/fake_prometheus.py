@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import ssl
+from datetime import datetime
 from typing import Any
 
 
@@ -74,3 +75,14 @@ class FakePrometheus:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def load_matrix(now: datetime) -> list[dict[str, Any]]:
+    """A steady range answer: 2 layers x 4 experts, 100 tokens in each of three 10-minute
+    sub-windows ending at ``now``."""
+    points = [[now.timestamp() - 600 * k, "100"] for k in range(3)]
+    return [
+        {"metric": {"layer": str(layer), "expert": str(e)}, "values": points}
+        for layer in range(2)
+        for e in range(4)
+    ]

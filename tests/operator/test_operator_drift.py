@@ -13,7 +13,7 @@ from typing import Any
 import kopf
 import numpy as np
 import pytest
-from fake_prometheus import FakePrometheus
+from fake_prometheus import FakePrometheus, load_matrix
 from moeplace_operator.loadsource import (
     MetricsUnavailableError,
     PrometheusSource,
@@ -100,15 +100,6 @@ class FakeKube:
         self.annotated.append((name, annotations))
 
 
-def load_matrix() -> list[dict[str, Any]]:
-    points = [[NOW.timestamp() - 600 * k, "100"] for k in range(3)]
-    return [
-        {"metric": {"layer": str(layer), "expert": str(e)}, "values": points}
-        for layer in range(2)
-        for e in range(4)
-    ]
-
-
 def moed(url: str, threshold: float | None, status: dict[str, Any]) -> dict[str, Any]:
     gpus: dict[str, Any] = {"nodeSelector": {"pool": "a"}, "nodeCount": 2, "gpusPerNode": 2}
     if threshold is not None:
@@ -150,7 +141,7 @@ class Scenario:
             "moe_layer_compute_seconds_total": [rank(str(r), s) for r, s in enumerate(seconds)],
             "moe_layer_tokens_total": [rank(str(r), t) for r, t in enumerate(tokens)],
         }
-        self.prometheus = FakePrometheus(load_matrix(), "matrix", by_query=self.answers)
+        self.prometheus = FakePrometheus(load_matrix(NOW), "matrix", by_query=self.answers)
         self.kube = FakeKube()
         self.refused: dict[str, str] = {}
         self.events: list[dict[str, Any]] = []

@@ -19,7 +19,7 @@ from typing import Any
 
 import kopf
 import pytest
-from fake_prometheus import FakePrometheus
+from fake_prometheus import FakePrometheus, load_matrix
 from kubernetes.client.exceptions import ApiException
 from moeplace_operator.config import OperatorConfig
 from moeplace_operator.crd import build_crd
@@ -205,15 +205,6 @@ class FakeKube:
         self.status = patch["status"]
 
 
-def load_matrix() -> list[dict[str, Any]]:
-    points = [[NOW.timestamp() - 600 * k, "100"] for k in range(3)]
-    return [
-        {"metric": {"layer": str(layer), "expert": str(e)}, "values": points}
-        for layer in range(2)
-        for e in range(4)
-    ]
-
-
 class Scenario:
     """One MoEDeployment reconciled once; what it left in status, Events and logs."""
 
@@ -280,7 +271,7 @@ def servers() -> Iterator[Callable[..., FakePrometheus]]:
     def make(**kwargs: Any) -> FakePrometheus:
         ranks = [{"metric": {"rank": str(r)}, "value": [NOW.timestamp(), "10"]} for r in range(4)]
         made.append(
-            FakePrometheus(load_matrix(), "matrix", by_query={"by (rank)": ranks}, **kwargs)
+            FakePrometheus(load_matrix(NOW), "matrix", by_query={"by (rank)": ranks}, **kwargs)
         )
         return made[-1]
 
