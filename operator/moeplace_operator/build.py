@@ -1,5 +1,6 @@
-"""Pure builders and decisions: manifests, status conditions, "roll out or not". No I/O, no
-clocks (``now`` is passed in), so every rule here is a unit test away."""
+"""Pure builders and decisions: manifests, "roll out or not" (the status they end in is
+``status``). No I/O, no clocks (``now`` is passed in), so every rule here is a unit test
+away."""
 
 from __future__ import annotations
 
@@ -13,11 +14,7 @@ from moeplace_operator.spec import (
     GROUP,
     KIND,
     VERSION,
-    Condition,
-    ConditionStatus,
-    ConditionType,
     ModelSpec,
-    PlacementSummary,
     RolloutMode,
     RolloutSpec,
 )
@@ -33,8 +30,6 @@ VERSION_ANNOTATION = f"{ANNOTATION_PREFIX}/placement-version"
 ROLLED_OUT_AT_ANNOTATION = f"{ANNOTATION_PREFIX}/rolled-out-at"
 OWNER_LABEL = f"{ANNOTATION_PREFIX}/deployment"
 ROLE_LABEL = f"{ANNOTATION_PREFIX}/role"
-# summary fields a merge patch removes (null) when unknown now: transitions come and go
-CLEARED_SUMMARY_FIELDS = ("trafficSharePercent", "eplbTrafficSharePercent")
 PLACEMENT_KEY = "placement.json"
 SGLANG_KEY = "sglang.json"
 ENGINE_FLAGS_KEY = "engine-flags.json"
@@ -250,96 +245,9 @@ def decide_rollout(
     )
 
 
-@dataclass(frozen=True)
-class ConditionUpdate:
-    type: ConditionType
-    status: ConditionStatus
-    reason: str
-    message: str = ""
-
-
-def merge_conditions(
-    previous: Sequence[Condition],
-    updates: Sequence[ConditionUpdate],
-    generation: int,
-    now: datetime,
-) -> list[Condition]:
-    """Apply updates; lastTransitionTime moves only when a condition's status changes. Types
-    without an update are kept as they were (e.g. MetricsAvailable when nodes are missing)."""
-    merged = {c.type: c for c in previous}
-    for update in updates:
-        before = merged.get(update.type.value)
-        changed = before is None or before.status != update.status
-        merged[update.type.value] = Condition(
-            type=update.type.value,
-            status=update.status,
-            reason=update.reason,
-            message=update.message,
-            last_transition_time=rfc3339(now) if changed else before.last_transition_time,  # type: ignore[union-attr]
-            observed_generation=generation,
-        )
-    order = [t.value for t in ConditionType]
-    return sorted(merged.values(), key=lambda c: order.index(c.type) if c.type in order else 99)
-
-
-def true(kind: ConditionType, reason: str, message: str = "") -> ConditionUpdate:
-    return ConditionUpdate(kind, ConditionStatus.TRUE, reason, message)
-
-
-def false(kind: ConditionType, reason: str, message: str = "") -> ConditionUpdate:
-    return ConditionUpdate(kind, ConditionStatus.FALSE, reason, message)
-
-
-def degraded_updates(reason: str, message: str, kept_hash: str | None) -> list[ConditionUpdate]:
-    """Degraded and not Ready; the message says which placement stays in service."""
-    kept = f"; keeping placement {kept_hash}" if kept_hash else "; no placement in service yet"
-    return [
-        true(ConditionType.DEGRADED, reason, message + kept),
-        false(ConditionType.READY, reason, message + kept),
-    ]
-
-
-def status_patch(
-    *,
-    generation: int,
-    conditions: Sequence[Condition],
-    summary: PlacementSummary | None,
-) -> Body:
-    """Merge patch for the status subresource (declared fields only: the schema prunes the
-    rest)."""
-    patch: Body = {
-        "observedGeneration": generation,
-        "conditions": [c.model_dump(by_alias=True, mode="json") for c in conditions],
-    }
-    if summary is not None:
-        placement = summary.model_dump(by_alias=True, mode="json", exclude_none=True)
-        for key in CLEARED_SUMMARY_FIELDS:  # null removes a share no longer known
-            placement.setdefault(key, None)
-        patch["placement"] = placement
-    return {"status": patch}
-
-
-def already_applied(patch: Any, current: Any) -> bool:
-    """Whether a merge patch would change nothing (then it is not sent: no write, no watch
-    event, no resourceVersion churn for GitOps tools)."""
-    if isinstance(patch, dict):
-        return isinstance(current, dict) and all(
-            already_applied(v, current.get(k)) for k, v in patch.items()
-        )
-    return bool(patch == current)
-
-
 def target_patch(kind_template_path: Sequence[str], content_hash: str) -> Body:
     """Merge patch setting the pod-template annotation that rolls a workload's pods."""
     patch: Body = {"metadata": {"annotations": {HASH_ANNOTATION: content_hash}}}
     for key in reversed(kind_template_path):
         patch = {key: patch}
     return patch
-
-
-def ratio_text(value: float) -> str:
-    return f"{value:.3f}"
-
-
-def percent_text(value: float) -> str:
-    return f"{value:.1f}%"

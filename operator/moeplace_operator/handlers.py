@@ -16,9 +16,11 @@ import kopf
 from moeplace_operator import metrics
 from moeplace_operator.config import OperatorConfig, configure_kopf
 from moeplace_operator.crdupgrade import CRD_NAME, BundledCRDError, ensure_crd
+from moeplace_operator.events import EventDedup
 from moeplace_operator.kube import Kube, TransientApiError, load_config
 from moeplace_operator.nodes import NodeGPUs, has_gpu_labels, is_usable, node_gpus
-from moeplace_operator.reconcile import Reconcile, Runtime, gpu_nodes
+from moeplace_operator.reconcile import Reconcile, gpu_nodes
+from moeplace_operator.runtime import Runtime
 from moeplace_operator.spec import GROUP, PLURAL, VERSION
 
 RETRY_DELAY_S = 5.0
@@ -71,7 +73,7 @@ async def startup(
     )
     memo.nudges = Nudges()
     memo.node_fingerprints = {}
-    memo.last_refused = {}
+    memo.events = EventDedup()
 
 
 async def upgrade_crd(kube: Kube, location: str, logger: Logger) -> None:
@@ -174,7 +176,7 @@ async def reconcile_once(
     """One pass; False after a transient API fault, retried soon by the same daemon: leaving
     the daemon (kopf's TemporaryError) would drop the object's cached plans with it."""
     try:
-        await Reconcile(memo.runtime, body, gpu_nodes(index), logger, memo.last_refused).run()
+        await Reconcile(memo.runtime, body, gpu_nodes(index), logger, memo.events).run()
     except TransientApiError as error:
         metrics.ERRORS.labels("TransientApiError").inc()
         logger.warning(f"Kubernetes API: {error}; retrying in {RETRY_DELAY_S:g} s")
@@ -188,6 +190,5 @@ def forget_object(memo: kopf.Memo, namespace: str, name: str) -> None:
     key = f"{namespace}/{name}"
     memo.runtime.forget(key)
     metrics.forget_object(namespace, name)
-    refused: dict[str, str] = memo.last_refused
-    for seen in [k for k in refused if k.startswith(f"{key}/")]:
-        del refused[seen]
+    events: EventDedup = memo.events
+    events.forget(key)

@@ -9,17 +9,14 @@ from moeplace_operator.build import (
     HASH_ANNOTATION,
     PLACEMENT_KEY,
     SGLANG_KEY,
-    already_applied,
     configmap_body,
     decide_rollout,
-    false,
-    merge_conditions,
     published_version,
     read_published,
     target_patch,
-    true,
 )
 from moeplace_operator.spec import ConditionType, RolloutMode, RolloutSpec
+from moeplace_operator.status import already_applied, false, merge_conditions, true
 
 from placement.model import MoEModelShape, Placement
 

@@ -14,6 +14,7 @@ import kopf
 import numpy as np
 import pytest
 from fake_prometheus import FakePrometheus, load_matrix
+from moeplace_operator.events import EventDedup
 from moeplace_operator.loadsource import (
     MetricsUnavailableError,
     PrometheusSource,
@@ -22,7 +23,8 @@ from moeplace_operator.loadsource import (
     rank_query,
 )
 from moeplace_operator.nodes import REPROFILE_ANNOTATION, NodeGPUs, node_gpus
-from moeplace_operator.reconcile import Reconcile, Runtime
+from moeplace_operator.reconcile import Reconcile
+from moeplace_operator.runtime import Runtime
 from moeplace_operator.spec import ModelSpec, PrometheusLoad
 from prometheus_client import REGISTRY
 
@@ -143,7 +145,7 @@ class Scenario:
         }
         self.prometheus = FakePrometheus(load_matrix(NOW), "matrix", by_query=self.answers)
         self.kube = FakeKube()
-        self.refused: dict[str, str] = {}
+        self.refused = EventDedup()
         self.events: list[dict[str, Any]] = []
 
     def reconcile(

@@ -4,6 +4,7 @@ import asyncio
 import time
 
 import pytest
+from moeplace_operator.events import EventDedup
 from moeplace_operator.handlers import Nudges
 
 
@@ -75,7 +76,7 @@ def test_transient_api_fault_keeps_the_daemon_and_its_plans(monkeypatch: object)
         raise TransientApiError("503 Service Unavailable")
 
     monkeypatch.setattr(handlers.Reconcile, "run", run)
-    memo = kopf.Memo(runtime=object(), last_refused={})
+    memo = kopf.Memo(runtime=object(), events=EventDedup())
     body = kopf.Body({"metadata": {"namespace": "ns", "name": "a"}, "spec": {}})
     done = asyncio.run(handlers.reconcile_once(memo, body, {}, logging.getLogger("t")))
     assert done is False  # retried by the same daemon after RETRY_DELAY_S, caches kept
@@ -88,16 +89,22 @@ def test_forget_object_drops_its_gauges_and_event_memory_only() -> None:
     from moeplace_operator import handlers, metrics
 
     forgotten: list[str] = []
-    memo = kopf.Memo(
-        runtime=SimpleNamespace(forget=forgotten.append),
-        last_refused={"ns/a/SpeedDrift": "x", "ns/ab/SpeedDrift": "y", "ns/a/Cooldown": "z"},
-    )
+    events = EventDedup()
+    for key, topic, signature in [
+        ("ns/a", "SpeedDrift", "x"),
+        ("ns/ab", "SpeedDrift", "y"),
+        ("ns/a", "CooldownActive", "z"),
+    ]:
+        events.remember(key, topic, signature)
+    memo = kopf.Memo(runtime=SimpleNamespace(forget=forgotten.append), events=events)
     metrics.PREDICTED_GAIN.labels("ns", "a").set(4.0)
     metrics.PREDICTED_GAIN.labels("ns", "ab").set(2.0)
     metrics.SPEED_DRIFT.labels("ns", "a").set(-12.0)
     handlers.forget_object(memo, "ns", "a")
     assert forgotten == ["ns/a"]
-    assert memo.last_refused == {"ns/ab/SpeedDrift": "y"}
+    assert not events.seen("ns/a", "SpeedDrift", "x")
+    assert not events.seen("ns/a", "CooldownActive", "z")
+    assert events.seen("ns/ab", "SpeedDrift", "y")  # a name sharing the prefix stays
     names = {(s.labels["namespace"], s.labels["name"]) for s in _samples(metrics.PREDICTED_GAIN)}
     assert ("ns", "a") not in names and ("ns", "ab") in names
     assert ("ns", "a") not in {

@@ -23,10 +23,12 @@ from fake_prometheus import FakePrometheus, load_matrix
 from kubernetes.client.exceptions import ApiException
 from moeplace_operator.config import OperatorConfig
 from moeplace_operator.crd import build_crd
+from moeplace_operator.events import EventDedup
 from moeplace_operator.kube import Kube, SecretForbiddenError
 from moeplace_operator.loadsource import MetricsUnavailableError, check_allowed
 from moeplace_operator.nodes import node_gpus
-from moeplace_operator.reconcile import Reconcile, Runtime
+from moeplace_operator.reconcile import Reconcile
+from moeplace_operator.runtime import Runtime
 from moeplace_operator.spec import MoEDeploymentSpec
 from pydantic import ValidationError
 
@@ -239,7 +241,7 @@ class Scenario:
             )
             for n in (0, 1)
         ]
-        run = Reconcile(runtime, body, nodes, logging.getLogger("t"), {}, now=NOW)  # type: ignore[arg-type]
+        run = Reconcile(runtime, body, nodes, logging.getLogger("t"), EventDedup(), now=NOW)  # type: ignore[arg-type]
         asyncio.run(run.run())
         return {c["type"]: c for c in self.kube.status["conditions"]}
 

@@ -15,7 +15,8 @@ import kopf
 import numpy as np
 import pytest
 from fake_prometheus import FakePrometheus
-from moeplace_operator.build import gain_percent, status_patch
+from moeplace_operator.build import gain_percent
+from moeplace_operator.events import EventDedup
 from moeplace_operator.loadsource import (
     LoadData,
     MetricsUnavailableError,
@@ -28,13 +29,15 @@ from moeplace_operator.loadsource import (
 )
 from moeplace_operator.nodes import GPUGroup, node_gpus
 from moeplace_operator.planning import build_problem, inputs_fingerprint, plan
-from moeplace_operator.reconcile import Reconcile, Runtime
+from moeplace_operator.reconcile import Reconcile
+from moeplace_operator.runtime import Context, Runtime
 from moeplace_operator.spec import (
     ModelSpec,
     MoEDeploymentSpec,
     PlacementSummary,
     PrometheusLoad,
 )
+from moeplace_operator.status import status_patch
 
 from placement.model import Cluster
 
@@ -287,7 +290,7 @@ def moed(weight: float, status: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_reconcile(kube: FakeKube, weight: float, refused: dict[str, str]) -> dict[str, Any]:
+def run_reconcile(kube: FakeKube, weight: float, refused: EventDedup) -> dict[str, Any]:
     runtime = Runtime(kube, ThreadPoolExecutor(1), solver_threads=1)  # type: ignore[arg-type]
     nodes = [node_gpus("n0", {"pool": "a", "gpu.moeplace.io/speed-0": "1.0"}, {})]
     body = moed(weight, kube.status)
@@ -302,7 +305,7 @@ def test_missing_transitions_are_reported_then_used(monkeypatch: pytest.MonkeyPa
         f"{layer},{e},{10 + layer + e}\n" for layer in (1, 2, 3) for e in range(4)
     )
     kube = FakeKube({"routing": configmap({"load.csv": load_csv})})
-    refused: dict[str, str] = {}
+    refused = EventDedup()
 
     conditions = run_reconcile(kube, 0.5, refused)
     solved = conditions["PlacementSolved"]
@@ -355,7 +358,7 @@ def test_transitions_are_read_again_only_when_their_source_changes(
     (window / samples), a static one while the ConfigMap's resourceVersion holds."""
     from datetime import UTC, datetime, timedelta
 
-    import moeplace_operator.reconcile as reconcile_mod
+    from moeplace_operator import observe
 
     reads: list[str] = []
 
@@ -367,18 +370,18 @@ def test_transitions_are_read_again_only_when_their_source_changes(
         reads.append(f"configmap {found['metadata'].get('resourceVersion')}")
         return np.ones((2, 4, 4))
 
-    monkeypatch.setattr(reconcile_mod, "fetch_prometheus_transitions", fake_fetch)
-    monkeypatch.setattr(reconcile_mod, "parse_static_transitions", fake_parse)
+    monkeypatch.setattr(observe, "fetch_prometheus_transitions", fake_fetch)
+    monkeypatch.setattr(observe, "parse_static_transitions", fake_parse)
     runtime = Runtime(FakeKube({}), ThreadPoolExecutor(1), solver_threads=1)  # type: ignore[arg-type]
     start = datetime(2026, 12, 1, 8, 0, tzinfo=UTC)
 
     def read(body: dict[str, Any], minutes: float, configmap: Any = None) -> None:
-        step = Reconcile(runtime, body, [], logging.getLogger("t"), {})  # type: ignore[arg-type]
-        step.now, step.load_configmap = start + timedelta(minutes=minutes), configmap
+        now = start + timedelta(minutes=minutes)
+        step = Context(runtime, body, [], logging.getLogger("t"), EventDedup(), now)  # type: ignore[arg-type]
         spec = MoEDeploymentSpec.model_validate(body["spec"])
-        if spec.load.prometheus is not None:  # what ``load`` resolves first
-            step.prometheus = PrometheusSource(spec.load.prometheus)
-        asyncio.run(step.read_transitions(spec))
+        # what ``read_load`` resolves first
+        prometheus = PrometheusSource(spec.load.prometheus) if spec.load.prometheus else None
+        asyncio.run(observe.read_transitions(step, spec, prometheus, configmap))
 
     body = moed(0.5, {})
     body["spec"]["load"] = {"prometheus": {"url": "http://p:9090", "window": "1h", "samples": 6}}

@@ -1,0 +1,196 @@
+"""Act: the writes of one pass. Placement and proposal ConfigMaps (one atomic call each), the
+rollout target's pod-template annotation, node re-profile requests, Events (de-duplicated:
+one per cause), and the status patch (sent only when it changes something)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import kopf
+
+from moeplace_operator import metrics
+from moeplace_operator.build import (
+    Decision,
+    Published,
+    configmap_body,
+    placement_configmap_name,
+    published_version,
+    read_published,
+    rfc3339,
+    target_patch,
+)
+from moeplace_operator.kube import ForbiddenError, MissingObjectError
+from moeplace_operator.loadsource import MetricsUnavailableError
+from moeplace_operator.nodes import REPROFILE_ANNOTATION, GPUGroup
+from moeplace_operator.runtime import Context, DegradedError
+from moeplace_operator.spec import (
+    ConditionType,
+    MoEDeploymentSpec,
+    MoEDeploymentStatus,
+    PlacementSummary,
+)
+from moeplace_operator.status import (
+    ConditionUpdate,
+    already_applied,
+    false,
+    merge_conditions,
+    status_patch,
+)
+from placement.model import Placement
+
+REFUSALS_WORTH_AN_EVENT = {"CooldownActive", "TooManyMoves", "GainBelowThreshold"}
+TRANSITIONS_UNAVAILABLE = "TransitionsUnavailable"
+SPEED_DRIFT = "SpeedDrift"
+REPROFILE_REQUESTED = "ReprofileRequested"  # not an Event: the node annotation, once per set
+
+
+async def publish(ctx: Context, name: str, role: str, placement: Placement) -> Published:
+    """Write ``placement`` to ConfigMap ``name`` unless it already holds it; an unreadable
+    map is replaced in the same single call (guarded by its resourceVersion)."""
+    kube = ctx.runtime.kube
+    raw = await ctx.runtime.io(kube.read_configmap, ctx.namespace, name)
+    existing = read_published(raw)
+    if existing and existing.hash == placement.content_hash():
+        return existing
+    version = published_version(raw) + 1
+    body = configmap_body(
+        name=name,
+        namespace=ctx.namespace,
+        role=role,
+        owner=ctx.body,
+        placement=placement,
+        version=version,
+        rolled_out_at=ctx.now,
+        resource_version=raw["metadata"].get("resourceVersion") if raw else None,
+        hidden_layers=ctx.hidden_layers,
+    )
+    try:
+        await ctx.runtime.io(kube.write_configmap, body)
+    except ForbiddenError as error:  # e.g. a ConfigMap of that name that we did not write
+        message = f"ConfigMap {name} not written: {error}"
+        update = false(ConditionType.ROLLED_OUT, "ConfigMapForbidden", message)
+        raise DegradedError("ConfigMapForbidden", message, [update]) from error
+    return Published(placement, placement.content_hash(), version, ctx.now, None)
+
+
+async def roll_out(ctx: Context, placement: Placement, decision: Decision) -> Published:
+    published = await publish(ctx, placement_configmap_name(ctx.name), "placement", placement)
+    metrics.ROLLOUTS.labels(decision.reason).inc()
+    message = f"v{published.version}: {decision.message}"
+    kopf.event(ctx.body, type="Normal", reason="RolledOut", message=message)
+    return published
+
+
+def note_refusal(ctx: Context, decision: Decision, proposed_hash: str) -> None:
+    """One Event per refused proposal, not one per tick."""
+    if decision.reason not in REFUSALS_WORTH_AN_EVENT:
+        return
+    metrics.REFUSALS.labels(decision.reason).inc()
+    if ctx.events.should_emit(ctx.key, decision.reason, proposed_hash):
+        kopf.event(ctx.body, type="Normal", reason="RolloutRefused", message=decision.message)
+
+
+async def sync_target(ctx: Context, spec: MoEDeploymentSpec, content_hash: str) -> None:
+    """Level-based: the workload's pod template carries the hash in service, whatever
+    happened before (a restart between ConfigMap write and this patch included)."""
+    target = spec.rollout.target
+    assert target is not None
+    kube = ctx.runtime.kube
+    try:
+        current = await ctx.runtime.io(
+            kube.read_target_hash, ctx.namespace, target.kind, target.name
+        )
+        if current != content_hash:
+            patch = target_patch(["spec", "template"], content_hash)
+            await ctx.runtime.io(kube.patch_target, ctx.namespace, target.kind, target.name, patch)
+            kopf.event(
+                ctx.body,
+                type="Normal",
+                reason="TargetRolled",
+                message=f"{target.kind}/{target.name} pods roll to placement {content_hash}",
+            )
+    except MissingObjectError as error:
+        message = f"{target.kind}/{target.name} not found"
+        raise DegradedError(
+            "TargetMissing",
+            message,
+            [false(ConditionType.ROLLED_OUT, "TargetMissing", message)],
+        ) from error
+    except ForbiddenError as error:  # the chart's policy: label the target for us
+        message = (
+            f"{target.kind}/{target.name} not patched (label it "
+            f"moeplace.io/deployment={ctx.name} to allow it): {error}"
+        )
+        raise DegradedError(
+            "TargetForbidden",
+            message,
+            [false(ConditionType.ROLLED_OUT, "TargetForbidden", message)],
+        ) from error
+
+
+def announce_degradation(
+    ctx: Context, status: MoEDeploymentStatus, degraded: DegradedError
+) -> None:
+    """A Warning Event when the object becomes degraded or the reason changes (the stored
+    Degraded condition is the memory here: it survives an operator restart)."""
+    before = next((c for c in status.conditions if c.type == ConditionType.DEGRADED), None)
+    if before and before.status == "True" and before.reason == degraded.reason:
+        return
+    kopf.event(ctx.body, type="Warning", reason=degraded.reason, message=str(degraded))
+
+
+def announce_missing_transitions(
+    ctx: Context, spec: MoEDeploymentSpec, missing: MetricsUnavailableError
+) -> None:
+    """A Warning Event when transitions go missing or the reason changes, not every tick
+    (the condition messages carry the latest detail)."""
+    if not ctx.events.should_emit(ctx.key, TRANSITIONS_UNAVAILABLE, missing.reason):
+        return
+    message = (
+        f"trafficWeight {spec.placement.traffic_weight:g} is set but transitions are "
+        f"unavailable ({missing.reason}: {missing}); solving without the traffic term"
+    )
+    kopf.event(ctx.body, type="Warning", reason=TRANSITIONS_UNAVAILABLE, message=message)
+
+
+async def announce_drift(ctx: Context, group: GPUGroup, drifting: list[int], message: str) -> str:
+    """Once per change of the drifting set: a Warning Event, and the affected Nodes
+    annotated (a failed annotation is retried on the next pass, the Event is not). Returns
+    what became of the re-profile request, for the condition message."""
+    signature = ",".join(f"{n}/{i}" for n, i in sorted(map(group.gpu_name, drifting)))
+    if ctx.events.should_emit(ctx.key, SPEED_DRIFT, signature):
+        kopf.event(ctx.body, type="Warning", reason=SPEED_DRIFT, message=message)
+    if ctx.events.seen(ctx.key, REPROFILE_REQUESTED, signature):
+        return "re-profile requested"
+    stamp = {REPROFILE_ANNOTATION: rfc3339(ctx.now)}
+    nodes = sorted({group.gpu_name(gpu)[0] for gpu in drifting})
+    try:
+        for node in nodes:
+            await ctx.runtime.io(ctx.runtime.kube.annotate_node, node, stamp)
+    except Exception as error:  # RBAC without patch on nodes, API trouble: report, go on
+        # info, not warning: kopf turns warnings into Events, and this is retried every pass
+        ctx.logger.info("re-profile request on %s failed: %s", ", ".join(nodes), error)
+        return f"re-profile request failed (patch nodes allowed?): {error}"
+    ctx.events.remember(ctx.key, REPROFILE_REQUESTED, signature)
+    ctx.logger.info("re-profile requested on %s", ", ".join(nodes))
+    return "re-profile requested"
+
+
+def drift_gone(ctx: Context) -> None:
+    """No GPU drifts any more: the next drift is announced and requested again."""
+    ctx.events.clear(ctx.key, SPEED_DRIFT)
+    ctx.events.clear(ctx.key, REPROFILE_REQUESTED)
+
+
+async def write_status(
+    ctx: Context,
+    status: MoEDeploymentStatus,
+    generation: int,
+    updates: Sequence[ConditionUpdate],
+    summary: PlacementSummary | None,
+) -> None:
+    """The status patch, unless it would change nothing."""
+    conditions = merge_conditions(status.conditions, updates, generation, ctx.now)
+    patch = status_patch(generation=generation, conditions=conditions, summary=summary)
+    if not already_applied(patch, {"status": dict(ctx.body.get("status") or {})}):
+        await ctx.runtime.io(ctx.runtime.kube.patch_status, ctx.namespace, ctx.name, patch)
