@@ -25,7 +25,11 @@ import numpy as np
 from placement.dispatch import TimeModel, best_split, even_split
 from placement.model import Cluster, FloatArray, IntArray, Placement
 
-Dispatch = Literal["even", "best"]
+# how an expert's tokens are split over its copies: "even" (vLLM, SGLang: an equal share per
+# copy) or "speed-aware" (the best split of each batch for the GPUs' times, what moeplace's
+# serving dispatcher does); the same names as the MoEDeployment's spec.placement.dispatch
+Dispatch = Literal["even", "speed-aware"]
+DISPATCH_RULES: tuple[Dispatch, ...] = ("even", "speed-aware")
 
 
 @dataclass(frozen=True)
@@ -143,7 +147,7 @@ def split_loads(
     G = cluster.size
     if dispatch == "even":
         return even_split(table, batches, G)
-    if dispatch != "best":
+    if dispatch != "speed-aware":
         raise ValueError(f"unknown dispatch rule {dispatch!r}")
     model = TimeModel(cluster)
     K, L = batches.shape[:2]

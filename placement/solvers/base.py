@@ -39,7 +39,7 @@ class SolveOptions:
     # "expected" (mean over samples) or "robust" (worst sample) straggler time
     hedge: str = "expected"
     # how the engine splits an expert's tokens over its copies: "even" (vLLM, SGLang) or
-    # "best" (a speed-aware dispatcher, the best split per batch); cpsat places copies for it
+    # "speed-aware" (the best split per batch); cpsat places copies for it
     dispatch: str = "even"
     progress: Callable[[float], None] | None = None  # called with fraction done, 0..1
     # cancels a running solve (cpsat; the heuristics finish in well under a second): it

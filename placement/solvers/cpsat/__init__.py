@@ -67,7 +67,7 @@ Solving, per layer (without traffic coupling: ``weights.traffic == 0`` or no tra
     migration terms count 0 in it. With traffic coupling, one model holds all layers (replica
     counts fixed to greedy's, no local search) and gets the whole budget.
 
-Dispatch-aware mode (``SolveOptions(dispatch="best")``; the default is ``"even"``)
+Speed-aware mode (``SolveOptions(dispatch="speed-aware")``; the default is ``"even"``)
     For a speed-aware dispatcher that splits each batch's tokens optimally over an expert's
     copies, the layer time of a sample is ``max_H W(H) / speed(H)`` over GPU sets H, where
     ``W(H)`` is the work of the experts whose copies all lie in H (max-flow min-cut). After

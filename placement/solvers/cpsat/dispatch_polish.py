@@ -1,4 +1,4 @@
-"""Swap local search for a speed-aware dispatcher (``dispatch="best"``), speed factors."""
+"""Swap local search for a speed-aware dispatcher (``dispatch="speed-aware"``), speed factors."""
 
 from __future__ import annotations
 

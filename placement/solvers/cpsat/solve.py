@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from ortools.sat.python import cp_model
 
-from placement.evaluate import Dispatch
+from placement.evaluate import DISPATCH_RULES, Dispatch
 from placement.model import IntArray, Placement
 from placement.problem import Problem
 from placement.solvers.base import Solution, SolveOptions, register, stop_requested
@@ -48,7 +48,7 @@ _BUILD_S_PER_VAR = 6e-6  # CP-SAT model building (deterministic mode): per boole
 _BUILD_S_PER_TERM_DET = 5e-7  # ... and per linear term
 _BUILD_S_PER_CURVE = 3e-3  # ... and per (sample, GPU) latency-curve block
 _DET_PER_WALL_S = 0.5  # deterministic-time units given per wall second of budget
-_FLEX_SHARE = 0.25  # of a layer's budget for the dispatcher-aware polish (dispatch="best")
+_FLEX_SHARE = 0.25  # of a layer's budget for the speed-aware polish (dispatch="speed-aware")
 _REFINE_CURVES_MAX = 100_000  # L * P * K * G above which greedy's refinement is skipped
 
 
@@ -112,9 +112,9 @@ def _solve_layer(
     deterministic: bool,
     dispatch: Dispatch,
 ) -> _LayerResult:
-    """One layer: the even-split pipeline, then (``dispatch="best"``) the dispatcher-aware
+    """One layer: the even-split pipeline, then (``dispatch="speed-aware"``) the speed-aware
     polish and the choice by the exact best-split objective."""
-    if dispatch != "best":
+    if dispatch != "speed-aware":
         return _solve_layer_even(
             problem, options, layer, hint_row, budget_s, workers, deterministic
         )
@@ -135,7 +135,9 @@ def _solve_layer(
         speeds = problem.cluster.speeds
         flex = flex_polish(loads, even.row, speeds, S, deadline, moves, _stopped(options))
         candidates.append(flex)
-    objs = [float(layer_objective(r[None, :], sub, options.hedge, "best")[0]) for r in candidates]
+    objs = [
+        float(layer_objective(r[None, :], sub, options.hedge, "speed-aware")[0]) for r in candidates
+    ]
     pick = int(np.argmin(objs))  # first of equals: greedy's row is kept unless beaten
     bound = min(float(hedged_fluid(sub, options.hedge)[0]), objs[pick])
     return _LayerResult(candidates[pick], bound, objs[pick] <= bound * (1 + GAP_LIMIT), pick > 0)
@@ -351,16 +353,16 @@ def solve_cpsat(problem: Problem, options: SolveOptions) -> Solution:
     """Solve ``problem`` with CP-SAT (see the module docstring for the model).
 
     ``options.dispatch``: ``"even"``, placements for engines that split an expert's tokens
-    evenly over its copies; ``"best"``, for a speed-aware dispatcher that splits each batch
+    evenly over its copies; ``"speed-aware"``, for a dispatcher that splits each batch
     optimally over the copies; the objective is then the hedged best-split straggler time and
     the reported bound the fluid/copy bound."""
     from placement.solvers.greedy import greedy_table
 
     if options.hedge not in ("expected", "robust"):
         raise ValueError(f"hedge must be 'expected' or 'robust', got {options.hedge!r}")
-    if options.dispatch not in ("even", "best"):
-        raise ValueError(f"dispatch must be 'even' or 'best', got {options.dispatch!r}")
-    dispatch: Dispatch = "best" if options.dispatch == "best" else "even"
+    if options.dispatch not in DISPATCH_RULES:
+        raise ValueError(f"dispatch must be one of {DISPATCH_RULES}, got {options.dispatch!r}")
+    dispatch: Dispatch = "speed-aware" if options.dispatch == "speed-aware" else "even"
     t0 = time.monotonic()
     # greedy's own swap refinement is what polish does first; it is skipped where it would
     # cost seconds (latency curves, large instances), so that the polish gets the time
@@ -379,7 +381,7 @@ def solve_cpsat(problem: Problem, options: SolveOptions) -> Solution:
         table, bound, status, details = _solve_independent(problem, options, hint, t0, dispatch)
     obj = objective(table, problem, options.hedge, dispatch)
     hint_obj = objective(hint, problem, options.hedge, dispatch)
-    if dispatch == "best":
+    if dispatch == "speed-aware":
         bound = min(bound, float(hedged_fluid(problem, options.hedge).sum()))
     if hint_obj < obj:  # never worse than the warm start
         table, obj = hint, hint_obj
