@@ -38,7 +38,7 @@ from placement.problem import Problem  # noqa: E402
 from placement.solvers import SolveOptions, solve  # noqa: E402
 
 STRATEGIES = ["round-robin", "linear", "eplb", "eplb-global", "greedy", "cpsat"]
-# cpsat with the best-split objective (SolveOptions(dispatch="best")): placements for a
+# cpsat with the best-split objective (SolveOptions(dispatch="speed-aware")): placements for a
 # speed-aware dispatcher; held-out real scenarios only
 BEST = "cpsat-best"
 WINDOW = 100  # prompts per batch window
@@ -137,7 +137,7 @@ def pal(data: Path, num_gpus: int) -> Cluster:
 def _child(conn: Any, problem: Problem, strategy: str, options: SolveOptions) -> None:
     start = time.perf_counter()
     if strategy == BEST:
-        sol = solve(problem, "cpsat", replace(options, dispatch="best"))
+        sol = solve(problem, "cpsat", replace(options, dispatch="speed-aware"))
     else:
         sol = solve(problem, strategy, options)
     wall = time.perf_counter() - start
@@ -213,16 +213,17 @@ def run_real(sc: Scenario, rd: RealData, shape: MoEModelShape, opts: SolveOption
     # a per-batch split, so it hedges over the batches (windows) themselves
     est = estimate(rd.cal_windows, LoadModelConfig(sampling=sampling_for("even")))
     heldout = Problem.build(shape, sc.cluster, est.mean, sc.redundant, samples=est.samples)
-    batches = estimate(rd.cal_windows, LoadModelConfig(sampling=sampling_for("best"))).samples
+    per_batch_config = LoadModelConfig(sampling=sampling_for("speed-aware"))
+    batches = estimate(rd.cal_windows, per_batch_config).samples
     per_batch = Problem.build(shape, sc.cluster, est.mean, sc.redundant, samples=batches)
     oracle = Problem.build(shape, sc.cluster, rd.eval_total, sc.redundant)
     for strategy in [*STRATEGIES, BEST]:
         res = run_solve(per_batch if strategy == BEST else heldout, strategy, opts)
         p = Placement.from_table(res["table"], shape, sc.cluster.size, strategy)
         agg_even = evaluate(p, sc.cluster, rd.eval_total, transitions=rd.eval_transitions)
-        agg_best = evaluate(p, sc.cluster, rd.eval_total, dispatch="best")
+        agg_best = evaluate(p, sc.cluster, rd.eval_total, dispatch="speed-aware")
         win_even = evaluate(p, sc.cluster, rd.eval_windows)
-        win_best = evaluate(p, sc.cluster, rd.eval_windows, dispatch="best")
+        win_best = evaluate(p, sc.cluster, rd.eval_windows, dispatch="speed-aware")
         sc.results[strategy] = {
             "agg_even": agg_even.straggler,
             "agg_best": agg_best.straggler,
@@ -494,7 +495,7 @@ def main() -> None:
         f"evaluation: prompts 501..1000 in aggregate and as five {WINDOW}-prompt windows, even "
         "and best split; traffic share from the evaluation prompts' layer transitions. "
         f"cpsat: {limit:g} s limit, threads={opts.threads or os.cpu_count()}, hedge=expected; "
-        "cpsat-best: the same solver with the best-split objective (dispatch='best', for a "
+        "cpsat-best: the same solver with the best-split objective (dispatch='speed-aware', for a "
         "speed-aware dispatcher). "
         f"Peak memory: max RSS (getrusage) of a forked child per solve; the fork alone is "
         f"{base_mb:.0f} MB."

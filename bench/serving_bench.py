@@ -101,7 +101,7 @@ def dispatch_rows(ids: np.ndarray, rounds: int) -> dict[str, float]:
     placement = solve(Problem.build(shape, cluster, load, redundant=redundant), "greedy").placement
     pairs = ids[:, 0, :].reshape(-1)
     even = Dispatcher(placement, cluster, "even")
-    speed = Dispatcher(placement, cluster, "speed")
+    speed = Dispatcher(placement, cluster, "speed-aware")
     counts = np.bincount(pairs, minlength=EXPERTS).astype(np.float64)
     row = placement.table[0]
     return {

@@ -3,7 +3,7 @@
 Two dispatch rules decide how a logical expert's tokens are split over its copies:
 
 - ``even``: every copy gets ``load / copies`` (what vLLM and SGLang do);
-- ``best``: per layer and batch, the split that minimises the layer's slowest GPU time
+- ``speed-aware``: per layer and batch, the split that minimises the layer's slowest GPU time
   (:func:`best_split`, what a speed-aware runtime dispatcher can reach).
 
 GPU time is a function of the GPU's total tokens in the layer (``Cluster.times``): tokens /

@@ -25,7 +25,11 @@ import numpy as np
 from placement.dispatch import TimeModel, best_split, even_split
 from placement.model import Cluster, FloatArray, IntArray, Placement
 
-Dispatch = Literal["even", "best"]
+# how an expert's tokens are split over its copies: "even" (vLLM, SGLang: an equal share per
+# copy) or "speed-aware" (the best split of each batch for the GPUs' times, what moeplace's
+# serving dispatcher does); the same names as the MoEDeployment's spec.placement.dispatch
+Dispatch = Literal["even", "speed-aware"]
+DISPATCH_RULES: tuple[Dispatch, ...] = ("even", "speed-aware")
 
 
 @dataclass(frozen=True)
@@ -86,46 +90,86 @@ def replica_bound(cluster: Cluster, load: FloatArray, replica_counts: IntArray) 
     return np.asarray(hull.min(-1) * (1.0 - 1e-12), dtype=np.float64)
 
 
+def traffic_changes(table: IntArray, transitions: FloatArray, num_gpus: int) -> FloatArray:
+    """[L-1] tokens whose GPU changes between layer l and l+1 for a [L, P] ``table`` and
+    ``transitions`` [L-1, E, E], when each token picks one of its expert's copies uniformly
+    (even dispatch): ``sum T[l,i,j] * (1 - sum_g p_l(g|i) p_{l+1}(g|j))``."""
+    trans = np.asarray(transitions, dtype=np.float64)
+    L, P = table.shape
+    E = trans.shape[-1]
+    gpu = np.arange(P) // (P // num_gpus)
+    share = np.zeros((L, E, num_gpus))
+    for layer in range(L):
+        np.add.at(share[layer], (table[layer], gpu), 1.0)
+    share /= np.maximum(share.sum(-1, keepdims=True), 1.0)
+    stay = np.einsum("lij,lig,ljg->l", trans, share[:-1], share[1:])
+    return np.asarray(trans.sum(axis=(1, 2)) - stay, dtype=np.float64)
+
+
 def traffic_share(placement: Placement, transitions: FloatArray) -> float:
     """Share of token transitions (layer l -> l+1, ``transitions`` [L-1, E, E]) whose GPU
-    changes, when each token picks one of its expert's copies uniformly (even dispatch):
-    ``1 - sum T[l,i,j] * sum_g p_l(g|i) p_{l+1}(g|j) / sum T``."""
-    trans = np.asarray(transitions, dtype=np.float64)
-    total = float(trans.sum())
+    changes under even dispatch (:func:`traffic_changes`); nan without transitions."""
+    total = float(np.asarray(transitions, dtype=np.float64).sum())
     if total <= 0:
         return float("nan")
-    t = placement.table
-    L, E, G = t.shape[0], placement.model.experts, placement.num_gpus
-    gpu = placement.gpu_of_slot()
-    share = np.zeros((L, E, G))
+    return float(traffic_changes(placement.table, transitions, placement.num_gpus).sum()) / total
+
+
+def moved_per_layer(table: IntArray, previous: IntArray, num_gpus: int) -> IntArray:
+    """[L] copies that must be loaded anew per layer of a [L, P] ``table`` against
+    ``previous``: per GPU, the experts held now that the GPU did not hold before (a copy that
+    only changes slot on its GPU does not count; two copies on one GPU count twice)."""
+    if previous.shape != table.shape:
+        raise ValueError("previous placement has a different shape")
+    L, P = table.shape
+    E = int(max(table.max(), previous.max())) + 1
+    gpu = np.arange(P) // (P // num_gpus)
+    now = np.zeros((L, num_gpus, E), dtype=np.int64)
+    before = np.zeros_like(now)
     for layer in range(L):
-        np.add.at(share[layer], (t[layer], gpu), 1.0)
-    share /= np.maximum(share.sum(-1, keepdims=True), 1.0)
-    stay = 0.0
-    for layer in range(L - 1):
-        stay += float((trans[layer] * (share[layer] @ share[layer + 1].T)).sum())
-    return 1.0 - stay / total
+        np.add.at(now[layer], (gpu, table[layer]), 1)
+        np.add.at(before[layer], (gpu, previous[layer]), 1)
+    return np.asarray(np.maximum(now - before, 0).sum(axis=(1, 2)), dtype=np.int64)
 
 
 def moved_copies(placement: Placement, previous: Placement) -> int:
-    """Copies that must be loaded anew: per layer and GPU, the experts held now that the GPU
-    did not hold before (a copy that only changes slot on its GPU does not count)."""
-    if previous.table.shape != placement.table.shape or previous.num_gpus != placement.num_gpus:
+    """Copies that must be loaded anew, over all layers (:func:`moved_per_layer`)."""
+    if previous.num_gpus != placement.num_gpus:
         raise ValueError("previous placement has a different shape")
-    a = placement.table.reshape(placement.table.shape[0], placement.num_gpus, -1)
-    b = previous.table.reshape(a.shape)
-    moved = 0
-    for layer in range(a.shape[0]):
-        for g in range(a.shape[1]):
-            now, before = np.sort(a[layer, g]), np.sort(b[layer, g])
-            # multiset difference via counts
-            vals, cnt = np.unique(now, return_counts=True)
-            bvals, bcnt = np.unique(before, return_counts=True)
-            had = dict(zip(bvals.tolist(), bcnt.tolist(), strict=True))
-            moved += sum(
-                max(0, c - had.get(v, 0)) for v, c in zip(vals.tolist(), cnt.tolist(), strict=True)
-            )
-    return moved
+    return int(moved_per_layer(placement.table, previous.table, placement.num_gpus).sum())
+
+
+def split_loads(
+    table: IntArray, cluster: Cluster, batches: FloatArray, dispatch: Dispatch
+) -> tuple[FloatArray, FloatArray]:
+    """(slot_load [K, L, P], gpu_load [K, L, G]) of a [L, P] ``table`` on [K, L, E] loads
+    under the dispatch rule."""
+    G = cluster.size
+    if dispatch == "even":
+        return even_split(table, batches, G)
+    if dispatch != "speed-aware":
+        raise ValueError(f"unknown dispatch rule {dispatch!r}")
+    model = TimeModel(cluster)
+    K, L = batches.shape[:2]
+    S = table.shape[1] // G
+    slot_load = np.zeros((K, L, table.shape[1]))
+    gpu_load = np.zeros((K, L, G))
+    for k in range(K):
+        for layer in range(L):
+            split = best_split(table[layer], batches[k, layer], model, S)
+            slot_load[k, layer] = split.slot_load
+            gpu_load[k, layer] = split.gpu_load
+    return slot_load, gpu_load
+
+
+def layer_times(
+    table: IntArray, cluster: Cluster, load: FloatArray, dispatch: Dispatch = "even"
+) -> FloatArray:
+    """[K, L] slowest GPU's time per batch and layer of a [L, P] ``table`` on ``load``
+    ([L, E] or [K, L, E]) under the dispatch rule: what :func:`evaluate` reports as
+    ``layer_time``, without building a :class:`Placement`."""
+    _, gpu_load = split_loads(table, cluster, _batched(load), dispatch)
+    return np.asarray(TimeModel(cluster).time(gpu_load).max(-1), dtype=np.float64)
 
 
 def evaluate(
@@ -147,21 +191,8 @@ def evaluate(
             f"load has shape {batches.shape[1:]}, placement is for "
             f"({table.shape[0]}, {placement.model.experts})"
         )
+    slot_load, gpu_load = split_loads(table, cluster, batches, dispatch)
     model = TimeModel(cluster)
-    G, S = placement.num_gpus, placement.slots_per_gpu
-    if dispatch == "even":
-        slot_load, gpu_load = even_split(table, batches, G)
-    elif dispatch == "best":
-        K, L = batches.shape[:2]
-        slot_load = np.zeros((K, L, table.shape[1]))
-        gpu_load = np.zeros((K, L, G))
-        for k in range(K):
-            for layer in range(L):
-                split = best_split(table[layer], batches[k, layer], model, S)
-                slot_load[k, layer] = split.slot_load
-                gpu_load[k, layer] = split.gpu_load
-    else:
-        raise ValueError(f"unknown dispatch rule {dispatch!r}")
     gpu_time = model.time(gpu_load)
     layer_time = gpu_time.max(-1)
     layer_fluid = fluid_bound(cluster, batches)

@@ -299,13 +299,14 @@ def bootstrap_samples(
 
 
 def sampling_for(dispatch: str) -> Sampling:
-    """What a solver should hedge over for a dispatch rule (``"even"`` or ``"best"``).
+    """What a solver should hedge over for a dispatch rule (``"even"`` or ``"speed-aware"``).
 
     Even split: each copy's share follows the mean load, so the error of the estimated mean is
-    what to hedge: bootstrap samples of it. Best split: the dispatcher balances batch by batch,
-    so the placement is judged per batch: the windows themselves (placement benchmark, held-out
-    100-prompt batches: 1.060x the fluid bound with windows, 1.073x with bootstrap samples)."""
-    return "windows" if dispatch == "best" else "bootstrap"
+    what to hedge: bootstrap samples of it. Speed-aware split: the dispatcher balances batch by
+    batch, so the placement is judged per batch: the windows themselves (placement benchmark,
+    held-out 100-prompt batches: 1.060x the fluid bound with windows, 1.073x with bootstrap
+    samples)."""
+    return "windows" if dispatch == "speed-aware" else "bootstrap"
 
 
 def estimate(history: FloatArray, config: LoadModelConfig | None = None) -> LoadEstimate:

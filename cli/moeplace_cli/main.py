@@ -189,7 +189,7 @@ def hedge_samples(loaded: LoadInput, dispatch: str) -> FloatArray | None:
 
 def solving_dispatch(strategy: str) -> str:
     """The dispatch rule a strategy places copies for."""
-    return "best" if strategy == strategies_mod.CPSAT_BEST else "even"
+    return "speed-aware" if strategy == strategies_mod.CPSAT_BEST else "even"
 
 
 ENGINE_FORMATS = (OutputFormat.sglang, OutputFormat.vllm)
@@ -243,7 +243,7 @@ def solve(
         str,
         typer.Option(
             "--strategy",
-            help="cpsat, cpsat-best (for a best-split dispatcher), greedy, eplb, eplb-global, "
+            help="cpsat, cpsat-best (for speed-aware dispatch), greedy, eplb, eplb-global, "
             "round-robin or linear.",
         ),
     ] = "cpsat",
@@ -392,7 +392,7 @@ def compare(
         typer.Option(
             "--strategies",
             help="Comma-separated; default: every registered strategy (and cpsat-best with "
-            "--dispatch best).",
+            "--dispatch speed-aware).",
         ),
     ] = None,
     transitions: TransOpt = None,
@@ -461,7 +461,7 @@ def scoring_load(loaded: LoadInput, spec: WindowSpec | None, prompts: str | None
 
 def strategy_list(text: str | None, dispatch: DispatchRule) -> list[str]:
     if text is None:
-        return strategies_mod.defaults(dispatch == DispatchRule.best)
+        return strategies_mod.defaults(dispatch == DispatchRule.speed_aware)
     names = [s.strip() for s in text.split(",") if s.strip()]
     if not names:
         raise CliError("--strategies is empty")

@@ -20,7 +20,7 @@ class OutputFormat(StrEnum):
 
 class DispatchRule(StrEnum):
     even = "even"
-    best = "best"
+    speed_aware = "speed-aware"
 
 
 class EngineSetup(StrEnum):
@@ -130,7 +130,9 @@ TransOpt = Annotated[
 ]
 DispatchOpt = Annotated[
     DispatchRule,
-    typer.Option("--dispatch", help="even: split over copies evenly; best: per-batch LP."),
+    typer.Option(
+        "--dispatch", help="even: split over copies evenly; speed-aware: best split per batch."
+    ),
 ]
 TopKOpt = Annotated[
     int | None,

@@ -1,6 +1,6 @@
 """Strategy names the command line accepts: the library's registered strategies, plus
 ``cpsat-best``, cpsat placing copies for a speed-aware dispatcher that splits each batch
-optimally over them (cpsat with ``SolveOptions(dispatch="best")``; not a registered
+optimally over them (cpsat with ``SolveOptions(dispatch="speed-aware")``; not a registered
 strategy). A
 strategy the library registers under the same name takes precedence."""
 
@@ -30,12 +30,12 @@ def check(name: str) -> None:
         raise CliError(f"unknown strategy {name!r}; choose from {', '.join(names)}")
 
 
-def defaults(best_dispatch: bool) -> list[str]:
+def defaults(speed_aware: bool) -> list[str]:
     """``compare``'s strategies: every registered one, plus cpsat-best when scoring with the
-    best split."""
+    speed-aware split."""
     from placement.solvers import strategies
 
-    return available() if best_dispatch else strategies()
+    return available() if speed_aware else strategies()
 
 
 def solve_named(problem: Problem, name: str, options: SolveOptions) -> Solution:
@@ -46,4 +46,4 @@ def solve_named(problem: Problem, name: str, options: SolveOptions) -> Solution:
         return solve(problem, name, options)
     if name != CPSAT_BEST:
         raise CliError(f"unknown strategy {name!r}; choose from {', '.join(available())}")
-    return solve(problem, "cpsat", replace(options, dispatch="best"))
+    return solve(problem, "cpsat", replace(options, dispatch="speed-aware"))

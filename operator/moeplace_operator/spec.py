@@ -217,7 +217,7 @@ class Dispatch(StrEnum):
     @property
     def rule(self) -> DispatchRule:
         """The placement library's name for it (``SolveOptions.dispatch``, ``evaluate``)."""
-        return "best" if self is Dispatch.SPEED_AWARE else "even"
+        return "speed-aware" if self is Dispatch.SPEED_AWARE else "even"
 
 
 class Hedge(StrEnum):

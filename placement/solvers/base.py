@@ -8,6 +8,7 @@ token-times with speed factors), summed over layers.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,6 +17,18 @@ from placement.evaluate import evaluate, fluid_bound
 from placement.model import IntArray, Placement
 from placement.problem import Problem
 from placement.validate import validate
+
+# a cooperative stop request: set the event, or make the callable return True
+StopSignal = threading.Event | Callable[[], bool]
+
+
+def stop_requested(stop: StopSignal | None) -> bool:
+    """Whether ``stop`` (``SolveOptions.stop``) asks the solver to stop now."""
+    if stop is None:
+        return False
+    if isinstance(stop, threading.Event):
+        return stop.is_set()
+    return bool(stop())
 
 
 @dataclass(frozen=True)
@@ -26,9 +39,12 @@ class SolveOptions:
     # "expected" (mean over samples) or "robust" (worst sample) straggler time
     hedge: str = "expected"
     # how the engine splits an expert's tokens over its copies: "even" (vLLM, SGLang) or
-    # "best" (a speed-aware dispatcher, the best split per batch); cpsat places copies for it
+    # "speed-aware" (the best split per batch); cpsat places copies for it
     dispatch: str = "even"
     progress: Callable[[float], None] | None = None  # called with fraction done, 0..1
+    # cancels a running solve (cpsat; the heuristics finish in well under a second): it
+    # returns soon after with the best placement found so far (``details["stopped"] == 1``)
+    stop: StopSignal | None = None
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,8 @@
 Two rules, per layer and batch:
 
 * ``even``: each copy of an expert gets an equal share of its tokens (what vLLM and SGLang do).
-* ``speed``: the split of :func:`placement.dispatch.best_split` for this batch's counts, so the
-  GPUs of the layer finish together given their speed factors or latency curves.
+* ``speed-aware``: the split of :func:`placement.dispatch.best_split` for this batch's counts,
+  so the GPUs of the layer finish together given their speed factors or latency curves.
 
 Both give per-slot integer quotas (fractional splits rounded by largest remainder, per expert);
 pairs are then handed to slots in token order, expert by expert. Shapes: T tokens, L layers,
@@ -13,23 +13,22 @@ k experts per token, E experts, P slots (``P = G * S``).
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 import numpy.typing as npt
 
 from placement import Cluster, Placement
 from placement.dispatch import TimeModel, best_split
+from placement.evaluate import DISPATCH_RULES, Dispatch
 from placement.model import FloatArray, IntArray
 
-Mode = Literal["even", "speed"]
-MODES: tuple[Mode, ...] = ("even", "speed")
+Mode = Dispatch  # the placement library's dispatch rule names
+MODES: tuple[Mode, ...] = DISPATCH_RULES
 
 
 class Dispatcher:
     """Dispatch for one placement on one cluster (rebuild it when the placement changes)."""
 
-    def __init__(self, placement: Placement, cluster: Cluster, mode: Mode = "speed") -> None:
+    def __init__(self, placement: Placement, cluster: Cluster, mode: Mode = "speed-aware") -> None:
         if cluster.size != placement.num_gpus:
             raise ValueError(
                 f"{cluster.size} GPUs in the cluster, placement has {placement.num_gpus}"
@@ -44,7 +43,7 @@ class Dispatcher:
     def quotas(self, layer: int, counts: IntArray) -> IntArray:
         """[P] pairs per slot in ``layer`` for this batch; ``counts`` [E] pairs per expert."""
         row = self.table[layer]
-        if self.mode == "speed":
+        if self.mode == "speed-aware":
             load = counts.astype(np.float64)
             share = best_split(row, load, self.time_model, self.placement.slots_per_gpu).slot_load
         else:

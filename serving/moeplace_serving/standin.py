@@ -52,6 +52,7 @@ from moeplace_serving.watcher import PlacementWatcher, ServingShape
 from placement import Cluster, MoEModelShape, Placement
 
 log = logging.getLogger("moeplace_serving.standin")
+_OLD_SPEED_AWARE = "speed"  # --dispatch's name for speed-aware before the rename
 
 F32 = npt.NDArray[np.float32]
 DEFAULT_ROUTING = (
@@ -411,7 +412,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shift-file", type=Path, default=None, help="shift once this file exists")
     p.add_argument("--tokens", type=int, default=128, help="tokens per step")
     p.add_argument("--steps", type=int, default=0, help="0: until killed")
-    p.add_argument("--dispatch", choices=[*MODES, "alternate"], default="speed")
+    p.add_argument(
+        "--dispatch",
+        choices=[*MODES, "alternate", _OLD_SPEED_AWARE],
+        default="speed-aware",
+        help=f"'{_OLD_SPEED_AWARE}' is the deprecated spelling of speed-aware (pod args)",
+    )
     p.add_argument("--experts", type=int, default=64, help="routed experts per layer")
     p.add_argument("--slots-per-rank", type=int, default=0, help="initial placement; 0: E/ranks")
     p.add_argument("--hidden", type=int, default=16)
@@ -423,6 +429,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step-interval", type=float, default=0.0, help="minimum seconds per step")
     p.add_argument("--report", type=Path, default=None, help="rank 0: JSON line per step")
     return p
+
+
+def dispatch_modes(arg: str) -> tuple[Mode, ...]:
+    """The dispatch rules of ``--dispatch``: one, or both for ``alternate``. The old spelling
+    ``speed`` may still be in a pod's args: accepted as ``speed-aware``, with a warning."""
+    if arg == "alternate":
+        return MODES
+    if arg == _OLD_SPEED_AWARE:
+        log.warning("--dispatch speed is deprecated, use --dispatch speed-aware")
+        return ("speed-aware",)
+    return (MODES[MODES.index(arg)],)
 
 
 def options(args: argparse.Namespace, rank: int) -> Options:
@@ -441,7 +458,7 @@ def options(args: argparse.Namespace, rank: int) -> Options:
         shift_file=args.shift_file,
         tokens=args.tokens,
         steps=args.steps,
-        dispatch=MODES if args.dispatch == "alternate" else (args.dispatch,),
+        dispatch=dispatch_modes(args.dispatch),
         experts=args.experts,
         slots_per_rank=args.slots_per_rank or -(-args.experts // args.ranks),
         hidden=args.hidden,

@@ -28,7 +28,7 @@ def test_compare_every_strategy_json_and_png(scenario: Scenario) -> None:
 def test_compare_table_subset_with_curves(scenario: Scenario) -> None:
     png = scenario.tmp / "c.png"
     ran = run("compare", "--load", scenario.load, "--gpus", scenario.profile, "--strategies",
-              "greedy,linear", "--dispatch", "best", "--png", png)  # fmt: skip
+              "greedy,linear", "--dispatch", "speed-aware", "--png", png)  # fmt: skip
     assert ran.exit_code == 0, ran.stderr
     assert "greedy" in ran.stdout and "linear" in ran.stdout and "eplb" not in ran.stdout
     assert png.read_bytes().startswith(PNG_MAGIC)
@@ -44,7 +44,8 @@ def test_compare_without_eplb_has_no_relative_column(scenario: Scenario) -> None
 
 def test_best_dispatch_adds_cpsat_best(scenario: Scenario) -> None:
     ran = run("compare", "--load", scenario.load, "--gpus", scenario.gpus, "--redundant", 4,
-              "--dispatch", "best", "--time-limit", 0.3, "--threads", 1, "--json")  # fmt: skip
+              "--dispatch", "speed-aware", "--time-limit", 0.3, "--threads", 1,
+              "--json")  # fmt: skip
     assert ran.exit_code == 0, ran.stderr
     rows = ran.json()["strategies"]
     assert isinstance(rows, list)

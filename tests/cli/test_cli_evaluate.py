@@ -29,8 +29,8 @@ def _evaluate(scenario: Scenario, placement: Path, *extra: str | Path) -> dict[s
 def test_best_dispatch_is_no_worse_than_even(scenario: Scenario) -> None:
     placement = _solve(scenario)
     even = _evaluate(scenario, placement)
-    best = _evaluate(scenario, placement, "--dispatch", "best")
-    assert best["dispatch"] == "best"
+    best = _evaluate(scenario, placement, "--dispatch", "speed-aware")
+    assert best["dispatch"] == "speed-aware"
     assert float(best["straggler"]) <= float(even["straggler"]) * (1 + 1e-9)  # type: ignore[arg-type]
     assert float(best["straggler"]) >= float(best["fluidBound"]) * (1 - 1e-9)  # type: ignore[arg-type]
 

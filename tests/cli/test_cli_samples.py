@@ -27,7 +27,7 @@ def test_evaluate_per_window(scenario: Scenario) -> None:
                  "--out", out)  # fmt: skip
     assert solved.exit_code == 0, solved.stderr
     ran = run("evaluate", "--placement", out, "--samples", scenario.samples, "--window", 8,
-              "--gpus", scenario.gpus, "--dense-layers", 1, "--dispatch", "best",
+              "--gpus", scenario.gpus, "--dense-layers", 1, "--dispatch", "speed-aware",
               "--json")  # fmt: skip
     assert ran.exit_code == 0, ran.stderr
     summary = ran.json()

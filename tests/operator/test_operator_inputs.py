@@ -189,7 +189,7 @@ def test_prometheus_load_hedges_over_bootstrap_or_sub_windows() -> None:
     try:
         spec = PrometheusLoad(url=prometheus.url, window="30m", samples=3, layer_offset=1)
         now = datetime(2026, 1, 1, tzinfo=UTC)
-        windows = fetch_prometheus(PrometheusSource(spec), MODEL, now, dispatch="best")
+        windows = fetch_prometheus(PrometheusSource(spec), MODEL, now, dispatch="speed-aware")
         hedged = fetch_prometheus(PrometheusSource(spec), MODEL, now)
     finally:
         prometheus.close()

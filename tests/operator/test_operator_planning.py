@@ -120,13 +120,13 @@ def test_speed_aware_dispatch_places_and_scores_per_batch() -> None:
         None,
         solver_threads=1,
     )
-    assert (even.proposal.dispatch, aware.proposal.dispatch) == ("even", "best")
-    assert aware.eplb.dispatch == "best" and aware.proposal.layer_time.shape == (4, 2)
+    assert (even.proposal.dispatch, aware.proposal.dispatch) == ("even", "speed-aware")
+    assert aware.eplb.dispatch == "speed-aware" and aware.proposal.layer_time.shape == (4, 2)
     # scored per batch with the best split: never worse than the same placement split evenly
     split_evenly = evaluate(aware.solution.placement, g.cluster, samples).straggler
     assert aware.proposal.straggler <= split_evenly + 1e-9
     # and cpsat placed its copies for that dispatcher: no worse than the even-split placement
     even_placement_best_split = evaluate(
-        even.solution.placement, g.cluster, samples, dispatch="best"
+        even.solution.placement, g.cluster, samples, dispatch="speed-aware"
     ).straggler
     assert aware.proposal.straggler <= even_placement_best_split * (1 + 1e-9)

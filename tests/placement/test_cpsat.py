@@ -3,6 +3,8 @@ traffic- and migration-aware, deterministic with one worker. Short time limits t
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -181,11 +183,12 @@ def test_best_split_mode_never_worse_than_greedy() -> None:
     cluster = Cluster.uniform(8, 4, rng.uniform(0.85, 1.15, 8).tolist())
     samples = np.floor(rng.pareto(1.3, (4, 2, 16)) * 60) + 1
     problem = Problem.build(model, cluster, samples.mean(0), redundant=8, samples=samples)
-    sol = solve(problem, "cpsat", replace(FAST, dispatch="best"))
+    sol = solve(problem, "cpsat", replace(FAST, dispatch="speed-aware"))
     validate(sol.placement, model)
-    best = evaluate(sol.placement, cluster, samples, dispatch="best").straggler
+    best = evaluate(sol.placement, cluster, samples, dispatch="speed-aware").straggler
     assert sol.objective == pytest.approx(best)
-    assert sol.objective <= obj_fn(greedy_table(problem), problem, dispatch="best") * (1 + 1e-9)
+    greedy = obj_fn(greedy_table(problem), problem, dispatch="speed-aware")
+    assert sol.objective <= greedy * (1 + 1e-9)
     assert sol.bound <= sol.objective
     with pytest.raises(ValueError, match="dispatch"):
         solve(problem, "cpsat", replace(FAST, dispatch="fastest"))
@@ -204,3 +207,43 @@ def test_coupled_mode_reports_progress_and_never_claims_optimal() -> None:
     assert seen == [1.0]
     assert sol.status in ("FEASIBLE", "OPTIMAL")  # OPTIMAL only via the proven bound
     assert sol.bound <= sol.objective
+
+
+def _stop_problem() -> Problem:
+    """Big enough that a 60 s limit is used in full: 4 layers x 64 experts on 16 GPUs."""
+    rng = np.random.default_rng(17)
+    model = MoEModelShape(moe_layers=4, experts=64)
+    cluster = Cluster.uniform(16, 4, rng.uniform(0.9, 1.01, 16).tolist())
+    samples = np.floor(rng.pareto(1.3, (8, 4, 64)) * 60) + 1
+    return Problem.build(model, cluster, samples.mean(0), redundant=16, samples=samples)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_stop_event_ends_a_long_solve_early(threads: int) -> None:
+    problem = _stop_problem()
+    stop = threading.Event()
+    timer = threading.Timer(0.5, stop.set)
+    started = time.monotonic()
+    timer.start()
+    sol = solve(problem, "cpsat", SolveOptions(time_limit_s=60.0, threads=threads, stop=stop))
+    wall = time.monotonic() - started
+    timer.cancel()
+    assert wall < 5.0
+    validate(sol.placement, problem.model)
+    assert sol.details["stopped"] == 1.0
+    ev = evaluate(sol.placement, problem.cluster, problem.samples)
+    assert sol.objective == pytest.approx(ev.straggler)
+
+
+def test_stop_callable_before_start_returns_the_warm_start() -> None:
+    problem = _stop_problem()
+    started = time.monotonic()
+    sol = solve(problem, "cpsat", SolveOptions(time_limit_s=60.0, threads=1, stop=lambda: True))
+    assert time.monotonic() - started < 5.0
+    greedy = greedy_table(problem)
+    per_layer = evaluate(
+        Placement.from_table(greedy, problem.model, problem.cluster.size, "greedy"),
+        problem.cluster,
+        problem.samples,
+    ).straggler
+    assert sol.objective == pytest.approx(per_layer)

@@ -48,7 +48,7 @@ def test_even_and_best_split_by_hand() -> None:
     assert even.fluid_bound == pytest.approx(35.0)
     assert even.replica_bound == pytest.approx(20.0)
     assert even.balancedness == pytest.approx(35.0 / 40.0)
-    best = evaluate(p, cluster, load, dispatch="best")
+    best = evaluate(p, cluster, load, dispatch="speed-aware")
     # 10 + x = 20 + (40 - x): x = 25 tokens of expert 0 on GPU0
     assert best.slot_load[0, 0].tolist() == pytest.approx([25.0, 10.0, 20.0, 15.0])
     assert best.straggler == pytest.approx(35.0)
@@ -119,7 +119,7 @@ def test_non_monotone_curve_hull() -> None:
 
 
 @FAST
-@given(problems(), st.integers(0, 2**31), st.sampled_from(["even", "best"]))
+@given(problems(), st.integers(0, 2**31), st.sampled_from(["even", "speed-aware"]))
 def test_bounds_never_exceed_time(problem, seed, dispatch) -> None:  # type: ignore[no-untyped-def]
     p = random_placement(problem, seed)
     load = problem.samples if problem.samples is not None else problem.load
@@ -137,7 +137,7 @@ def test_bounds_never_exceed_time(problem, seed, dispatch) -> None:  # type: ign
 def test_best_split_never_loses_to_even(problem, seed) -> None:  # type: ignore[no-untyped-def]
     p = random_placement(problem, seed)
     even = evaluate(p, problem.cluster, problem.load)
-    best = evaluate(p, problem.cluster, problem.load, dispatch="best")
+    best = evaluate(p, problem.cluster, problem.load, dispatch="speed-aware")
     assert (best.layer_time <= even.layer_time * (1 + 1e-9) + 1e-12).all()
     # each expert's tokens are conserved over its copies
     table = p.table

@@ -217,9 +217,9 @@ def test_sampling_follows_the_dispatch_rule() -> None:
     from placement.load import sampling_for
 
     assert sampling_for("even") == "bootstrap"
-    assert sampling_for("best") == "windows"
+    assert sampling_for("speed-aware") == "windows"
     history = np.random.default_rng(0).poisson(50, size=(4, 2, 5)).astype(float)
-    per_batch = estimate(history, LoadModelConfig(sampling=sampling_for("best")))
+    per_batch = estimate(history, LoadModelConfig(sampling=sampling_for("speed-aware")))
     assert (per_batch.samples == history).all()  # judged batch by batch: the batches as seen
     assert estimate(history, LoadModelConfig(sampling=sampling_for("even"))).samples.shape[0] == 32
 

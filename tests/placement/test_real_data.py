@@ -61,7 +61,7 @@ def test_greedy_beats_eplb_on_held_out_load() -> None:
         p = solve(problem, strategy).placement
         results[strategy] = (
             evaluate(p, cluster, held_out),
-            evaluate(p, cluster, held_out, dispatch="best"),
+            evaluate(p, cluster, held_out, dispatch="speed-aware"),
         )
     eplb_even = min(results["eplb"][0].straggler, results["eplb-global"][0].straggler)
     greedy_even, greedy_best = results["greedy"]

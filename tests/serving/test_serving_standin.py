@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 from moeplace_serving.configdir import write_atomic
-from moeplace_serving.standin import DEFAULT_ROUTING, format_summary, summarize
+from moeplace_serving.standin import DEFAULT_ROUTING, dispatch_modes, format_summary, summarize
 
 from placement import Cluster, MoEModelShape, Placement, Problem
 from placement.solvers import solve
@@ -75,7 +75,7 @@ def test_standin_switches_in_lockstep(tmp_path: Path) -> None:
         sys.executable, "-m", "moeplace_serving.standin", "--ranks", str(RANKS),
         "--speeds", ",".join(map(str, SPEEDS)), "--placement-dir", str(tmp_path / "rank-{rank}"),
         "--prompts", f"{PROMPTS[0]}:{PROMPTS[1]}", "--tokens", "64", "--steps", "0",
-        "--slots-per-rank", "22", "--dispatch", "speed", "--collective-port", str(collective),
+        "--slots-per-rank", "22", "--dispatch", "speed-aware", "--collective-port", str(collective),
         "--metrics-port", str(metrics), "--poll-interval", "0.02", "--step-interval", "0.04",
         "--report", str(report),
     ]  # fmt: skip
@@ -112,3 +112,10 @@ def test_standin_switches_in_lockstep(tmp_path: Path) -> None:
         f"switch at step {switch['step']}: {switch['total_s'] * 1e3:.1f} ms (agree "
         f"{switch['agree_s'] * 1e3:.2f} ms, load weights {switch['move_s'] * 1e3:.1f} ms)"
     )
+
+
+def test_old_speed_spelling_still_selects_speed_aware_dispatch() -> None:
+    # a stand-in pod's args may still say --dispatch speed (the name before speed-aware)
+    assert dispatch_modes("speed") == ("speed-aware",)
+    assert dispatch_modes("even") == ("even",)
+    assert dispatch_modes("alternate") == ("even", "speed-aware")

@@ -1,0 +1,229 @@
+"""The CP-SAT model of one layer (see :mod:`placement.solvers.cpsat` for the formulation),
+the solver's parameters, and running it so that a stop request ends the search."""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+from ortools.sat.python import cp_model
+
+from placement.evaluate import fluid_bound
+from placement.model import FloatArray, IntArray
+from placement.problem import Problem
+from placement.solvers.base import SolveOptions, StopSignal, stop_requested
+
+GAP_LIMIT = 1e-4  # relative gap at which CP-SAT stops and a layer counts as optimal
+_TARGET_UNITS = 1e5  # integer units per layer fluid bound
+_STOP_POLL_S = 0.02  # how often a running search checks for a stop request
+
+
+@dataclass
+class LayerVars:
+    """CP-SAT variables of one layer: c[(e, g, r)], y[(e, r)], the straggler term."""
+
+    c: dict[tuple[int, int, int], cp_model.IntVar] = field(default_factory=dict)
+    y: dict[tuple[int, int], cp_model.IntVar] = field(default_factory=dict)
+    cands: list[list[int]] = field(default_factory=list)
+    straggler: list[cp_model.IntVar] = field(default_factory=list)  # per sample T[k]
+    straggler_max: int = 1  # upper bound of the T[k] domains
+    objective_terms: list[cp_model.LinearExprT] = field(default_factory=list)
+
+    def x(self, e: int, g: int) -> cp_model.LinearExprT:
+        return cp_model.LinearExpr.sum([self.c[(e, g, r)] for r in self.cands[e]])
+
+
+def _candidates(
+    w: FloatArray, hint_counts: IntArray, P: int, G: int, free: bool
+) -> list[list[int]]:
+    """Replica-count candidates per expert: greedy's, and floor/ceil of the proportional rule."""
+    E = w.shape[0]
+    if not free:
+        return [[int(hint_counts[e])] for e in range(E)]
+    total = float(w.sum())
+    ideal = (w / total * P) if total > 0 else np.full(E, P / E)
+    out = []
+    for e in range(E):
+        cand = {int(hint_counts[e]), math.floor(ideal[e]), math.ceil(ideal[e])}
+        out.append(sorted({min(max(r, 1), G) for r in cand}))
+    return out
+
+
+def add_layer(
+    m: cp_model.CpModel,
+    problem: Problem,
+    w: FloatArray,
+    hint_row: IntArray,
+    current_row: IntArray | None,
+    scale: float,
+    hedge: str,
+    free_counts: bool,
+) -> LayerVars:
+    """Add one layer's variables and constraints; w is [K, E] (this layer's samples)."""
+    K, E = w.shape
+    G, S = problem.cluster.size, problem.slots_per_gpu
+    P = G * S
+    hint_counts = np.bincount(hint_row, minlength=E)
+    hint_gpus = [set((np.nonzero(hint_row == e)[0] // S).tolist()) for e in range(E)]
+    v = LayerVars()
+    v.cands = _candidates(w.mean(axis=0), hint_counts, P, G, free_counts)
+
+    for e in range(E):
+        for r in v.cands[e]:
+            yv = m.new_bool_var("")
+            v.y[(e, r)] = yv
+            m.add_hint(yv, r == hint_counts[e])
+            for g in range(G):
+                cv = m.new_bool_var("")
+                v.c[(e, g, r)] = cv
+                m.add_hint(cv, r == hint_counts[e] and g in hint_gpus[e])
+            m.add(cp_model.LinearExpr.sum([v.c[(e, g, r)] for g in range(G)]) == r * yv)
+        m.add_exactly_one(v.y[(e, r)] for r in v.cands[e])
+        for g in range(G):
+            if len(v.cands[e]) > 1:
+                m.add_at_most_one(v.c[(e, g, r)] for r in v.cands[e])
+    for g in range(G):
+        m.add(cp_model.LinearExpr.sum([v.c[(e, g, r)] for e in range(E) for r in v.cands[e]]) == S)
+    m.add(sum(r * v.y[(e, r)] for e in range(E) for r in v.cands[e]) == P)
+
+    cluster = problem.cluster
+    speeds = cluster.speeds
+    hint_share = np.zeros((E, G))
+    for e in range(E):
+        for g in hint_gpus[e]:
+            hint_share[e, g] = 1.0 / hint_counts[e]
+    hint_loads = w @ hint_share  # [K, G]
+    for k in range(K):
+        hint_times = cluster.times(hint_loads[k])
+        t_max = math.ceil(float(hint_times.max()) * scale * 4 + 10)
+        tk = m.new_int_var(0, max(t_max, 1), "")
+        v.straggler_max = max(v.straggler_max, t_max)
+        v.straggler.append(tk)
+        if not cluster.has_curves:
+            keys = [(e, r) for e in range(E) for r in v.cands[e] if w[k, e] > 0]
+            per_copy = np.array([w[k, e] / r for e, r in keys])
+            for g in range(G):
+                coefs = np.round(per_copy / speeds[g] * scale).astype(np.int64).tolist()
+                expr = cp_model.LinearExpr.weighted_sum([v.c[(e, g, r)] for e, r in keys], coefs)
+                m.add(tk >= expr)
+        else:
+            for g in range(G):
+                _add_curve_time(m, problem, g, w[k], v, tk, scale, t_max)
+        m.add_hint(tk, round(float(hint_times.max()) * scale))
+    if current_row is not None and problem.weights.migration > 0:
+        cur = set(zip(current_row.tolist(), (np.arange(P) // S).tolist(), strict=True))
+        moved = cp_model.LinearExpr.sum(
+            [v.x(e, g) for e in range(E) for g in range(G) if (e, g) not in cur]
+        )
+        mig = round(problem.weights.migration * scale)
+        v.objective_terms.append(mig * (K if hedge != "robust" else 1) * moved)
+    return v
+
+
+def _add_curve_time(
+    m: cp_model.CpModel,
+    problem: Problem,
+    g: int,
+    wk: FloatArray,
+    v: LayerVars,
+    tk: cp_model.IntVar,
+    scale: float,
+    t_max: int,
+) -> None:
+    """time_g >= curve_g(load_g), exact piecewise-linear with one boolean per segment.
+
+    Load is in tokens (integer-rounded per copy), time in units of ``1/scale`` µs."""
+    curve = problem.cluster.gpus[g].curve
+    assert curve is not None
+    E = wk.shape[0]
+    terms = [(round(wk[e] / r), v.c[(e, g, r)]) for e in range(E) for r in v.cands[e] if wk[e] > 0]
+    max_load = sum(coef for coef, _ in terms)
+    load = m.new_int_var(0, max(max_load, 1), "")
+    m.add(load == sum(coef * var for coef, var in terms))
+    xs = [0, *curve.tokens]
+    ys = [curve.micros[0], *curve.micros]
+    last_slope = (curve.micros[-1] - curve.micros[-2]) / (curve.tokens[-1] - curve.tokens[-2])
+    segs: list[tuple[int, int, float, float]] = []  # lo, hi, y_lo, slope
+    for s in range(len(xs) - 1):
+        lo, hi = xs[s], xs[s + 1]
+        if lo > max_load:
+            break
+        slope = (ys[s + 1] - ys[s]) / (hi - lo) if s > 0 else 0.0
+        segs.append((lo, hi, ys[s], slope))
+    if xs[-1] < max_load:
+        segs.append((xs[-1], max_load, ys[-1], last_slope))
+    q = 1000
+    bools = []
+    for lo, hi, y_lo, slope in segs:
+        b = m.new_bool_var("")
+        bools.append(b)
+        m.add(load >= lo).only_enforce_if(b)
+        m.add(load <= hi).only_enforce_if(b)
+        # q * t >= q*scale*(y_lo + slope*(load - lo)), coefficients rounded up (safe side)
+        p = math.ceil(slope * scale * q)
+        const = math.ceil(q * scale * y_lo) - p * lo
+        m.add(q * tk >= p * load + const).only_enforce_if(b)
+    m.add_exactly_one(bools)
+    del t_max
+
+
+def solver_params(options: SolveOptions, time_s: float, workers: int) -> cp_model.CpSolver:
+    """CP-SAT parameters. One worker: deterministic (the deterministic-time limit stops it;
+    the wall-clock cap is a safety net at 10x + 1 s). More workers: CP-SAT's parallel portfolio with
+    large-neighbourhood search, stopped by the wall clock (not reproducible run to run)."""
+    solver = cp_model.CpSolver()
+    p = solver.parameters
+    p.max_deterministic_time = max(time_s, 0.01)
+    p.max_time_in_seconds = max(time_s, 0.01) * (10.0 if workers <= 1 else 1.0) + (
+        1.0 if workers <= 1 else 0.0
+    )
+    p.num_workers = max(workers, 1)
+    p.interleave_search = False
+    p.random_seed = options.seed
+    p.relative_gap_limit = GAP_LIMIT
+    p.log_search_progress = False
+    return solver
+
+
+def layer_scale(problem: Problem, loads: FloatArray) -> float:
+    """Integer units per time unit so that a layer's fluid bound is about 1e5 units."""
+    f = float(np.max(fluid_bound(problem.cluster, loads)))
+    return _TARGET_UNITS / f if f > 0 else 1.0
+
+
+def table_from_vars(solver: cp_model.CpSolver, v: LayerVars, E: int, G: int, S: int) -> IntArray:
+    """[P] slot row from a solved layer."""
+    row = np.empty(G * S, dtype=np.int64)
+    fill = [0] * G
+    for e in range(E):
+        for g in range(G):
+            if any(solver.value(v.c[(e, g, r)]) for r in v.cands[e]):
+                row[g * S + fill[g]] = e
+                fill[g] += 1
+    return row
+
+
+def run_search(
+    solver: cp_model.CpSolver, model: cp_model.CpModel, stop: StopSignal | None
+) -> cp_model.CpSolverStatus:
+    """``solver.solve(model)``; a watcher thread ends the search (``stop_search``, the best
+    solution found so far is kept) as soon as ``stop`` asks for it."""
+    if stop is None:
+        return solver.solve(model)
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(_STOP_POLL_S):
+            if stop_requested(stop):
+                solver.stop_search()
+                return
+
+    watcher = threading.Thread(target=watch, name="cpsat-stop", daemon=True)
+    watcher.start()
+    try:
+        return solver.solve(model)
+    finally:
+        done.set()
+        watcher.join()
