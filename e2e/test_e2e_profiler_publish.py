@@ -20,11 +20,12 @@ from typing import Any
 
 import pytest
 from conftest import Cluster
-from moeplace_operator.nodes import CURVES_ANNOTATION, node_gpus
-from moeplace_profiler.publish import PROFILED_AT_ANNOTATION, PublishError, publish
+from moeplace_operator.nodes import node_gpus
+from moeplace_profiler.publish import PublishError, publish
 
 from placement.gpus import ExpertShape, GPUProfile, ProfiledGPU
 from placement.model import LatencyCurve
+from placement.names import CURVES_ANNOTATION, PROFILED_AT_ANNOTATION
 
 pytestmark = pytest.mark.e2e
 

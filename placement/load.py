@@ -29,6 +29,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from placement.model import FloatArray
+from placement.names import LOAD_CSV_COLUMNS, TRANSITIONS_CSV_COLUMNS
 
 Sampling = Literal["bootstrap", "windows"]  # what a solver hedges over: see LoadModelConfig
 
@@ -46,13 +47,14 @@ def read_counts_csv(path: str | Path, experts: int | None = None) -> tuple[Float
     p = Path(path)
     with p.open(newline="") as f:
         reader = csv.DictReader(f)
-        need = {"moe_layer_index", "expert_id", "count"}
+        need = set(LOAD_CSV_COLUMNS)
+        layer, expert, count = LOAD_CSV_COLUMNS
         if reader.fieldnames is None or not need <= set(reader.fieldnames):
             raise LoadFileError(f"{p}: need columns {sorted(need)}, got {reader.fieldnames}")
         rows: list[tuple[int, int, float]] = []
         for i, r in enumerate(reader, start=2):
             try:
-                rows.append((int(r["moe_layer_index"]), int(r["expert_id"]), float(r["count"])))
+                rows.append((int(r[layer]), int(r[expert]), float(r[count])))
             except (TypeError, ValueError) as exc:
                 raise LoadFileError(f"{p}:{i}: {exc}") from exc
     if not rows:
@@ -116,9 +118,6 @@ def read_transitions(path: str | Path | BinaryIO) -> FloatArray:
     return arr
 
 
-TRANSITION_COLUMNS = ("moe_layer_index", "src_expert", "dst_expert", "count")
-
-
 def parse_transitions_csv(
     text: str, experts: int, origin: str = "transitions"
 ) -> tuple[FloatArray, list[int]]:
@@ -129,16 +128,17 @@ def parse_transitions_csv(
     duplicates, negative or non-finite counts and expert ids outside ``0..experts-1`` are
     errors (``origin`` names the source in messages)."""
     reader = csv.DictReader(io.StringIO(text))
-    if reader.fieldnames is None or not set(TRANSITION_COLUMNS) <= set(reader.fieldnames):
+    if reader.fieldnames is None or not set(TRANSITIONS_CSV_COLUMNS) <= set(reader.fieldnames):
         raise LoadFileError(
-            f"{origin}: need columns {list(TRANSITION_COLUMNS)}, got {reader.fieldnames}"
+            f"{origin}: need columns {list(TRANSITIONS_CSV_COLUMNS)}, got {reader.fieldnames}"
         )
+    layer, src, dst, count = TRANSITIONS_CSV_COLUMNS
     ints: list[tuple[int, int, int]] = []
     counts: list[float] = []
     for i, r in enumerate(reader, start=2):
         try:
-            ints.append((int(r["moe_layer_index"]), int(r["src_expert"]), int(r["dst_expert"])))
-            counts.append(float(r["count"]))
+            ints.append((int(r[layer]), int(r[src]), int(r[dst])))
+            counts.append(float(r[count]))
         except (TypeError, ValueError) as exc:
             raise LoadFileError(f"{origin}:{i}: {exc}") from exc
     if not ints:

@@ -21,7 +21,7 @@ from moeplace_operator.build import (
 )
 from moeplace_operator.kube import ForbiddenError, MissingObjectError
 from moeplace_operator.loadsource import MetricsUnavailableError
-from moeplace_operator.nodes import REPROFILE_ANNOTATION, GPUGroup
+from moeplace_operator.nodes import GPUGroup
 from moeplace_operator.runtime import Context, DegradedError
 from moeplace_operator.spec import (
     ConditionType,
@@ -37,6 +37,7 @@ from moeplace_operator.status import (
     status_patch,
 )
 from placement.model import Placement
+from placement.names import OWNER_LABEL, REPROFILE_ANNOTATION
 
 REFUSALS_WORTH_AN_EVENT = {"CooldownActive", "TooManyMoves", "GainBelowThreshold"}
 TRANSITIONS_UNAVAILABLE = "TransitionsUnavailable"
@@ -119,7 +120,7 @@ async def sync_target(ctx: Context, spec: MoEDeploymentSpec, content_hash: str) 
     except ForbiddenError as error:  # the chart's policy: label the target for us
         message = (
             f"{target.kind}/{target.name} not patched (label it "
-            f"moeplace.io/deployment={ctx.name} to allow it): {error}"
+            f"{OWNER_LABEL}={ctx.name} to allow it): {error}"
         )
         raise DegradedError(
             "TargetForbidden",

@@ -21,18 +21,20 @@ from moeplace_operator.spec import (
 from placement.engine_flags import engine_flags
 from placement.formats import parse_canonical, to_sglang
 from placement.model import MoEModelShape, Placement
+from placement.names import (
+    ENGINE_FLAGS_KEY,
+    HASH_ANNOTATION,
+    HASH_KEY,
+    OWNER_LABEL,
+    PLACEMENT_KEY,
+    ROLE_LABEL,
+    ROLLED_OUT_AT_ANNOTATION,
+    SGLANG_KEY,
+    VERSION_ANNOTATION,
+    VERSION_KEY,
+)
 
 Body = dict[str, Any]
-
-ANNOTATION_PREFIX = GROUP
-HASH_ANNOTATION = f"{ANNOTATION_PREFIX}/placement-hash"
-VERSION_ANNOTATION = f"{ANNOTATION_PREFIX}/placement-version"
-ROLLED_OUT_AT_ANNOTATION = f"{ANNOTATION_PREFIX}/rolled-out-at"
-OWNER_LABEL = f"{ANNOTATION_PREFIX}/deployment"
-ROLE_LABEL = f"{ANNOTATION_PREFIX}/role"
-PLACEMENT_KEY = "placement.json"
-SGLANG_KEY = "sglang.json"
-ENGINE_FLAGS_KEY = "engine-flags.json"
 
 
 def rfc3339(moment: datetime) -> str:
@@ -128,8 +130,8 @@ def configmap_body(
             PLACEMENT_KEY: placement.to_json(),
             SGLANG_KEY: json.dumps(to_sglang(placement, hidden_layers), separators=(",", ":")),
             ENGINE_FLAGS_KEY: json.dumps(engine_flags(placement, hidden_layers), indent=2),
-            "hash": content_hash,
-            "version": str(version),
+            HASH_KEY: content_hash,
+            VERSION_KEY: str(version),
         },
     }
 
@@ -141,7 +143,7 @@ def published_version(configmap: Mapping[str, Any] | None) -> int:
         return 0
     data = configmap.get("data") or {}
     annotations = configmap.get("metadata", {}).get("annotations") or {}
-    for raw in (data.get("version"), annotations.get(VERSION_ANNOTATION)):
+    for raw in (data.get(VERSION_KEY), annotations.get(VERSION_ANNOTATION)):
         if isinstance(raw, str) and raw.isdigit():
             return int(raw)
     return 0
@@ -158,7 +160,7 @@ def read_published(configmap: Mapping[str, Any] | None) -> Published | None:
         # ours, solved and validated before it was written: EPLB's may hold two copies of an
         # expert on one GPU, as the engines run it
         placement = parse_canonical(data[PLACEMENT_KEY], allow_duplicates=True)
-        version = int(data.get("version", annotations.get(VERSION_ANNOTATION, "0")))
+        version = int(data.get(VERSION_KEY, annotations.get(VERSION_ANNOTATION, "0")))
         stamp = annotations.get(ROLLED_OUT_AT_ANNOTATION)
         rolled_out_at = parse_rfc3339(stamp.replace("Z", "+0000")) if stamp else None
     except (KeyError, ValueError):

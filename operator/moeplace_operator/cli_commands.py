@@ -10,14 +10,13 @@ import yaml
 from kubernetes.client import ApiClient
 
 from moeplace_operator.build import (
-    PLACEMENT_KEY,
-    ROLE_LABEL,
     placement_configmap_name,
     proposal_configmap_name,
     read_published,
 )
 from moeplace_operator.kube import Kube, MissingObjectError, load_config
 from moeplace_operator.spec import GROUP, MoEDeploymentStatus
+from placement.names import OWNER_LABEL, PLACEMENT_KEY, ROLE_LABEL
 
 
 def _kube(api_client: ApiClient | None) -> Kube:
@@ -34,7 +33,7 @@ def pinned_manifest(name: str, namespace: str, placement_json: str, source_hash:
         "metadata": {
             "name": f"{name}-pinned",
             "namespace": namespace,
-            "labels": {f"{GROUP}/deployment": name, ROLE_LABEL: "pinned"},
+            "labels": {OWNER_LABEL: name, ROLE_LABEL: "pinned"},
             "annotations": {f"{GROUP}/placement-hash": source_hash},
         },
         "data": {PLACEMENT_KEY: placement_json},

@@ -46,11 +46,14 @@ from placement.load import (
     sampling_for,
 )
 from placement.model import FloatArray
+from placement.names import (
+    EXPERT_TOKENS_METRIC,
+    EXPERT_TRANSITIONS_METRIC,
+    LAYER_SECONDS_METRIC,
+    LAYER_TOKENS_METRIC,
+    LOAD_CSV_COLUMNS,
+)
 
-METRIC = "moe_expert_tokens_total"
-TRANSITIONS_METRIC = "moe_expert_transitions_total"
-SECONDS_METRIC = "moe_layer_compute_seconds_total"
-TOKENS_METRIC = "moe_layer_tokens_total"
 MAX_TRANSITIONS_BYTES = 256 * 2**20  # decompressed; a [L-1, E, E] float64 of 25 x 64 x 64 is 0.8 MB
 QUERY_TIMEOUT_S = 10
 _DURATION_PART = re.compile(r"([0-9]+)(ms|s|m|h|d)")
@@ -95,7 +98,8 @@ def _label_value(text: str) -> str:
 
 def default_query(model_name: str) -> str:
     escaped = _label_value(model_name)
-    return f'sum by (layer, expert) (increase({METRIC}{{model="{escaped}"}}[$window]))'
+    selector = f'{EXPERT_TOKENS_METRIC}{{model="{escaped}"}}'
+    return f"sum by (layer, expert) (increase({selector}[$window]))"
 
 
 def parse_range_result(
@@ -370,7 +374,9 @@ def fetch_prometheus(
         ) from None
     if samples.sum() <= 0:
         raise MetricsUnavailableError(
-            "NoTraffic", f"no {METRIC} increase for model {model.name!r} in the last {spec.window}"
+            "NoTraffic",
+            f"no {EXPERT_TOKENS_METRIC} increase for model {model.name!r} in the last "
+            f"{spec.window}",
         )
     half_life = parse_duration(spec.half_life) / step if spec.half_life else None
     sampling = sampling_for(dispatch)
@@ -385,13 +391,14 @@ def parse_load_csv(text: str, model: ModelSpec) -> FloatArray:
     """``moe_layer_index,expert_id,count`` -> [L, E]; layer indices count from the smallest
     one in the file (files number MoE layers by hidden layer, e.g. from 1)."""
     rows = list(csv.DictReader(io.StringIO(text)))
+    layer_column, expert_column, count_column = LOAD_CSV_COLUMNS
     try:
         triples = [
-            (int(r["moe_layer_index"]), int(r["expert_id"]), float(r["count"])) for r in rows
+            (int(r[layer_column]), int(r[expert_column]), float(r[count_column])) for r in rows
         ]
     except (KeyError, ValueError, TypeError) as error:
         raise MetricsUnavailableError(
-            "BadLoadCSV", f"expected columns moe_layer_index,expert_id,count: {error}"
+            "BadLoadCSV", f"expected columns {','.join(LOAD_CSV_COLUMNS)}: {error}"
         ) from error
     if not triples:
         raise MetricsUnavailableError("BadLoadCSV", "the load CSV has no rows")
@@ -449,7 +456,7 @@ def instant_query(
 
 
 def default_transitions_query(model_name: str) -> str:
-    selector = f'{TRANSITIONS_METRIC}{{model="{_label_value(model_name)}"}}'
+    selector = f'{EXPERT_TRANSITIONS_METRIC}{{model="{_label_value(model_name)}"}}'
     return f"sum by (layer, src, dst) (increase({selector}[$window]))"
 
 
@@ -516,7 +523,7 @@ def fetch_prometheus_transitions(
     if transitions.sum() <= 0:
         raise MetricsUnavailableError(
             "NoTransitions",
-            f"no {TRANSITIONS_METRIC} increase for model {model.name!r} in the last "
+            f"no {EXPERT_TRANSITIONS_METRIC} increase for model {model.name!r} in the last "
             f"{spec.window} (serving exports it only when enabled: ServingMetrics(..., "
             "transitions=True))",
         )
@@ -626,7 +633,7 @@ def fetch_rank_counters(
     at = last_step_boundary(now, window / spec.samples)
     client = prometheus_client(source)
     out: list[FloatArray] = []
-    for metric in (SECONDS_METRIC, TOKENS_METRIC):
+    for metric in (LAYER_SECONDS_METRIC, LAYER_TOKENS_METRIC):
         query = rank_query(metric, model.name, format_duration(window))
         series = instant_query(client, source, query, at, "DriftQueryFailed")
         out.append(parse_rank_result(series, ranks))

@@ -13,16 +13,12 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from moeplace_operator.spec import GPUSpec
 from placement.model import GPU, Cluster, LatencyCurve
+from placement.names import CURVES_ANNOTATION, SPEED_LABEL_PREFIX
 
-SPEED_LABEL_PREFIX = "gpu.moeplace.io/speed-"
 # Speeds are relative to the pool's nominal GPU (spreads of 1-20% are what is measured); a
 # value outside (0, 100] is a unit or publishing error, not a GPU 1e300 times faster.
 MAX_RELATIVE_SPEED = 100.0
 _SPEED = TypeAdapter(Annotated[float, Field(gt=0, le=MAX_RELATIVE_SPEED, allow_inf_nan=False)])
-CURVES_ANNOTATION = "gpu.moeplace.io/latency-curves"
-# Set by the operator when a GPU's measured speed drifts from its label; the node's profiler
-# re-profiles when it is newer than its gpu.moeplace.io/profiled-at (moeplace_profiler.publish).
-REPROFILE_ANNOTATION = "gpu.moeplace.io/reprofile-requested-at"
 _SPEED_LABEL = re.compile(re.escape(SPEED_LABEL_PREFIX) + r"(\d+)$")
 
 

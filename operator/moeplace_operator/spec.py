@@ -13,9 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 from placement.evaluate import Dispatch as DispatchRule
+from placement.names import API_GROUP, PLACEMENT_KEY
 from placement.presets import PRESETS, ModelLayout, agreed, check_shape, preset_layout
 
-GROUP = "moeplace.io"
+GROUP = API_GROUP
 VERSION = "v1alpha1"
 KIND = "MoEDeployment"
 PLURAL = "moedeployments"
@@ -483,7 +484,7 @@ class PinnedRef(Camel):
 
     config_map_name: DNSName = Field(description="ConfigMap in the MoEDeployment's namespace.")
     key: str = Field(
-        default="placement.json", min_length=1, description="Key holding the placement JSON."
+        default=PLACEMENT_KEY, min_length=1, description="Key holding the placement JSON."
     )
 
 

@@ -13,6 +13,5 @@ from __future__ import annotations
 
 PROFILE_API_VERSION = "moeplace.io/v1alpha1"
 PROFILE_KIND = "GPUProfile"
-LABEL_PREFIX = "gpu.moeplace.io"
 
-__all__ = ["LABEL_PREFIX", "PROFILE_API_VERSION", "PROFILE_KIND"]
+__all__ = ["PROFILE_API_VERSION", "PROFILE_KIND"]

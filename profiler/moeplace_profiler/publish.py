@@ -26,14 +26,16 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from moeplace_profiler import LABEL_PREFIX
 from placement.gpus import GPUProfile, ProfiledGPU
+from placement.names import (
+    CURVES_ANNOTATION,
+    PROFILED_AT_ANNOTATION,
+    REPROFILE_ANNOTATION,
+    SHAPE_ANNOTATION,
+    SPEED_LABEL_PREFIX,
+    speed_label,
+)
 
-SPEED_LABEL_PREFIX = f"{LABEL_PREFIX}/speed-"
-CURVES_ANNOTATION = f"{LABEL_PREFIX}/latency-curves"
-PROFILED_AT_ANNOTATION = f"{LABEL_PREFIX}/profiled-at"
-SHAPE_ANNOTATION = f"{LABEL_PREFIX}/expert-shape"
-REPROFILE_ANNOTATION = f"{LABEL_PREFIX}/reprofile-requested-at"
 CURVES_BUDGET_BYTES = 64 * 1024
 
 
@@ -52,10 +54,7 @@ def speed_value(speed: float) -> str:
 
 
 def speed_labels(profile: GPUProfile, node: str) -> dict[str, str]:
-    return {
-        f"{SPEED_LABEL_PREFIX}{i}": speed_value(g.speed)
-        for i, g in enumerate(node_gpus(profile, node))
-    }
+    return {speed_label(i): speed_value(g.speed) for i, g in enumerate(node_gpus(profile, node))}
 
 
 def _curves_json(curves: Mapping[str, tuple[list[int], list[float]]], digits: int) -> str:

@@ -39,6 +39,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
+from placement.names import (
+    EXPERT_TOKENS_METRIC,
+    EXPERT_TRANSITIONS_METRIC,
+    LAYER_SECONDS_METRIC,
+    LAYER_TOKENS_METRIC,
+    TRANSITIONS_CSV_COLUMNS,
+)
+
 _EXPERT_LABELS = ["model", "layer", "expert"]
 SWITCH_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0)
 
@@ -66,14 +74,14 @@ class _ArrayCollector(Collector):
             straggler = self.straggler_seconds.tolist()
             transitions = self.transitions.tolist()
         routed = CounterMetricFamily(
-            "moe_expert_tokens", "Tokens routed to each logical expert.", labels=_EXPERT_LABELS
+            EXPERT_TOKENS_METRIC, "Tokens routed to each logical expert.", labels=_EXPERT_LABELS
         )
         for layer, row in enumerate(tokens):
             for expert, count in enumerate(row):
                 routed.add_metric([self.model, str(layer), str(expert)], count)
         yield routed
-        yield self._per_layer("moe_layer_compute_seconds", "Expert compute seconds.", seconds)
-        yield self._per_layer("moe_layer_tokens", "Token-expert pairs computed.", pairs)
+        yield self._per_layer(LAYER_SECONDS_METRIC, "Expert compute seconds.", seconds)
+        yield self._per_layer(LAYER_TOKENS_METRIC, "Token-expert pairs computed.", pairs)
         if self.reporter:
             family = CounterMetricFamily(
                 "moe_layer_straggler_seconds",
@@ -88,7 +96,7 @@ class _ArrayCollector(Collector):
 
     def _transitions(self, counts: list[list[list[int]]]) -> CounterMetricFamily:
         family = CounterMetricFamily(
-            "moe_expert_transitions",
+            EXPERT_TRANSITIONS_METRIC,
             "Token pairs with expert src in MoE layer `layer` and dst in layer + 1.",
             labels=["model", "layer", "src", "dst"],
         )
@@ -237,7 +245,7 @@ class ServingMetrics:
         counts = self.transitions()
         layer, src, dst = np.nonzero(counts)
         out = io.StringIO()
-        out.write("moe_layer_index,src_expert,dst_expert,count\n")
+        out.write(",".join(TRANSITIONS_CSV_COLUMNS) + "\n")
         rows = zip(
             (layer + layer_offset).tolist(),
             src.tolist(),

@@ -32,13 +32,11 @@ from pydantic import ValidationError
 
 from moeplace_serving.metrics import ServingMetrics
 from placement import InvalidPlacementError, Placement, validate
+from placement.names import HASH_KEY, PLACEMENT_KEY, VERSION_KEY
 
 log = logging.getLogger(__name__)
 
 DATA_LINK = "..data"
-PLACEMENT_KEY = "placement.json"
-VERSION_KEY = "version"
-HASH_KEY = "hash"
 
 
 class PlacementCheck(Protocol):

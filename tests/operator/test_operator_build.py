@@ -5,10 +5,6 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from moeplace_operator.build import (
-    ENGINE_FLAGS_KEY,
-    HASH_ANNOTATION,
-    PLACEMENT_KEY,
-    SGLANG_KEY,
     configmap_body,
     decide_rollout,
     published_version,
@@ -19,6 +15,7 @@ from moeplace_operator.spec import ConditionType, RolloutMode, RolloutSpec
 from moeplace_operator.status import already_applied, false, merge_conditions, true
 
 from placement.model import MoEModelShape, Placement
+from placement.names import ENGINE_FLAGS_KEY, HASH_ANNOTATION, PLACEMENT_KEY, SGLANG_KEY
 
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 OWNER = {"metadata": {"name": "demo", "namespace": "ns", "uid": "u-1"}}

@@ -22,7 +22,7 @@ from moeplace_operator.loadsource import (
     parse_rank_result,
     rank_query,
 )
-from moeplace_operator.nodes import REPROFILE_ANNOTATION, NodeGPUs, node_gpus
+from moeplace_operator.nodes import NodeGPUs, node_gpus
 from moeplace_operator.reconcile import Reconcile
 from moeplace_operator.runtime import Runtime
 from moeplace_operator.spec import ModelSpec, PrometheusLoad
@@ -209,8 +209,8 @@ def test_drift_reported_once_node_annotated_then_cleared(
     warnings = [e for e in events if e["reason"] == "SpeedDrift"]
     assert len(warnings) == 1 and warnings[0]["type"] == "Warning"
     assert s.kube.annotated == [
-        ("n0", {REPROFILE_ANNOTATION: "2026-12-01T08:00:00Z"}),
-        ("n1", {REPROFILE_ANNOTATION: "2026-12-01T08:00:00Z"}),
+        ("n0", {"gpu.moeplace.io/reprofile-requested-at": "2026-12-01T08:00:00Z"}),
+        ("n1", {"gpu.moeplace.io/reprofile-requested-at": "2026-12-01T08:00:00Z"}),
     ]
     assert abs(gauge("moeplace_gpu_speed_drift_percent") or 0) == pytest.approx(20)
     assert gauge("moeplace_gpu_speed_drift_gpus") == 2

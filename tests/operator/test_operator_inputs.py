@@ -14,7 +14,6 @@ from moeplace_operator.loadsource import (
     parse_range_result,
 )
 from moeplace_operator.nodes import (
-    CURVES_ANNOTATION,
     NodeGPUs,
     NodesUnavailableError,
     build_gpu_group,
@@ -23,6 +22,8 @@ from moeplace_operator.nodes import (
     parse_speeds,
 )
 from moeplace_operator.spec import GPUSpec, ModelSpec
+
+from placement.names import CURVES_ANNOTATION
 
 MODEL = ModelSpec(
     name="m", moe_layers=2, experts_per_layer=3, dense_layers_before=0, hidden_layers=2

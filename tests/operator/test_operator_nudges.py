@@ -82,35 +82,77 @@ def test_transient_api_fault_keeps_the_daemon_and_its_plans(monkeypatch: object)
     assert done is False  # retried by the same daemon after RETRY_DELAY_S, caches kept
 
 
-def test_forget_object_drops_its_gauges_and_event_memory_only() -> None:
-    from types import SimpleNamespace
+def _samples(gauge: object) -> list[object]:
+    return [s for family in gauge.collect() for s in family.samples]  # type: ignore[attr-defined]
+
+
+def test_a_deleted_deployment_leaves_no_gauge_cache_or_event_memory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The daemon ends when its MoEDeployment is deleted; its ``finally`` must drop every
+    per-object gauge (all of them: a gauge added later without being forgotten fails here),
+    the cached plan and transitions, the Event memory and the nudge event of that object, and
+    nothing of another object."""
+    import logging
+    from concurrent.futures import ThreadPoolExecutor
 
     import kopf
     from moeplace_operator import handlers, metrics
+    from moeplace_operator.runtime import CachedTransitions, Runtime
+    from prometheus_client import Gauge
 
-    forgotten: list[str] = []
+    per_object = [
+        g
+        for g in vars(metrics).values()
+        if isinstance(g, Gauge) and g._labelnames == ("namespace", "name")
+    ]
+    assert len(per_object) >= 4
+    passes: list[str] = []
+
+    async def one_pass(self: handlers.Reconcile) -> None:  # what a real pass leaves behind
+        for owner in (self.name, "other"):
+            for gauge in per_object:
+                gauge.labels(self.namespace, owner).set(1.0)
+            self.events.remember(f"{self.namespace}/{owner}", "CooldownActive", "h")
+            self.runtime.plans[f"{self.namespace}/{owner}"] = ("f", None, self.now)  # type: ignore[assignment]
+            self.runtime.transitions[f"{self.namespace}/{owner}"] = CachedTransitions(
+                "s",
+                self.now,
+                None,  # type: ignore[arg-type]
+            )
+        passes.append(self.name)
+
+    class StoppedAfterOnePass:
+        def __bool__(self) -> bool:  # the object was deleted during the first pass
+            return bool(passes)
+
+    monkeypatch.setattr(handlers.Reconcile, "run", one_pass)
+    runtime = Runtime(object(), ThreadPoolExecutor(1), solver_threads=1)  # type: ignore[arg-type]
     events = EventDedup()
-    for key, topic, signature in [
-        ("ns/a", "SpeedDrift", "x"),
-        ("ns/ab", "SpeedDrift", "y"),
-        ("ns/a", "CooldownActive", "z"),
-    ]:
-        events.remember(key, topic, signature)
-    memo = kopf.Memo(runtime=SimpleNamespace(forget=forgotten.append), events=events)
-    metrics.PREDICTED_GAIN.labels("ns", "a").set(4.0)
-    metrics.PREDICTED_GAIN.labels("ns", "ab").set(2.0)
-    metrics.SPEED_DRIFT.labels("ns", "a").set(-12.0)
-    handlers.forget_object(memo, "ns", "a")
-    assert forgotten == ["ns/a"]
-    assert not events.seen("ns/a", "SpeedDrift", "x")
-    assert not events.seen("ns/a", "CooldownActive", "z")
-    assert events.seen("ns/ab", "SpeedDrift", "y")  # a name sharing the prefix stays
-    names = {(s.labels["namespace"], s.labels["name"]) for s in _samples(metrics.PREDICTED_GAIN)}
-    assert ("ns", "a") not in names and ("ns", "ab") in names
-    assert ("ns", "a") not in {
-        (s.labels["namespace"], s.labels["name"]) for s in _samples(metrics.SPEED_DRIFT)
-    }
+    nudges = handlers.Nudges()
+    memo = kopf.Memo(runtime=runtime, events=events, nudges=nudges)
+    body = kopf.Body(
+        {"metadata": {"namespace": "ns", "name": "gone"}, "spec": {"reconcileIntervalSeconds": 0}}
+    )
+    asyncio.run(
+        handlers.reconciler(
+            body=body,
+            namespace="ns",
+            name="gone",
+            stopped=StoppedAfterOnePass(),  # type: ignore[arg-type]
+            memo=memo,
+            logger=logging.getLogger("t"),
+            gpu_node_index={},
+        )
+    )
 
-
-def _samples(gauge: object) -> list[object]:
-    return [s for family in gauge.collect() for s in family.samples]  # type: ignore[attr-defined]
+    assert passes == ["gone"]
+    for gauge in per_object:
+        owners = {s.labels["name"] for s in _samples(gauge) if s.labels.get("namespace") == "ns"}
+        assert "gone" not in owners and "other" in owners, gauge
+    assert not events.seen("ns/gone", "CooldownActive", "h")
+    assert events.seen("ns/other", "CooldownActive", "h")
+    assert set(runtime.plans) == set(runtime.transitions) == {"ns/other"}
+    assert ("ns", "gone") not in nudges._events
+    for gauge in per_object:
+        gauge.remove("ns", "other")  # other tests read these gauges

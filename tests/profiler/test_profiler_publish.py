@@ -7,9 +7,6 @@ from typing import Any
 import pytest
 from moeplace_operator.nodes import node_gpus
 from moeplace_profiler.publish import (
-    CURVES_ANNOTATION,
-    PROFILED_AT_ANNOTATION,
-    SHAPE_ANNOTATION,
     PublishError,
     curves_annotation,
     node_name_from_env,
@@ -20,6 +17,7 @@ from moeplace_profiler.publish import (
 
 from placement.gpus import ExpertShape, GPUProfile, ProfiledGPU
 from placement.model import LatencyCurve
+from placement.names import CURVES_ANNOTATION, PROFILED_AT_ANNOTATION, SHAPE_ANNOTATION
 
 
 def profile(points: int = 15) -> GPUProfile:

@@ -8,11 +8,9 @@ from typing import Any
 
 import pytest
 from moeplace_profiler import __main__ as cli
-from moeplace_profiler.publish import (
-    PROFILED_AT_ANNOTATION,
-    REPROFILE_ANNOTATION,
-    reprofile_requested,
-)
+from moeplace_profiler.publish import reprofile_requested
+
+from placement.names import PROFILED_AT_ANNOTATION, REPROFILE_ANNOTATION
 
 
 def node(annotations: dict[str, str] | None) -> Any:
@@ -65,11 +63,13 @@ def test_the_operator_writes_what_the_profiler_reads() -> None:
     from datetime import UTC, datetime
 
     from moeplace_operator.build import rfc3339
-    from moeplace_operator.nodes import REPROFILE_ANNOTATION as OPERATOR_ANNOTATION
 
-    assert OPERATOR_ANNOTATION == REPROFILE_ANNOTATION
     stamp = rfc3339(datetime(2026, 12, 1, 8, 0, 5, tzinfo=UTC))
-    ann = {PROFILED_AT_ANNOTATION: "2026-12-01T08:00:04Z", REPROFILE_ANNOTATION: stamp}
+    # the wire names, spelled out: both sides use placement.names
+    ann = {
+        "gpu.moeplace.io/profiled-at": "2026-12-01T08:00:04Z",
+        "gpu.moeplace.io/reprofile-requested-at": stamp,
+    }
     assert reprofile_requested(node(ann))
 
 
