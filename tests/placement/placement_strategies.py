@@ -76,3 +76,20 @@ def random_placement(problem: Problem, seed: int) -> Placement:
                 rows.append([e for h in held for e in sorted(h)])
                 break
     return Placement.from_table(rows, problem.model, G, "random")
+
+
+@st.composite
+def tiny_problems(draw: st.DrawFn, with_curves: bool | None = None) -> Problem:
+    """A problem small enough to enumerate every placement: 2..3 GPUs x 2..3 slots, 1..2
+    layers, at least one redundant copy, sometimes 1..3 load samples."""
+    cluster = draw(clusters(3, with_curves).filter(lambda c: c.size >= 2))
+    G = cluster.size
+    S = draw(st.integers(2, 3))
+    E = draw(st.integers(S, G * S - 1))
+    L = draw(st.integers(1, 2))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    load = np.floor(rng.pareto(1.0, (L, E)) * 30) + draw(st.sampled_from([0.0, 1.0]))
+    samples = None
+    if draw(st.booleans()):
+        samples = load[None] * rng.uniform(0.3, 1.7, (draw(st.integers(1, 3)), L, E))
+    return Problem(MoEModelShape(moe_layers=L, experts=E), cluster, S, load, samples=samples)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from placement_reference import best_split_time, confined_need, gpu_sets, straggler
 from placement_strategies import curves, problems, random_placement
 
 from placement.dispatch import TimeModel, best_split
@@ -133,6 +134,19 @@ def test_bounds_never_exceed_time(problem, seed, dispatch) -> None:  # type: ign
 
 
 @FAST
+@given(problems(), st.integers(0, 2**31), st.sampled_from(["expected", "robust"]))
+def test_straggler_matches_the_reference(problem, seed, hedge) -> None:  # type: ignore[no-untyped-def]
+    """evaluate's straggler time (the one every strategy is scored with, and cpsat's
+    objective) against the hand-written token-by-token evaluator, speeds and curves."""
+    p = random_placement(problem, seed)
+    load = problem.samples if problem.samples is not None else problem.load
+    layer_time = evaluate(p, problem.cluster, load).layer_time  # [K, L]
+    hedged = layer_time.max(0) if hedge == "robust" else layer_time.mean(0)
+    expect = straggler(p.table, problem.cluster, load, hedge)
+    assert float(hedged.sum()) == pytest.approx(expect, rel=1e-9, abs=1e-9)
+
+
+@FAST
 @given(problems(), st.integers(0, 2**31))
 def test_best_split_never_loses_to_even(problem, seed) -> None:  # type: ignore[no-untyped-def]
     p = random_placement(problem, seed)
@@ -153,18 +167,14 @@ def test_best_split_never_loses_to_even(problem, seed) -> None:  # type: ignore[
 def test_best_split_is_optimal_with_speeds(problem, seed) -> None:  # type: ignore[no-untyped-def]
     """Against the exact optimum: min T s.t. the split covers each expert and GPU g's tokens
     <= speed_g * T, which is the largest need(H) / speed(H) over sets H of GPUs (Gale's
-    condition; see :func:`_confined_need`)."""
+    condition; :func:`placement_reference.best_split_time`)."""
     p = random_placement(problem, seed)
     model = TimeModel(problem.cluster)
-    S = p.slots_per_gpu
-    speeds = np.array([gpu.speed for gpu in problem.cluster.gpus])
+    speeds = [gpu.speed for gpu in problem.cluster.gpus]
     for layer in range(p.table.shape[0]):
         row, w = p.table[layer], problem.load[layer]
-        split = best_split(row, w, model, S)
-        optimum = max(
-            _confined_need(row, w, S, inside) / float(speeds[sorted(inside)].sum())
-            for inside in _gpu_sets(speeds.size)
-        )
+        split = best_split(row, w, model, p.slots_per_gpu)
+        optimum = best_split_time(row.tolist(), speeds, w.tolist())
         assert split.time == pytest.approx(optimum, rel=1e-9, abs=1e-9)
 
 
@@ -191,27 +201,10 @@ def test_time_model_matches_cluster(cs, loads) -> None:  # type: ignore[no-untyp
     assert (model.hull_time(x) <= model.time(x) + 1e-9).all()
 
 
-def _gpu_sets(num_gpus: int) -> list[set[int]]:
-    """Every nonempty set of GPU indices."""
-    return [{g for g in range(num_gpus) if bits >> g & 1} for bits in range(1, 2**num_gpus)]
-
-
-def _confined_need(row: np.ndarray, w: np.ndarray, S: int, inside: set[int]) -> float:
-    """Tokens of the experts whose copies all lie on the GPUs ``inside``. By Gale's condition
-    (transportation with uncapacitated edges) a split with GPU g taking at most cap_g exists
-    iff this is <= the capacity of ``inside`` for every set of GPUs: an exact oracle (an LP
-    solver's feasibility tolerance once let a 2e-4-token overload through)."""
-    return sum(
-        float(w[e])
-        for e in range(w.size)
-        if set((np.flatnonzero(row == e) // S).tolist()) <= inside
-    )
-
-
 def _flow_feasible(row: np.ndarray, w: np.ndarray, caps: np.ndarray, S: int) -> bool:
     """Can the layer's tokens be split over copies with GPU g taking at most caps[g]?"""
-    for inside in _gpu_sets(caps.size):
-        need = _confined_need(row, w, S, inside)
+    for inside in gpu_sets(caps.size):
+        need = confined_need(row, w, S, inside)
         if need > float(caps[sorted(inside)].sum()) + 1e-9 * max(need, 1.0):
             return False
     return True

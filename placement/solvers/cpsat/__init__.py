@@ -5,9 +5,12 @@ Notation: L layers, E experts, G GPUs, S slots per GPU, P = G * S slots, K load 
 The model, per MoE layer (layers are coupled only by the traffic term, see below):
 
 Variables
-    ``y[e, r]`` (bool): expert ``e`` gets ``r`` copies, for ``r`` in a small candidate set
-    ``R_e`` (at most 3 values: greedy's count and the floor/ceiling of the proportional rule
-    ``r*_e = P * w_e / sum(w)``, clipped to 1..G). Exactly one ``y[e, r]`` per expert.
+    ``y[e, r]`` (bool): expert ``e`` gets ``r`` copies, for ``r`` in a candidate set ``R_e``:
+    every count ``1 .. min(G, 1 + redundant)`` where ``E * G * min(G, 1 + redundant)`` is at
+    most 3000 (then the model is the placement problem itself), else at most 3 values
+    (the warm start's count and the floor/ceiling of the proportional rule
+    ``r*_e = P * w_e / sum(w)``, clipped to 1..G; the warm start's alone above E * G =
+    20000). Exactly one ``y[e, r]`` per expert.
     ``c[e, g, r]`` (bool): ``e`` has ``r`` copies and one of them is on GPU ``g``.
     ``x[e, g] = sum_r c[e, g, r]`` is the copy indicator of the task statement.
 
@@ -61,9 +64,11 @@ Solving, per layer (without traffic coupling: ``weights.traffic == 0`` or no tra
     (``threads`` = ``options.threads``, 0 = all cores; one worker for ``threads == 1``); each
     layer gets an even share of the time still left, so layers that finish early leave time
     to the rest. ``progress`` is called after each layer.
-    Reported bound: per layer the largest of CP-SAT's bound, the fluid bound and the copy
-    bound (the heaviest expert has at most ``min(G, 1 + redundant)`` copies; without
-    redundancy its GPU also holds the S - 1 lightest experts), summed over layers; traffic and
+    Reported bound: per layer the largest of CP-SAT's bound (only where every replica count
+    was open to it: a restricted model's bound and OPTIMAL say nothing about placements with
+    other counts), the fluid bound and the copy bound (the heaviest expert has at most
+    ``min(G, 1 + redundant)`` copies; without redundancy its GPU also holds the S - 1
+    lightest experts), summed over layers; traffic and
     migration terms count 0 in it. With traffic coupling, one model holds all layers (replica
     counts fixed to greedy's, no local search) and gets the whole budget.
 

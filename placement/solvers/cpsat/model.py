@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 from ortools.sat.python import cp_model
@@ -26,7 +27,7 @@ class LayerVars:
 
     c: dict[tuple[int, int, int], cp_model.IntVar] = field(default_factory=dict)
     y: dict[tuple[int, int], cp_model.IntVar] = field(default_factory=dict)
-    cands: list[list[int]] = field(default_factory=list)
+    cands: list[list[int]] = field(default_factory=list)  # replica counts allowed per expert
     straggler: list[cp_model.IntVar] = field(default_factory=list)  # per sample T[k]
     straggler_max: int = 1  # upper bound of the T[k] domains
     objective_terms: list[cp_model.LinearExprT] = field(default_factory=list)
@@ -35,13 +36,27 @@ class LayerVars:
         return cp_model.LinearExpr.sum([self.c[(e, g, r)] for r in self.cands[e]])
 
 
-def _candidates(
-    w: FloatArray, hint_counts: IntArray, P: int, G: int, free: bool
+# which replica counts the model may choose per expert: "fixed" (the warm start's), "near"
+# (the warm start's and the floor/ceiling of the proportional rule) or "all" (1 ..
+# min(G, 1 + redundant), the only choice under which CP-SAT's bound and OPTIMAL hold for the
+# placement problem itself rather than for the restricted model)
+CountChoice = Literal["fixed", "near", "all"]
+
+
+def most_copies(E: int, G: int, P: int) -> int:
+    """The most copies one expert can have: one per GPU, and every other expert needs a slot."""
+    return min(G, P - E + 1)
+
+
+def replica_candidates(
+    w: FloatArray, hint_counts: IntArray, P: int, G: int, choice: CountChoice
 ) -> list[list[int]]:
-    """Replica-count candidates per expert: greedy's, and floor/ceil of the proportional rule."""
+    """Replica-count candidates per expert for ``choice`` (``w`` [E] is the mean load)."""
     E = w.shape[0]
-    if not free:
+    if choice == "fixed":
         return [[int(hint_counts[e])] for e in range(E)]
+    if choice == "all":
+        return [list(range(1, most_copies(E, G, P) + 1)) for _ in range(E)]
     total = float(w.sum())
     ideal = (w / total * P) if total > 0 else np.full(E, P / E)
     out = []
@@ -59,16 +74,17 @@ def add_layer(
     current_row: IntArray | None,
     scale: float,
     hedge: str,
-    free_counts: bool,
+    cands: list[list[int]],
 ) -> LayerVars:
-    """Add one layer's variables and constraints; w is [K, E] (this layer's samples)."""
+    """Add one layer's variables and constraints; w is [K, E] (this layer's samples), ``cands``
+    the replica counts each expert may get (:func:`replica_candidates`)."""
     K, E = w.shape
     G, S = problem.cluster.size, problem.slots_per_gpu
     P = G * S
     hint_counts = np.bincount(hint_row, minlength=E)
     hint_gpus = [set((np.nonzero(hint_row == e)[0] // S).tolist()) for e in range(E)]
     v = LayerVars()
-    v.cands = _candidates(w.mean(axis=0), hint_counts, P, G, free_counts)
+    v.cands = cands
 
     for e in range(E):
         for r in v.cands[e]:

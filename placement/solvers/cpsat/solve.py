@@ -17,16 +17,19 @@ import numpy as np
 from ortools.sat.python import cp_model
 
 from placement.evaluate import DISPATCH_RULES, Dispatch
-from placement.model import IntArray, Placement
+from placement.model import FloatArray, IntArray, Placement
 from placement.problem import Problem
 from placement.solvers.base import Solution, SolveOptions, register, stop_requested
 from placement.solvers.cpsat.dispatch_polish import flex_polish
 from placement.solvers.cpsat.local_search import SWAP_S_PER_UNIT, polish
 from placement.solvers.cpsat.model import (
     GAP_LIMIT,
+    CountChoice,
     LayerVars,
     add_layer,
     layer_scale,
+    most_copies,
+    replica_candidates,
     run_search,
     solver_params,
     table_from_vars,
@@ -41,7 +44,10 @@ from placement.solvers.cpsat.objective import (
 
 _MAX_PAIRS_PER_BOUNDARY = 64
 _POLISH_SHARE = 0.4  # of a layer's budget for the local search before CP-SAT
-_FREE_COUNTS_MAX = 20000  # E * G up to which CP-SAT may change replica counts
+_FREE_COUNTS_MAX = 20000  # E * G up to which CP-SAT may change replica counts ("near")
+# E * G * (most copies) up to which CP-SAT may give any expert any count ("all"): the model
+# is then the placement problem itself and its bound and OPTIMAL can be trusted
+_ALL_COUNTS_MAX = 3000
 _BUILD_S_PER_TERM = 2e-6  # rough cost of building the CP-SAT model, seconds per term
 _MIN_SOLVE_S = 0.05
 _BUILD_S_PER_VAR = 6e-6  # CP-SAT model building (deterministic mode): per boolean c[e, g, r]
@@ -186,11 +192,14 @@ def _solve_layer_even(
     if stop_requested(options.stop):
         return _LayerResult(row, min(fluid, obj), False, improved)
     # CP-SAT, if the model can be built and searched in what is left of the budget
-    free = E * G <= _FREE_COUNTS_MAX
-    terms = K * G * E * (3 if free else 1)
+    cands = _count_candidates(problem, loads, row)
+    # its bound holds for the placement problem only if no replica count was ruled out
+    every_count = [list(range(1, most_copies(E, G, G * S) + 1))] * E
+    exact_counts = cands == every_count
+    variables = G * sum(len(c) for c in cands)
+    terms = K * variables
     if deterministic:  # by the cost model only, never by the clock
         left = (1 - _POLISH_SHARE) * budget_s
-        variables = G * E * (3 if free else 1)
         build = variables * _BUILD_S_PER_VAR + terms * _BUILD_S_PER_TERM_DET
         if problem.cluster.has_curves:
             build += K * G * _BUILD_S_PER_CURVE
@@ -203,7 +212,7 @@ def _solve_layer_even(
             return _LayerResult(row, min(fluid, obj), False, improved)
     scale = layer_scale(problem, loads)
     m = cp_model.CpModel()
-    v = add_layer(m, problem, loads, row, current, scale, hedge, free)
+    v = add_layer(m, problem, loads, row, current, scale, hedge, cands)
     if hedge == "robust":
         t = m.new_int_var(0, v.straggler_max, "")
         for tk in v.straggler:
@@ -222,14 +231,30 @@ def _solve_layer_even(
     bound = fluid
     optimal = False
     if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        # the integer model rounds coefficients; allow for that before trusting its bound
-        bound = max(fluid, solver.best_objective_bound / div * (1.0 - 1e-4))
-        optimal = status == cp_model.OPTIMAL
+        if exact_counts:  # a restricted model's bound is no bound on the problem
+            # the integer model rounds coefficients; allow for that before trusting its bound
+            bound = max(fluid, solver.best_objective_bound / div * (1.0 - 1e-4))
+            optimal = status == cp_model.OPTIMAL
         cand = table_from_vars(solver, v, E, G, S)
         cand_obj = float(layer_objective(cand[None, :], sub, hedge)[0])
         if cand_obj < obj - 1e-9 * max(obj, 1.0):
             row, obj, improved = cand, cand_obj, True
     return _LayerResult(row, min(bound, obj), optimal, improved)
+
+
+def _count_candidates(problem: Problem, loads: FloatArray, row: IntArray) -> list[list[int]]:
+    """The replica counts CP-SAT may choose for one layer (``loads`` [K, E], ``row`` the
+    polished warm start): every count where the model stays small, else counts near the
+    proportional rule, else the warm start's."""
+    E, G, S = problem.model.experts, problem.cluster.size, problem.slots_per_gpu
+    P = G * S
+    choice: CountChoice = "fixed"
+    if E * G * most_copies(E, G, P) <= _ALL_COUNTS_MAX:
+        choice = "all"
+    elif E * G <= _FREE_COUNTS_MAX:
+        choice = "near"
+    counts = np.bincount(row, minlength=E)
+    return replica_candidates(loads.mean(0), counts, P, G, choice)
 
 
 def _solve_independent(
@@ -295,7 +320,9 @@ def _solve_coupled(
     layers: list[LayerVars] = []
     for layer in range(L):
         cur = problem.current.table[layer] if problem.current is not None else None
-        layers.append(add_layer(m, problem, loads[:, layer], hint[layer], cur, scale, hedge, False))
+        warm = np.bincount(hint[layer], minlength=E)
+        fixed = replica_candidates(loads[:, layer].mean(0), warm, G * S, G, "fixed")
+        layers.append(add_layer(m, problem, loads[:, layer], hint[layer], cur, scale, hedge, fixed))
     counts = np.stack([np.bincount(hint[layer], minlength=E) for layer in range(L)])
     per = float(K) if hedge != "robust" else 1.0
     traffic_terms: list[cp_model.LinearExprT] = []
