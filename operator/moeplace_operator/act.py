@@ -10,7 +10,6 @@ import kopf
 
 from moeplace_operator import metrics
 from moeplace_operator.build import (
-    Decision,
     Published,
     configmap_body,
     placement_configmap_name,
@@ -38,6 +37,7 @@ from moeplace_operator.status import (
 )
 from placement.model import Placement
 from placement.names import OWNER_LABEL, REPROFILE_ANNOTATION
+from placement.policy import Decision
 
 REFUSALS_WORTH_AN_EVENT = {"CooldownActive", "TooManyMoves", "GainBelowThreshold"}
 TRANSITIONS_UNAVAILABLE = "TransitionsUnavailable"

@@ -1,23 +1,16 @@
-"""Pure builders and decisions: manifests, "roll out or not" (the status they end in is
-``status``). No I/O, no clocks (``now`` is passed in), so every rule here is a unit test
-away."""
+"""Pure builders: manifests and the ConfigMaps placements are published in (the "roll out or
+not" rules are ``placement.policy``, the status they end in is ``status``). No I/O, no clocks,
+so every rule here is a unit test away."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
-from moeplace_operator.spec import (
-    GROUP,
-    KIND,
-    VERSION,
-    ModelSpec,
-    RolloutMode,
-    RolloutSpec,
-)
+from moeplace_operator.spec import GROUP, KIND, VERSION, ModelSpec
 from placement.engine_flags import engine_flags
 from placement.formats import parse_canonical, to_sglang
 from placement.model import MoEModelShape, Placement
@@ -180,70 +173,6 @@ def fits(placement: Placement, shape: MoEModelShape, num_gpus: int, slots_per_gp
         placement.model == shape
         and placement.num_gpus == num_gpus
         and placement.slots_per_gpu == slots_per_gpu
-    )
-
-
-def gain_percent(before: float, after: float) -> float:
-    """Predicted straggler-time improvement of ``after`` over ``before``, in percent."""
-    return 0.0 if before <= 0 else 100.0 * (before - after) / before
-
-
-@dataclass(frozen=True)
-class Decision:
-    roll: bool
-    reason: str
-    message: str
-
-
-def decide_rollout(
-    *,
-    rollout: RolloutSpec,
-    cooldown: timedelta,
-    current_hash: str | None,
-    proposed_hash: str,
-    gain: float,
-    moved: int,
-    last_rollout: datetime | None,
-    now: datetime,
-) -> Decision:
-    """Whether the proposed placement replaces the one in service.
-
-    ``current_hash`` is None when nothing valid for this shape and EP group is in service:
-    then the proposal goes out whatever the gain (except in Propose mode). In Pinned mode the
-    "proposal" is the pinned placement, which goes out whenever it differs."""
-    if rollout.mode is RolloutMode.PROPOSE:
-        return Decision(False, "ProposeMode", f"proposal {proposed_hash} published, not rolled out")
-    if current_hash == proposed_hash:
-        return Decision(False, "UpToDate", f"placement {proposed_hash} is in service")
-    if current_hash is None:
-        return Decision(True, "InitialPlacement", f"first placement {proposed_hash} for this group")
-    if rollout.mode is RolloutMode.PINNED:
-        return Decision(True, "PinnedChanged", f"pinned placement {proposed_hash} rolled out")
-    if gain <= rollout.min_improvement_percent:
-        return Decision(
-            False,
-            "GainBelowThreshold",
-            f"predicted gain {gain:.2f}% <= minImprovementPercent "
-            f"{rollout.min_improvement_percent:g}%: keeping {current_hash}",
-        )
-    if last_rollout is not None and now - last_rollout < cooldown:
-        wait = cooldown - (now - last_rollout)
-        return Decision(
-            False,
-            "CooldownActive",
-            f"gain {gain:.2f}% but the last rollout was "
-            f"{int((now - last_rollout).total_seconds())}s ago; next possible in "
-            f"{int(wait.total_seconds())}s",
-        )
-    if rollout.max_moved_experts is not None and moved > rollout.max_moved_experts:
-        return Decision(
-            False,
-            "TooManyMoves",
-            f"gain {gain:.2f}% needs {moved} moved expert copies > maxMovedExperts "
-            f"{rollout.max_moved_experts}",
-        )
-    return Decision(
-        True, "GainAboveThreshold", f"predicted gain {gain:.2f}%: rolling out {proposed_hash}"
     )
 
 

@@ -1,6 +1,6 @@
 """Decide: the plan for this pass (cached while its inputs are unchanged, else solved in the
 solver pool) and whether its candidate replaces the placement in service (the rules are
-``build.decide_rollout``; this picks what they compare)."""
+``placement.policy.decide_rollout``; this picks what they compare)."""
 
 from __future__ import annotations
 
@@ -9,15 +9,16 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from moeplace_operator import metrics
-from moeplace_operator.build import Decision, Published, decide_rollout, gain_percent
+from moeplace_operator.build import Published
 from moeplace_operator.loadsource import LoadData, parse_duration
 from moeplace_operator.nodes import GPUGroup
 from moeplace_operator.planning import Plan, fitting, inputs_fingerprint, plan
 from moeplace_operator.runtime import Context, DegradedError
-from moeplace_operator.spec import ConditionType, MoEDeploymentSpec
+from moeplace_operator.spec import ConditionType, MoEDeploymentSpec, RolloutSpec
 from moeplace_operator.status import false
 from placement.evaluate import Evaluation
 from placement.model import Placement
+from placement.policy import Decision, RolloutRules, decide_rollout, gain_percent
 
 
 async def plan_for(
@@ -62,6 +63,15 @@ class Choice:
     decision: Decision
 
 
+def rollout_rules(rollout: RolloutSpec) -> RolloutRules:
+    return RolloutRules(
+        mode=rollout.mode,
+        min_improvement_percent=rollout.min_improvement_percent,
+        cooldown=parse_duration(rollout.cooldown),
+        max_moved_experts=rollout.max_moved_experts,
+    )
+
+
 def choose(
     spec: MoEDeploymentSpec,
     group: GPUGroup,
@@ -80,8 +90,7 @@ def choose(
     current = in_service.placement if in_service else None
     in_service_fits = in_service is not None and fitting(current, spec, group) is not None
     decision = decide_rollout(
-        rollout=spec.rollout,
-        cooldown=parse_duration(spec.rollout.cooldown),
+        rules=rollout_rules(spec.rollout),
         current_hash=in_service.hash if in_service and in_service_fits else None,
         proposed_hash=candidate.content_hash(),
         gain=gain,

@@ -8,12 +8,13 @@ import math
 from dataclasses import dataclass, replace
 
 import placement.solvers  # noqa: F401  (registers the strategies)
-from moeplace_operator.build import fits, gain_percent, model_shape
+from moeplace_operator.build import fits, model_shape
 from moeplace_operator.loadsource import LoadData
 from moeplace_operator.nodes import GPUGroup
 from moeplace_operator.spec import Dispatch, MoEDeploymentSpec
 from placement.evaluate import Evaluation, evaluate
 from placement.model import FloatArray, Placement
+from placement.policy import gain_percent
 from placement.problem import Problem, Weights
 from placement.solvers.base import Solution, SolveOptions, solve
 from placement.validate import validate

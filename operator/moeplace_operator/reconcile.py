@@ -21,7 +21,6 @@ from moeplace_operator.spec import (
     MoEDeploymentSpec,
     MoEDeploymentStatus,
     PlacementSummary,
-    RolloutMode,
 )
 from moeplace_operator.status import (
     ConditionUpdate,
@@ -33,6 +32,7 @@ from moeplace_operator.status import (
     degraded_updates,
     false,
 )
+from placement.policy import RolloutMode
 
 
 class Reconcile(Context):

@@ -14,6 +14,7 @@ from pydantic.alias_generators import to_camel
 
 from placement.evaluate import Dispatch as DispatchRule
 from placement.names import API_GROUP, PLACEMENT_KEY
+from placement.policy import RolloutMode
 from placement.presets import PRESETS, ModelLayout, agreed, check_shape, preset_layout
 
 GROUP = API_GROUP
@@ -458,12 +459,6 @@ class LoadSpec(Camel):
 
     prometheus: PrometheusLoad | None = Field(default=None, description="Load from Prometheus.")
     static: StaticLoad | None = Field(default=None, description="Load from a ConfigMap CSV.")
-
-
-class RolloutMode(StrEnum):
-    AUTO = "Auto"
-    PROPOSE = "Propose"
-    PINNED = "Pinned"
 
 
 class TargetKind(StrEnum):

@@ -12,7 +12,6 @@ from typing import Any
 
 from moeplace_operator.build import (
     Body,
-    Decision,
     Published,
     placement_configmap_name,
     proposal_configmap_name,
@@ -27,10 +26,10 @@ from moeplace_operator.spec import (
     ConditionType,
     MoEDeploymentSpec,
     PlacementSummary,
-    RolloutMode,
 )
 from placement.drift import SpeedDrift
 from placement.evaluate import Evaluation
+from placement.policy import Decision, RolloutMode
 
 # summary fields a merge patch removes (null) when unknown now: transitions come and go
 CLEARED_SUMMARY_FIELDS = ("trafficSharePercent", "eplbTrafficSharePercent")

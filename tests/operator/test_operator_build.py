@@ -6,12 +6,11 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from moeplace_operator.build import (
     configmap_body,
-    decide_rollout,
     published_version,
     read_published,
     target_patch,
 )
-from moeplace_operator.spec import ConditionType, RolloutMode, RolloutSpec
+from moeplace_operator.spec import ConditionType
 from moeplace_operator.status import already_applied, false, merge_conditions, true
 
 from placement.model import MoEModelShape, Placement
@@ -24,49 +23,6 @@ OWNER = {"metadata": {"name": "demo", "namespace": "ns", "uid": "u-1"}}
 def placement(rows: list[list[int]], dense: int = 0) -> Placement:
     shape = MoEModelShape(name="m", moe_layers=len(rows), experts=4, dense_layers_before=dense)
     return Placement.from_table(rows, shape, num_gpus=2, strategy="test")
-
-
-def decide(**overrides):
-    args = {
-        "rollout": RolloutSpec(min_improvement_percent=5, cooldown="10m"),
-        "cooldown": timedelta(minutes=10),
-        "current_hash": "old",
-        "proposed_hash": "new",
-        "gain": 10.0,
-        "moved": 3,
-        "last_rollout": NOW - timedelta(hours=1),
-        "now": NOW,
-    }
-    return decide_rollout(**{**args, **overrides})
-
-
-def test_rolls_out_a_clear_gain() -> None:
-    assert decide().roll and decide().reason == "GainAboveThreshold"
-
-
-@pytest.mark.parametrize(
-    ("overrides", "reason"),
-    [
-        ({"gain": 4.9}, "GainBelowThreshold"),
-        ({"last_rollout": NOW - timedelta(minutes=2)}, "CooldownActive"),
-        ({"rollout": RolloutSpec(max_moved_experts=2)}, "TooManyMoves"),
-        ({"proposed_hash": "old"}, "UpToDate"),
-        ({"rollout": RolloutSpec(mode=RolloutMode.PROPOSE)}, "ProposeMode"),
-    ],
-)
-def test_refusals(overrides: dict, reason: str) -> None:
-    decision = decide(**overrides)
-    assert not decision.roll and decision.reason == reason
-
-
-def test_first_placement_ignores_thresholds() -> None:
-    decision = decide(current_hash=None, gain=0.0, rollout=RolloutSpec(max_moved_experts=0))
-    assert decision.roll and decision.reason == "InitialPlacement"
-
-
-def test_pinned_rolls_whenever_it_differs() -> None:
-    decision = decide(gain=-30.0, rollout=RolloutSpec(mode=RolloutMode.PINNED))
-    assert decision.roll and decision.reason == "PinnedChanged"
 
 
 def test_conditions_keep_transition_time_while_status_is_unchanged() -> None:

@@ -6,9 +6,10 @@ import pytest
 import yaml
 from moeplace_operator.build import model_shape
 from moeplace_operator.crd import CRD_PATHS, build_crd, render_crd
-from moeplace_operator.spec import ModelSpec, MoEDeploymentSpec, RolloutMode
+from moeplace_operator.spec import ModelSpec, MoEDeploymentSpec
 from pydantic import ValidationError
 
+from placement.policy import RolloutMode
 from placement.presets import PRESETS
 
 ROOT = Path(__file__).resolve().parents[2]

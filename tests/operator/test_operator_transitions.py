@@ -15,7 +15,6 @@ import kopf
 import numpy as np
 import pytest
 from fake_prometheus import FakePrometheus
-from moeplace_operator.build import gain_percent
 from moeplace_operator.events import EventDedup
 from moeplace_operator.loadsource import (
     LoadData,
@@ -40,6 +39,7 @@ from moeplace_operator.spec import (
 from moeplace_operator.status import status_patch
 
 from placement.model import Cluster
+from placement.policy import gain_percent
 
 MODEL = ModelSpec(
     name="m", moe_layers=3, experts_per_layer=4, top_k=2, dense_layers_before=0, hidden_layers=3
