@@ -158,3 +158,85 @@ def test_a_leader_that_cannot_renew_stops_within_the_deadline_not_before() -> No
     leading, took = asyncio.run(scenario())
     assert not leading
     assert 0.5 < took < 1.5  # the deadline (0.6 s), before the lease (1.5 s) could expire
+
+
+class StopFlag:
+    """kopf's DaemonStopped as the daemon uses it: falsy until stopped, ``wait()`` awaitable."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+
+    def __bool__(self) -> bool:
+        return self.event.is_set()
+
+    async def wait(self) -> None:
+        await self.event.wait()
+
+
+def run_daemon(leading: bool, monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], float]:
+    """One MoEDeployment's daemon (reconcile interval 60 s) stopped after 0.5 s: the passes it
+    ran and how long it took to end once stopped."""
+    import logging
+    from concurrent.futures import ThreadPoolExecutor
+
+    import kopf
+    from moeplace_operator import handlers
+    from moeplace_operator.events import EventDedup
+    from moeplace_operator.leader import Leadership
+    from moeplace_operator.runtime import Runtime
+
+    passes: list[str] = []
+
+    async def one_pass(self: handlers.Reconcile) -> None:
+        passes.append(self.name)
+
+    monkeypatch.setattr(handlers.Reconcile, "run", one_pass)
+
+    async def scenario() -> float:
+        leadership = Leadership(asyncio.Event())
+        if leading:
+            leadership.leading.set()
+        memo = kopf.Memo(
+            runtime=Runtime(object(), ThreadPoolExecutor(1), solver_threads=1),  # type: ignore[arg-type]
+            events=EventDedup(),
+            nudges=handlers.Nudges(),
+            leadership=leadership,
+        )
+        body = kopf.Body(
+            {"metadata": {"namespace": "ns", "name": "a"}, "spec": {"reconcileIntervalSeconds": 60}}
+        )
+        stopped = StopFlag()
+        daemon = asyncio.create_task(
+            handlers.reconciler(
+                body=body,
+                namespace="ns",
+                name="a",
+                stopped=stopped,  # type: ignore[arg-type]
+                memo=memo,
+                logger=logging.getLogger("t"),
+                gpu_node_index={},
+            )
+        )
+        await asyncio.sleep(0.5)
+        stopped.event.set()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await asyncio.wait_for(daemon, 5)
+        return loop.time() - started
+
+    took = asyncio.run(scenario())
+    return passes, took
+
+
+def test_a_followers_daemon_never_reconciles_and_ends_when_stopped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    passes, took = run_daemon(False, monkeypatch)
+    assert passes == [] and took < 1.0
+
+
+def test_a_leaders_daemon_ends_when_stopped_not_after_its_interval(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    passes, took = run_daemon(True, monkeypatch)
+    assert passes == ["a"] and took < 1.0  # the Lease is released only after this
