@@ -674,6 +674,39 @@ def down(state: Path | None = None, keep_data: bool = False) -> None:
                 shutil.rmtree(d, ignore_errors=True)
 
 
+# --------------------------------------------------------------------------------------------
+# Faults: one component restarted or frozen (the fault tests)
+
+
+def restart(component: str, state: Path | None = None, down_s: float = 0.0) -> float:
+    """Stop one component by its recorded PID (SIGTERM, SIGKILL after 10 s), leave it down
+    ``down_s`` seconds, start it again (``up``: what is missing) and wait until everything
+    answers; returns the seconds from the stop until healthy again."""
+    if component not in ALL_COMPONENTS:
+        raise ClusterError(f"no component {component!r}; one of {', '.join(ALL_COMPONENTS)}")
+    paths = Paths(state or default_state())
+    t0 = time.monotonic()
+    if not Proc(paths, component).stop():
+        raise ClusterError(f"{component} was not running")
+    time.sleep(down_s)
+    up(paths.state)
+    return time.monotonic() - t0
+
+
+@contextlib.contextmanager
+def paused(component: str, state: Path | None = None) -> Iterator[int]:
+    """SIGSTOP one component for the ``with`` block (a frozen etcd: connections stay open,
+    nothing answers), SIGCONT after, whatever happens inside; yields its PID."""
+    pid = Proc(Paths(state or default_state()), component).pid()
+    if pid is None:
+        raise ClusterError(f"{component} is not running")
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield pid
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
 def status(state: Path | None = None) -> dict[str, Any]:
     paths = Paths(state or default_state())
     out: dict[str, Any] = {"state": str(paths.state), "components": {}}

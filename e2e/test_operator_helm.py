@@ -28,10 +28,10 @@ def render(cluster: Cluster, *values: str) -> list[dict[str, Any]]:
 
 
 def reconciling(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
-    """The RBAC objects of that kind for reconciling (not the CRD upgrade's)."""
-    return [
-        d for d in docs if d["kind"] == kind and not d["metadata"]["name"].endswith("-crd-upgrade")
-    ]
+    """The RBAC objects of that kind for reconciling (not the CRD upgrade's or the leader
+    election's)."""
+    own = ("-crd-upgrade", "-leader-election")
+    return [d for d in docs if d["kind"] == kind and not d["metadata"]["name"].endswith(own)]
 
 
 def test_lint(cluster: Cluster) -> None:
@@ -62,7 +62,10 @@ def test_template_cluster_wide(cluster: Cluster) -> None:
         "ClusterRoleBinding",
         "ConfigMap",  # the CRD, for the upgrade
         "Deployment",
+        "Lease",  # the leader election's
         "Role",
+        "Role",  # get/update on that Lease
+        "RoleBinding",
         "RoleBinding",
         "Service",
         "ServiceAccount",
@@ -83,13 +86,49 @@ def test_template_cluster_wide(cluster: Cluster) -> None:
         )
     }
     deploy = next(d for d in docs if d["kind"] == "Deployment")
-    assert deploy["spec"]["replicas"] == 1 and deploy["spec"]["strategy"]["type"] == "Recreate"
+    # leader election on: the new pod follows until the old one releases the Lease
+    assert deploy["spec"]["replicas"] == 1
+    assert deploy["spec"]["strategy"]["type"] == "RollingUpdate"
     (role,) = reconciling(docs, "ClusterRole")
     verbs = {
         (r["apiGroups"][0], res): set(r["verbs"]) for r in role["rules"] for res in r["resources"]
     }
     assert verbs[("", "nodes")] == {"get", "list", "watch", "patch"}  # re-profile requests
     assert "delete" not in verbs[("", "configmaps")]
+
+
+def container_env(deploy: dict[str, Any]) -> dict[str, str]:
+    container = deploy["spec"]["template"]["spec"]["containers"][0]
+    return {e["name"]: e["value"] for e in container["env"]}
+
+
+def test_template_leader_election(cluster: Cluster) -> None:
+    docs = render(cluster, "replicas=2")
+    (lease,) = [d for d in docs if d["kind"] == "Lease"]
+    assert (lease["metadata"]["name"], lease["metadata"]["namespace"]) == ("moeplace-leader", "ops")
+    assert "spec" not in lease  # the holder fields are the operator's
+    (role,) = [d for d in docs if d["metadata"]["name"] == "moeplace-leader-election"]
+    assert role["kind"] == "Role" and role["rules"] == [
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "resourceNames": ["moeplace-leader"],
+            "verbs": ["get", "update"],
+        }
+    ]
+    deploy = next(d for d in docs if d["kind"] == "Deployment")
+    assert deploy["spec"]["replicas"] == 2
+    env = container_env(deploy)
+    assert env["MOEPLACE_LEADER_ELECTION_LEASE"] == "ops/moeplace-leader"
+    single = render(cluster, "leaderElection.enabled=false")
+    assert not [d for d in single if d["kind"] == "Lease" or "leader" in d["metadata"]["name"]]
+    deploy = next(d for d in single if d["kind"] == "Deployment")
+    assert deploy["spec"]["strategy"]["type"] == "Recreate"
+    env = container_env(deploy)
+    assert env["MOEPLACE_LEADER_ELECTION_LEASE"] == ""
+    bad = ["--set", "replicas=2", "--set", "leaderElection.enabled=false"]
+    result = cluster.helm("template", "x", str(CHART), "--kube-version=1.30.0", *bad, check=False)
+    assert result.returncode != 0 and "needs leaderElection.enabled=true" in result.stderr
 
 
 def test_template_namespaced_and_service_monitor(cluster: Cluster) -> None:
@@ -159,7 +198,7 @@ def test_install_creates_objects_with_working_rbac(cluster: Cluster, release: st
     deploy = json.loads(cluster.kubectl("get", "deployment", "-n", namespace, "-o", "json").stdout)[
         "items"
     ]
-    assert len(deploy) == 1 and deploy[0]["spec"]["strategy"]["type"] == "Recreate"
+    assert len(deploy) == 1 and deploy[0]["spec"]["strategy"]["type"] == "RollingUpdate"
     sa = deploy[0]["spec"]["template"]["spec"]["serviceAccountName"]
     user = f"system:serviceaccount:{namespace}:{sa}"
     allowed = [
@@ -173,6 +212,8 @@ def test_install_creates_objects_with_working_rbac(cluster: Cluster, release: st
         ("update", "configmaps", "team-a"),
         ("create", "events", "team-a"),
         ("patch", "deployments.apps", "team-a"),
+        ("get", f"leases.coordination.k8s.io/moeplace-{namespace}-leader", namespace),
+        ("update", f"leases.coordination.k8s.io/moeplace-{namespace}-leader", namespace),
     ]
     for verb, resource, ns in allowed:
         assert can(cluster, user, verb, resource, ns), f"cannot {verb} {resource}"
@@ -182,6 +223,8 @@ def test_install_creates_objects_with_working_rbac(cluster: Cluster, release: st
         ("delete", "nodes", None),
         ("update", "nodes", None),
         ("delete", "moedeployments.moeplace.io", "team-a"),
+        ("update", "leases.coordination.k8s.io/someone-elses", namespace),
+        ("create", "leases.coordination.k8s.io", namespace),
     ]
     for verb, resource, ns in denied:
         assert not can(cluster, user, verb, resource, ns), f"may {verb} {resource}"

@@ -18,6 +18,7 @@ from moeplace_operator.build import (
     rfc3339,
     target_patch,
 )
+from moeplace_operator.faultpoints import crash_point
 from moeplace_operator.kube import ForbiddenError, MissingObjectError
 from moeplace_operator.loadsource import MetricsUnavailableError
 from moeplace_operator.nodes import GPUGroup
@@ -76,6 +77,7 @@ async def publish(ctx: Context, name: str, role: str, placement: Placement) -> P
 
 async def roll_out(ctx: Context, placement: Placement, decision: Decision) -> Published:
     published = await publish(ctx, placement_configmap_name(ctx.name), "placement", placement)
+    crash_point("after-configmap-write")
     metrics.ROLLOUTS.labels(decision.reason).inc()
     message = f"v{published.version}: {decision.message}"
     kopf.event(ctx.body, type="Normal", reason="RolledOut", message=message)
@@ -194,4 +196,5 @@ async def write_status(
     conditions = merge_conditions(status.conditions, updates, generation, ctx.now)
     patch = status_patch(generation=generation, conditions=conditions, summary=summary)
     if not already_applied(patch, {"status": dict(ctx.body.get("status") or {})}):
+        crash_point("before-status")
         await ctx.runtime.io(ctx.runtime.kube.patch_status, ctx.namespace, ctx.name, patch)

@@ -24,6 +24,12 @@ class OperatorConfig(BaseModel):
         description="<namespace>/<name> of the ConfigMap holding the CRD to apply at start "
         "(the chart's; empty: leave the CRD alone).",
     )
+    leader_election_lease: str = Field(
+        default="",
+        pattern=r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?/[a-z0-9]([-.a-z0-9]*[a-z0-9])?)?$",
+        description="<namespace>/<name> of the coordination.k8s.io Lease the replicas elect "
+        "their one reconciling leader on (the chart's; empty: no election, this one reconciles).",
+    )
     prometheus_allowed_urls: list[str] = Field(
         default_factory=list,
         description="Base URLs a MoEDeployment's load.prometheus.url must have (or be under, "
@@ -50,6 +56,7 @@ class OperatorConfig(BaseModel):
             "metrics_port": values.get("MOEPLACE_METRICS_PORT"),
             "liveness_endpoint": values.get("MOEPLACE_LIVENESS_ENDPOINT"),
             "crd_configmap": values.get("MOEPLACE_CRD_CONFIGMAP"),
+            "leader_election_lease": values.get("MOEPLACE_LEADER_ELECTION_LEASE"),
             "namespaces": _listed(values.get("MOEPLACE_NAMESPACES", "")),
             "prometheus_allowed_urls": _listed(values.get("MOEPLACE_PROMETHEUS_ALLOWED_URLS", "")),
         }

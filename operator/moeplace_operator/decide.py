@@ -10,6 +10,7 @@ from datetime import datetime
 
 from moeplace_operator import metrics
 from moeplace_operator.build import Published
+from moeplace_operator.faultpoints import crash_point
 from moeplace_operator.loadsource import LoadData, parse_duration
 from moeplace_operator.nodes import GPUGroup
 from moeplace_operator.planning import Plan, fitting, inputs_fingerprint, plan
@@ -44,6 +45,7 @@ async def plan_for(
         metrics.SOLVES.labels(strategy, "ERROR").inc()
         update = false(ConditionType.PLACEMENT_SOLVED, "SolveFailed", str(error))
         raise DegradedError("SolveFailed", f"{strategy}: {error}", [update]) from error
+    crash_point("after-solve")
     metrics.SOLVES.labels(strategy, result.solution.status).inc()
     metrics.SOLVE_SECONDS.labels(strategy).observe(time.monotonic() - started)
     metrics.PREDICTED_GAIN.labels(ctx.namespace, ctx.name).set(result.gain_over_current)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -18,6 +18,7 @@ from moeplace_operator.config import OperatorConfig, configure_kopf
 from moeplace_operator.crdupgrade import CRD_NAME, BundledCRDError, ensure_crd
 from moeplace_operator.events import EventDedup
 from moeplace_operator.kube import Kube, TransientApiError, load_config
+from moeplace_operator.leader import Leadership
 from moeplace_operator.nodes import NodeGPUs, has_gpu_labels, is_usable, node_gpus
 from moeplace_operator.reconcile import Reconcile, gpu_nodes
 from moeplace_operator.runtime import Runtime
@@ -65,6 +66,9 @@ async def startup(
     kube = Kube()
     if config.crd_configmap:
         await upgrade_crd(kube, config.crd_configmap, logger)
+    memo.leadership = Leadership.start(
+        config.leader_election_lease, memo.get("leadership_lost") or asyncio.Event()
+    )
     memo.runtime = Runtime(
         kube=kube,
         solver_pool=ThreadPoolExecutor(config.solver_workers, "moeplace-solver"),
@@ -90,6 +94,8 @@ async def upgrade_crd(kube: Kube, location: str, logger: Logger) -> None:
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    """After the daemons stopped: the Lease released (a follower takes over at once)."""
+    await memo.leadership.stop()
     runtime: Runtime = memo.runtime
     runtime.solver_pool.shutdown(wait=False, cancel_futures=True)
     runtime.io_pool.shutdown(wait=False, cancel_futures=True)
@@ -155,16 +161,29 @@ async def reconciler(
     index: Mapping[Any, Any] = kwargs["gpu_node_index"]  # kopf passes indices by name
     key = (namespace or "", name)
     nudges: Nudges = memo.nudges
+    leadership: Leadership = memo.leadership
     nudges.event(key)
     try:
         while not stopped:
+            await unless_stopped(stopped, leadership.leading.wait())  # followers wait here
+            if stopped:
+                break
             with metrics.RECONCILE_SECONDS.time():
                 done = await reconcile_once(memo, body, index, logger)
             interval = float(body["spec"].get("reconcileIntervalSeconds", 60))
-            await nudges.sleep(key, interval if done else RETRY_DELAY_S)
+            await unless_stopped(stopped, nudges.sleep(key, interval if done else RETRY_DELAY_S))
     finally:
         nudges.forget(key)
         forget_object(memo, namespace or "", name)
+
+
+async def unless_stopped(stopped: kopf.DaemonStopped, waiting: Awaitable[object]) -> None:
+    """Await ``waiting`` or the daemon's stop, whichever comes first: a stopping operator
+    must not sit out a daemon's sleep (its Lease is released only once the daemons ended)."""
+    tasks = [asyncio.ensure_future(waiting), asyncio.ensure_future(stopped.wait())]
+    _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()
 
 
 async def reconcile_once(

@@ -19,6 +19,9 @@ Body = dict[str, Any]
 T = TypeVar("T")
 
 TEMPLATE_PATH = {TargetKind.DEPLOYMENT: "deployments", TargetKind.STATEFUL_SET: "statefulsets"}
+# Every request's (connect, read) limit: a frozen etcd makes the apiserver hold a request
+# until its own 60 s timeout, and one hung call must not hold a pass (or a worker) longer.
+REQUEST_TIMEOUT_S = 30.0
 
 
 class TransientApiError(Exception):
@@ -66,8 +69,9 @@ def _call(fn: Callable[[], T]) -> T:
         if error.status in (409, 429) or (error.status or 0) >= 500:
             raise TransientApiError(f"{error.status} {error.reason}") from error
         raise
-    # Connection refused/reset, TLS, timeouts; urllib3's MaxRetryError and ProtocolError (what
-    # the client raises while the apiserver restarts) are not OSErrors.
+    # Connection refused/reset, TLS, socket timeouts (OSError); urllib3's MaxRetryError,
+    # ProtocolError and ReadTimeoutError (what the client raises while the apiserver restarts
+    # or etcd is frozen) are not OSErrors.
     except (OSError, Urllib3Error) as error:
         raise TransientApiError(str(error)) from error
 
@@ -81,7 +85,11 @@ class Kube:
 
     def read_configmap(self, namespace: str, name: str) -> Body | None:
         try:
-            found = _call(lambda: self.core.read_namespaced_config_map(name, namespace))
+            found = _call(
+                lambda: self.core.read_namespaced_config_map(
+                    name, namespace, _request_timeout=REQUEST_TIMEOUT_S
+                )
+            )
         except MissingObjectError:
             return None
         result: Body = self.api.sanitize_for_serialization(found)  # type: ignore[no-untyped-call]
@@ -92,7 +100,11 @@ class Kube:
         only on the Secrets listed in rbac.secretReads) is ``SecretForbiddenError``;
         nothing of the API's answer is kept in it."""
         try:
-            found = _call(lambda: self.core.read_namespaced_secret(name, namespace))
+            found = _call(
+                lambda: self.core.read_namespaced_secret(
+                    name, namespace, _request_timeout=REQUEST_TIMEOUT_S
+                )
+            )
         except MissingObjectError:
             return None
         except ForbiddenError:
@@ -115,20 +127,28 @@ class Kube:
         if meta.get("resourceVersion"):
             _call(
                 lambda: self.core.replace_namespaced_config_map(
-                    meta["name"], meta["namespace"], typed
+                    meta["name"], meta["namespace"], typed, _request_timeout=REQUEST_TIMEOUT_S
                 )
             )
         else:
-            _call(lambda: self.core.create_namespaced_config_map(meta["namespace"], typed))
+            _call(
+                lambda: self.core.create_namespaced_config_map(
+                    meta["namespace"], typed, _request_timeout=REQUEST_TIMEOUT_S
+                )
+            )
 
     def annotate_node(self, name: str, annotations: dict[str, str]) -> None:
         """Merge-patch annotations onto a Node (needs ``patch`` on nodes)."""
         body = {"metadata": {"annotations": annotations}}
-        _call(lambda: self.core.patch_node(name, body))
+        _call(lambda: self.core.patch_node(name, body, _request_timeout=REQUEST_TIMEOUT_S))
 
     def read_crd(self, name: str) -> Body | None:
         try:
-            found = _call(lambda: self.extensions.read_custom_resource_definition(name))
+            found = _call(
+                lambda: self.extensions.read_custom_resource_definition(
+                    name, _request_timeout=REQUEST_TIMEOUT_S
+                )
+            )
         except MissingObjectError:
             return None
         result: Body = self.api.sanitize_for_serialization(found)  # type: ignore[no-untyped-call]
@@ -144,13 +164,14 @@ class Kube:
                 field_manager=field_manager,
                 force=True,
                 _content_type="application/apply-patch+yaml",
+                _request_timeout=REQUEST_TIMEOUT_S,
             )
         )
 
     def read_moedeployment(self, namespace: str, name: str) -> Body:
         found = _call(
             lambda: self.custom.get_namespaced_custom_object(
-                GROUP, VERSION, namespace, PLURAL, name
+                GROUP, VERSION, namespace, PLURAL, name, _request_timeout=REQUEST_TIMEOUT_S
             )
         )
         return cast(Body, found)
@@ -158,7 +179,7 @@ class Kube:
     def patch_status(self, namespace: str, name: str, patch: Body) -> None:
         _call(
             lambda: self.custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, namespace, PLURAL, name, patch
+                GROUP, VERSION, namespace, PLURAL, name, patch, _request_timeout=REQUEST_TIMEOUT_S
             )
         )
 
@@ -166,7 +187,13 @@ class Kube:
         """Merge-patch an apps/v1 workload (the pod-template annotation that rolls it)."""
         _call(
             lambda: self.custom.patch_namespaced_custom_object(
-                "apps", "v1", namespace, TEMPLATE_PATH[kind], name, patch
+                "apps",
+                "v1",
+                namespace,
+                TEMPLATE_PATH[kind],
+                name,
+                patch,
+                _request_timeout=REQUEST_TIMEOUT_S,
             )
         )
 
@@ -176,7 +203,12 @@ class Kube:
             Body,
             _call(
                 lambda: self.custom.get_namespaced_custom_object(
-                    "apps", "v1", namespace, TEMPLATE_PATH[kind], name
+                    "apps",
+                    "v1",
+                    namespace,
+                    TEMPLATE_PATH[kind],
+                    name,
+                    _request_timeout=REQUEST_TIMEOUT_S,
                 )
             ),
         )

@@ -35,6 +35,9 @@ GAIN_OVER_EPLB = Gauge(
 )
 ROLLOUTS = Counter("moeplace_rollouts_total", "Placements rolled out, by reason.", ["reason"])
 REFUSALS = Counter("moeplace_rollouts_refused_total", "Rollouts refused, by reason.", ["reason"])
+LEADER = Gauge(
+    "moeplace_leader", "1 while this replica reconciles (holds the leader Lease, or no election)."
+)
 ERRORS = Counter(
     "moeplace_reconcile_errors_total", "Reconciles that ended degraded or failed.", ["reason"]
 )

@@ -98,6 +98,7 @@ def test_a_deleted_deployment_leaves_no_gauge_cache_or_event_memory(
 
     import kopf
     from moeplace_operator import handlers, metrics
+    from moeplace_operator.leader import Leadership
     from moeplace_operator.runtime import CachedTransitions, Runtime
     from prometheus_client import Gauge
 
@@ -126,11 +127,15 @@ def test_a_deleted_deployment_leaves_no_gauge_cache_or_event_memory(
         def __bool__(self) -> bool:  # the object was deleted during the first pass
             return bool(passes)
 
+        async def wait(self) -> None:  # never wakes the daemon: its loop ends by the bool
+            await asyncio.Event().wait()
+
     monkeypatch.setattr(handlers.Reconcile, "run", one_pass)
     runtime = Runtime(object(), ThreadPoolExecutor(1), solver_threads=1)  # type: ignore[arg-type]
     events = EventDedup()
     nudges = handlers.Nudges()
-    memo = kopf.Memo(runtime=runtime, events=events, nudges=nudges)
+    leadership = Leadership.start("", asyncio.Event())  # no election: this one leads
+    memo = kopf.Memo(runtime=runtime, events=events, nudges=nudges, leadership=leadership)
     body = kopf.Body(
         {"metadata": {"namespace": "ns", "name": "gone"}, "spec": {"reconcileIntervalSeconds": 0}}
     )

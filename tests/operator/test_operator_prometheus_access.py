@@ -141,7 +141,7 @@ def test_a_refused_secret_read_keeps_nothing_of_the_answer() -> None:
     """The API server's 403 (the chart grants get only on listed Secrets)."""
 
     class Core:
-        def read_namespaced_secret(self, name: str, namespace: str) -> Any:
+        def read_namespaced_secret(self, name: str, namespace: str, **_: Any) -> Any:
             error = ApiException(status=403, reason="Forbidden")
             error.body = f'{{"message": "secrets {name} is forbidden {SECRET}"}}'
             raise error

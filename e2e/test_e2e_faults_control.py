@@ -1,0 +1,321 @@
+"""Control-plane faults on the real local cluster: kube-apiserver restarted and etcd frozen
+during a rollout, the operator SIGKILLed at each step of a rollout (``MOEPLACE_CRASH_AT``,
+the code's own injection points, not sleeps) and restarted, and two replicas electing a
+leader on a Lease (leader SIGKILLed: the other takes over after the lease; SIGTERM: at once).
+
+After each: exactly one placement ConfigMap, valid (parsed and checked by placement's
+validator, its hash its content's), status telling the truth (Ready, observedGeneration, the
+ConfigMap's hash and version), the version counter moved by exactly the rollouts the scenario
+asked for (no flapping, also in a quiet period after), and the converge time printed
+(``FAULT <name> converged_s=... rollouts=...``) and held under CloudNativePG's 60 s.
+
+A small model (8 MoE layers x 32 experts on 2 kwok nodes x 4 GPUs with the PAL speeds) keeps
+solves short on a loaded machine; a rollout is triggered by rotating the static load's hot
+experts, which makes the placement in service far off the best one."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import localcluster as lc
+import numpy as np
+import pytest
+from conftest import Cluster, wait_for
+from test_operator import OperatorProcess, apply, condition, get, manifest, put_load
+
+from placement.formats import parse_canonical
+from placement.names import HASH_KEY, PLACEMENT_KEY, VERSION_KEY
+from placement.validate import validate
+
+pytestmark = [pytest.mark.e2e, pytest.mark.faults]
+
+NAMESPACE_PREFIX = "faultc-"
+LAYERS, EXPERTS, NODES, GPUS = 8, 32, 2, 4
+NAME = "small"
+CONVERGE_BOUND_S = 60.0  # CloudNativePG: recovery from a degraded state within 60 s
+QUIET_S = 8.0  # after converging: no further rollout in this long (reconcile interval 2 s)
+
+
+def small_load(shift: int = 0) -> str:
+    """Zipf-like counts per layer; ``shift`` rotates which experts are hot."""
+    rng = np.random.default_rng(7)
+    lines = ["moe_layer_index,expert_id,count"]
+    for layer in range(LAYERS):
+        counts = 100_000 / np.arange(1, EXPERTS + 1) ** 0.6 * rng.uniform(0.8, 1.2, EXPERTS)
+        hot = np.roll(rng.permutation(EXPERTS), shift)
+        lines += [f"{layer},{int(e)},{c:.0f}" for e, c in zip(hot, counts, strict=True)]
+    return "\n".join(lines) + "\n"
+
+
+def small_manifest(namespace: str, pool: str) -> dict[str, Any]:
+    return manifest(
+        NAME,
+        namespace,
+        pool,
+        model={
+            "name": "fault-small",
+            "moeLayers": LAYERS,
+            "expertsPerLayer": EXPERTS,
+            "topK": 4,
+            "denseLayersBefore": 0,
+            "hiddenLayers": LAYERS,
+        },
+        gpus={"nodeCount": NODES, "gpusPerNode": GPUS},
+        placement={"strategy": "cpsat", "timeLimitSeconds": 1},
+        reconcileIntervalSeconds=2,
+    )
+
+
+def operator_env(**extra: str) -> dict[str, str]:
+    return {"MOEPLACE_NAMESPACES": f"{NAMESPACE_PREFIX}*", **extra}
+
+
+@pytest.fixture
+def namespace(cluster: Cluster) -> Iterator[str]:
+    name = f"{NAMESPACE_PREFIX}{uuid.uuid4().hex[:8]}"
+    cluster.kubectl("create", "namespace", name)
+    yield name
+    # the MoEDeployment's finalizer needs an operator: every test leaves one running till here
+    cluster.kubectl("delete", "moed", "--all", "-n", name, "--timeout=60s", check=False)
+    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture
+def pool(cluster: Cluster) -> Iterator[str]:
+    name = f"f{uuid.uuid4().hex[:6]}"
+    cluster.make_nodes(NODES, GPUS, speeds="pal", pool=name, prefix=name)
+    yield name
+    cluster.delete_nodes(pool=name)
+
+
+@pytest.fixture
+def operators(cluster: Cluster, tmp_path: Path) -> Iterator[list[OperatorProcess]]:
+    """Operators a test starts (appended here); stopped and their log tails printed after."""
+    started: list[OperatorProcess] = []
+    yield started
+    for process in started:
+        process.stop()
+        tail = process.log.read_text(errors="replace").splitlines()[-25:]
+        print(f"--- {process.log.name} (tail):\n" + "\n".join(tail))
+
+
+def start_operator(
+    cluster: Cluster, operators: list[OperatorProcess], tmp_path: Path, **env: str
+) -> OperatorProcess:
+    process = OperatorProcess(
+        cluster, tmp_path / f"operator-{len(operators)}.log", env=operator_env(**env)
+    )
+    operators.append(process)
+    process.start()
+    return process
+
+
+def placement_configmaps(cluster: Cluster, namespace: str) -> list[dict[str, Any]]:
+    found = cluster.kubectl(
+        "get", "configmaps", "-n", namespace, "-l", "moeplace.io/role=placement", "-o", "json"
+    )
+    return list(json.loads(found.stdout)["items"])
+
+
+def converged(cluster: Cluster, namespace: str, version: int) -> dict[str, Any] | None:
+    """The MoEDeployment when it tells the truth about placement ``version``: Ready, its spec
+    observed, the one placement ConfigMap at that version, valid, with the hash status shows."""
+    obj = get(cluster, "moed", NAME, namespace)
+    if obj is None or condition(obj, "Ready").get("status") != "True":
+        return None
+    status = obj.get("status") or {}
+    if status.get("observedGeneration") != obj["metadata"]["generation"]:
+        return None
+    maps = placement_configmaps(cluster, namespace)
+    if len(maps) != 1 or int(maps[0]["data"][VERSION_KEY]) != version:
+        return None
+    return obj if (status.get("placement") or {}).get("hash") == maps[0]["data"][HASH_KEY] else None
+
+
+def assert_one_valid_placement(cluster: Cluster, namespace: str, version: int) -> None:
+    """After converging, and again after a quiet period (no flapping): one ConfigMap, a valid
+    placement whose content hash is the one recorded, status agreeing."""
+    for wait in (0.0, QUIET_S):
+        time.sleep(wait)
+        obj = converged(cluster, namespace, version)
+        assert obj is not None, (
+            f"not converged at v{version}: {get(cluster, 'moed', NAME, namespace)}"
+        )
+        (cm,) = placement_configmaps(cluster, namespace)
+        placement = parse_canonical(cm["data"][PLACEMENT_KEY])
+        validate(placement)
+        assert placement.content_hash() == cm["data"][HASH_KEY]
+        assert placement.num_gpus == NODES * GPUS and placement.model.moe_layers == LAYERS
+        assert obj["status"]["placement"]["version"] == version
+        assert cm["metadata"]["ownerReferences"][0]["uid"] == obj["metadata"]["uid"]
+
+
+def wait_converged(cluster: Cluster, namespace: str, version: int, since: float) -> float:
+    wait_for(
+        f"converged at v{version}",
+        lambda: converged(cluster, namespace, version),
+        timeout=CONVERGE_BOUND_S + 30,
+        every=0.2,
+    )
+    return time.monotonic() - since
+
+
+def report(fault: str, converged_s: float, rollouts: int, **more: float) -> None:
+    extra = "".join(f" {k}={v:.1f}" for k, v in more.items())
+    print(f"FAULT {fault} converged_s={converged_s:.1f} rollouts={rollouts}{extra}")
+
+
+def first_rollout(cluster: Cluster, namespace: str, pool: str) -> None:
+    put_load(cluster, namespace, small_load())
+    apply(cluster, small_manifest(namespace, pool))
+    wait_converged(cluster, namespace, 1, time.monotonic())
+
+
+# ---- the control plane --------------------------------------------------------------------
+
+
+def test_apiserver_restarted_during_a_rollout(
+    cluster: Cluster, operators: list[OperatorProcess], tmp_path: Path, namespace: str, pool: str
+) -> None:
+    start_operator(cluster, operators, tmp_path)
+    first_rollout(cluster, namespace, pool)
+    put_load(cluster, namespace, small_load(shift=11))  # the next pass rolls out v2 ...
+    started = time.monotonic()
+    outage = lc.restart("kube-apiserver", cluster.state, down_s=3.0)  # ... or would
+    took = wait_converged(cluster, namespace, 2, started)
+    report("apiserver-restart", took, 1, apiserver_down_s=outage)
+    assert took < CONVERGE_BOUND_S
+    assert_one_valid_placement(cluster, namespace, 2)
+    assert operators[0].proc is not None and operators[0].proc.poll() is None  # it rode it out
+
+
+def test_etcd_paused_during_a_rollout(
+    cluster: Cluster, operators: list[OperatorProcess], tmp_path: Path, namespace: str, pool: str
+) -> None:
+    start_operator(cluster, operators, tmp_path)
+    first_rollout(cluster, namespace, pool)
+    put_load(cluster, namespace, small_load(shift=11))
+    started = time.monotonic()
+    with lc.paused("etcd", cluster.state):
+        time.sleep(12.0)
+    frozen = time.monotonic() - started
+    took = wait_converged(cluster, namespace, 2, started)
+    report("etcd-paused", took, 1, etcd_frozen_s=frozen)
+    assert took < CONVERGE_BOUND_S
+    assert_one_valid_placement(cluster, namespace, 2)
+    assert operators[0].proc is not None and operators[0].proc.poll() is None
+    lc.up(cluster.state)  # whatever a frozen etcd made exit, for the tests after
+
+
+# ---- the operator killed at each step of a rollout ----------------------------------------
+
+# what the crash leaves behind: (a placement ConfigMap written, the status telling of it)
+LEFT_BEHIND = {
+    "after-solve": False,
+    "after-configmap-write": True,
+    "before-status": True,
+}
+
+
+@pytest.mark.parametrize("point", list(LEFT_BEHIND))
+def test_operator_sigkilled_mid_rollout_then_restarted(
+    cluster: Cluster,
+    operators: list[OperatorProcess],
+    tmp_path: Path,
+    namespace: str,
+    pool: str,
+    point: str,
+) -> None:
+    crashing = start_operator(cluster, operators, tmp_path, MOEPLACE_CRASH_AT=point)
+    put_load(cluster, namespace, small_load())
+    apply(cluster, small_manifest(namespace, pool))
+    assert crashing.proc is not None
+    code = wait_for("the crash", crashing.proc.poll, timeout=60, every=0.1)
+    assert code == -signal.SIGKILL
+    assert len(placement_configmaps(cluster, namespace)) == int(LEFT_BEHIND[point])
+    obj = get(cluster, "moed", NAME, namespace)
+    assert not ((obj or {}).get("status") or {}).get("placement", {}).get("hash")  # not told
+    started = time.monotonic()
+    start_operator(cluster, operators, tmp_path)
+    took = wait_converged(cluster, namespace, 1, started)
+    report(f"sigkill-{point}", took, 1)
+    assert took < CONVERGE_BOUND_S
+    assert_one_valid_placement(cluster, namespace, 1)  # the restart re-used, not re-rolled
+
+
+# ---- two replicas, one leader ---------------------------------------------------------------
+
+
+def identity(process: OperatorProcess) -> str:
+    assert process.proc is not None
+    return f"{socket.gethostname()}-{process.proc.pid}"
+
+
+def lease_holder(cluster: Cluster, namespace: str) -> str:
+    lease = get(cluster, "lease", "leader", namespace) or {}
+    return str((lease.get("spec") or {}).get("holderIdentity") or "")
+
+
+def reconciles(process: OperatorProcess) -> float:
+    """Passes this replica ran (its reconcile histogram's count) and whether it leads."""
+    for line in process.metrics().splitlines():
+        if line.startswith("moeplace_reconcile_duration_seconds_count"):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def leads(process: OperatorProcess) -> bool:
+    return "moeplace_leader 1.0" in process.metrics().splitlines()
+
+
+def bump_generation(cluster: Cluster, namespace: str, interval: int) -> None:
+    """A spec change only the leader can observe (observedGeneration); no new placement."""
+    patch = json.dumps({"spec": {"reconcileIntervalSeconds": interval}})
+    cluster.kubectl("patch", "moed", NAME, "-n", namespace, "--type=merge", "-p", patch)
+
+
+def test_two_replicas_one_leader_takes_over(
+    cluster: Cluster, operators: list[OperatorProcess], tmp_path: Path, namespace: str, pool: str
+) -> None:
+    lease = f"{namespace}/leader"
+    first = start_operator(cluster, operators, tmp_path, MOEPLACE_LEADER_ELECTION_LEASE=lease)
+    wait_for("the first replica leads", lambda: lease_holder(cluster, namespace) == identity(first))
+    second = start_operator(cluster, operators, tmp_path, MOEPLACE_LEADER_ELECTION_LEASE=lease)
+    first_rollout(cluster, namespace, pool)
+    time.sleep(4.0)  # two renewals: the follower stays one
+    assert lease_holder(cluster, namespace) == identity(first)
+    assert leads(first) and not leads(second)
+    assert reconciles(first) >= 1 and reconciles(second) == 0  # only the leader reconciles
+
+    # the leader dies without a word: the follower takes over once the lease (15 s) ran out
+    assert first.proc is not None
+    first.proc.send_signal(signal.SIGKILL)
+    started = time.monotonic()
+    bump_generation(cluster, namespace, 3)
+    took = wait_converged(cluster, namespace, 1, started)
+    report("leader-sigkill", took, 1)
+    assert lease_holder(cluster, namespace) == identity(second) and leads(second)
+    assert 10.0 < took < CONVERGE_BOUND_S  # not before the lease could have expired
+    assert_one_valid_placement(cluster, namespace, 1)
+
+    # the leader stops (SIGTERM): it releases the Lease, the new follower takes over at once
+    third = start_operator(cluster, operators, tmp_path, MOEPLACE_LEADER_ELECTION_LEASE=lease)
+    time.sleep(2.0)
+    assert not leads(third) and reconciles(third) == 0
+    assert second.proc is not None
+    second.proc.send_signal(signal.SIGTERM)
+    started = time.monotonic()
+    bump_generation(cluster, namespace, 2)
+    took = wait_converged(cluster, namespace, 1, started)
+    report("leader-sigterm", took, 1)
+    assert lease_holder(cluster, namespace) == identity(third) and leads(third)
+    assert took < 10.0  # the released Lease, not its 15 s expiry
+    assert second.proc.wait(timeout=30) == 0  # a clean stop
+    assert_one_valid_placement(cluster, namespace, 1)
