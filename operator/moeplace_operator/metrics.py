@@ -35,6 +35,9 @@ GAIN_OVER_EPLB = Gauge(
 )
 ROLLOUTS = Counter("moeplace_rollouts_total", "Placements rolled out, by reason.", ["reason"])
 REFUSALS = Counter("moeplace_rollouts_refused_total", "Rollouts refused, by reason.", ["reason"])
+STALE_PLANS = Counter(
+    "moeplace_stale_plans_total", "Plans dropped unpublished: the EP group changed while solving."
+)
 ERRORS = Counter(
     "moeplace_reconcile_errors_total", "Reconciles that ended degraded or failed.", ["reason"]
 )
