@@ -40,6 +40,8 @@ VERSION_KEY = "version"
 HASH_ANNOTATION = f"{API_GROUP}/placement-hash"  # also on a rollout target's pod template
 VERSION_ANNOTATION = f"{API_GROUP}/placement-version"
 ROLLED_OUT_AT_ANNOTATION = f"{API_GROUP}/rolled-out-at"
+# the EP group's nodes in rank order, comma-separated: kept in place while they stay usable
+GROUP_NODES_ANNOTATION = f"{API_GROUP}/group-nodes"
 # on our ConfigMaps: the owning MoEDeployment; on a workload: allowed as its rollout target
 OWNER_LABEL = f"{API_GROUP}/deployment"
 ROLE_LABEL = f"{API_GROUP}/role"  # placement or proposal

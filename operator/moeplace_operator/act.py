@@ -46,13 +46,17 @@ SPEED_DRIFT = "SpeedDrift"
 REPROFILE_REQUESTED = "ReprofileRequested"  # not an Event: the node annotation, once per set
 
 
-async def publish(ctx: Context, name: str, role: str, placement: Placement) -> Published:
-    """Write ``placement`` to ConfigMap ``name`` unless it already holds it; an unreadable
-    map is replaced in the same single call (guarded by its resourceVersion)."""
+async def publish(
+    ctx: Context, name: str, role: str, placement: Placement, group: GPUGroup
+) -> Published:
+    """Write ``placement`` (solved for ``group``) to ConfigMap ``name`` unless it already
+    holds it for the same nodes; an unreadable map is replaced in the same single call
+    (guarded by its resourceVersion)."""
     kube = ctx.runtime.kube
     raw = await ctx.runtime.io(kube.read_configmap, ctx.namespace, name)
     existing = read_published(raw)
-    if existing and existing.hash == placement.content_hash():
+    nodes = tuple(group.nodes)
+    if existing and existing.hash == placement.content_hash() and existing.nodes == nodes:
         return existing
     version = published_version(raw) + 1
     body = configmap_body(
@@ -65,6 +69,7 @@ async def publish(ctx: Context, name: str, role: str, placement: Placement) -> P
         rolled_out_at=ctx.now,
         resource_version=raw["metadata"].get("resourceVersion") if raw else None,
         hidden_layers=ctx.hidden_layers,
+        nodes=nodes,
     )
     try:
         await ctx.runtime.io(kube.write_configmap, body)
@@ -72,11 +77,14 @@ async def publish(ctx: Context, name: str, role: str, placement: Placement) -> P
         message = f"ConfigMap {name} not written: {error}"
         update = false(ConditionType.ROLLED_OUT, "ConfigMapForbidden", message)
         raise DegradedError("ConfigMapForbidden", message, [update]) from error
-    return Published(placement, placement.content_hash(), version, ctx.now, None)
+    return Published(placement, placement.content_hash(), version, ctx.now, None, nodes)
 
 
-async def roll_out(ctx: Context, placement: Placement, decision: Decision) -> Published:
-    published = await publish(ctx, placement_configmap_name(ctx.name), "placement", placement)
+async def roll_out(
+    ctx: Context, placement: Placement, group: GPUGroup, decision: Decision
+) -> Published:
+    name = placement_configmap_name(ctx.name)
+    published = await publish(ctx, name, "placement", placement, group)
     crash_point("after-configmap-write")
     metrics.ROLLOUTS.labels(decision.reason).inc()
     message = f"v{published.version}: {decision.message}"

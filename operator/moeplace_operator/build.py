@@ -16,6 +16,7 @@ from placement.formats import parse_canonical, to_sglang
 from placement.model import MoEModelShape, Placement
 from placement.names import (
     ENGINE_FLAGS_KEY,
+    GROUP_NODES_ANNOTATION,
     HASH_ANNOTATION,
     HASH_KEY,
     OWNER_LABEL,
@@ -79,6 +80,7 @@ class Published:
     version: int
     rolled_out_at: datetime | None
     resource_version: str | None
+    nodes: tuple[str, ...] = ()  # the EP group it was solved for, in rank order
 
 
 def configmap_body(
@@ -92,11 +94,13 @@ def configmap_body(
     rolled_out_at: datetime,
     resource_version: str | None,
     hidden_layers: int,
+    nodes: Sequence[str] = (),
 ) -> Body:
     """Complete ConfigMap written in one create/replace call (never half-written): canonical
     placement, SGLang map (``hidden_layers`` rows), the engine flags that must match it,
     version and hash both as keys (for mounted files) and annotations (for watchers);
-    ``resourceVersion`` makes a concurrent writer fail instead of interleave."""
+    ``resourceVersion`` makes a concurrent writer fail instead of interleave; ``nodes``, the
+    EP group in rank order, keeps the ranks' nodes in place on the next pass."""
     content_hash = placement.content_hash()
     metadata: Body = {
         "name": name,
@@ -110,6 +114,7 @@ def configmap_body(
             HASH_ANNOTATION: content_hash,
             VERSION_ANNOTATION: str(version),
             ROLLED_OUT_AT_ANNOTATION: rfc3339(rolled_out_at),
+            GROUP_NODES_ANNOTATION: ",".join(nodes),
         },
         "ownerReferences": [owner_reference(owner)],
     }
@@ -164,6 +169,7 @@ def read_published(configmap: Mapping[str, Any] | None) -> Published | None:
         version=version,
         rolled_out_at=rolled_out_at,
         resource_version=configmap.get("metadata", {}).get("resourceVersion"),
+        nodes=tuple(filter(None, annotations.get(GROUP_NODES_ANNOTATION, "").split(","))),
     )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Awaitable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -99,6 +100,7 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     runtime: Runtime = memo.runtime
     runtime.solver_pool.shutdown(wait=False, cancel_futures=True)
     runtime.io_pool.shutdown(wait=False, cancel_futures=True)
+    runtime.prometheus_pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _gpu_labelled(labels: kopf.Labels, **_: Any) -> bool:
@@ -195,7 +197,8 @@ async def reconcile_once(
     """One pass; False after a transient API fault, retried soon by the same daemon: leaving
     the daemon (kopf's TemporaryError) would drop the object's cached plans with it."""
     try:
-        await Reconcile(memo.runtime, body, gpu_nodes(index), logger, memo.events).run()
+        live = functools.partial(gpu_nodes, index)
+        await Reconcile(memo.runtime, body, live(), logger, memo.events, live_nodes=live).run()
     except TransientApiError as error:
         metrics.ERRORS.labels("TransientApiError").inc()
         logger.warning(f"Kubernetes API: {error}; retrying in {RETRY_DELAY_S:g} s")

@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import requests
+import urllib3
 from prometheus_api_client import PrometheusConnect
 from prometheus_api_client.exceptions import PrometheusApiClientException
 from pydantic import TypeAdapter, ValidationError
@@ -55,7 +56,7 @@ from placement.names import (
 )
 
 MAX_TRANSITIONS_BYTES = 256 * 2**20  # decompressed; a [L-1, E, E] float64 of 25 x 64 x 64 is 0.8 MB
-QUERY_TIMEOUT_S = 10
+QUERY_TIMEOUT_S = 10  # per query: an answer slower than this is no answer (not retried)
 _DURATION_PART = re.compile(r"([0-9]+)(ms|s|m|h|d)")
 _UNIT_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -105,28 +106,68 @@ def default_query(model_name: str) -> str:
 def parse_range_result(
     series: list[dict[str, Any]], model: ModelSpec, layer_offset: int, samples: int
 ) -> FloatArray:
-    """Prometheus matrix -> [K, L, E]; the K most recent points of each series, missing points
-    and out-of-shape labels ignored (zero). A NaN, infinite or negative point is refused
-    (``BadLoadSeries``): counting it as zero would move experts on a broken query."""
-    out = np.zeros((samples, model.moe_layers, model.experts_per_layer), dtype=np.float64)
+    """Prometheus matrix -> [K, L, E]: the K most recent sample times, series of one (layer,
+    expert) summed, out-of-shape labels ignored. Refused (``BadLoadSeries``) rather than counted
+    as zero: a NaN, infinite or negative point; a (layer, expert) of the model without a series
+    (serving exports every expert, zeros included: one missing is a broken scrape or query);
+    a series without a point at a sample time that others have (a partial scrape). Either would
+    move experts on data that is not there. No series at all is ``NoTraffic`` (the caller's)."""
+    shape = (model.moe_layers, model.experts_per_layer)
+    cells: dict[tuple[int, int], dict[float, float]] = {}
     for one in series:
         labels = one.get("metric", {})
         try:
-            layer = int(labels["layer"]) - layer_offset
-            expert = int(labels["expert"])
+            cell = (int(labels["layer"]) - layer_offset, int(labels["expert"]))
         except (KeyError, ValueError):
             continue
-        if not (0 <= layer < model.moe_layers and 0 <= expert < model.experts_per_layer):
+        if not (0 <= cell[0] < shape[0] and 0 <= cell[1] < shape[1]):
             continue
-        values = np.array([float(v) for _, v in one.get("values", [])][-samples:])
-        if not (np.isfinite(values) & (values >= 0)).all():
-            raise MetricsUnavailableError(
-                "BadLoadSeries",
-                f"load query: the series of layer {layer + layer_offset}, expert {expert} "
-                "holds NaN, infinite or negative points (token counts must be finite and >= 0)",
-            )
-        out[samples - len(values) :, layer, expert] = values
+        points = cells.setdefault(cell, {})
+        for at, text in one.get("values", []):
+            value = float(text)
+            if not (np.isfinite(value) and value >= 0):
+                raise MetricsUnavailableError(
+                    "BadLoadSeries",
+                    f"load query: the series of layer {cell[0] + layer_offset}, expert "
+                    f"{cell[1]} holds NaN, infinite or negative points (token counts must be "
+                    "finite and >= 0)",
+                )
+            points[float(at)] = points.get(float(at), 0.0) + value
+    out = np.zeros((samples, *shape), dtype=np.float64)
+    if not cells:
+        return out
+    times = sorted({at for points in cells.values() for at in points})[-samples:]
+    _check_complete(cells, shape, times, layer_offset)
+    for (layer, expert), points in cells.items():
+        out[samples - len(times) :, layer, expert] = [points[at] for at in times]
     return out
+
+
+def _check_complete(
+    cells: Mapping[tuple[int, int], Mapping[float, float]],
+    shape: tuple[int, int],
+    times: Sequence[float],
+    layer_offset: int,
+) -> None:
+    """Every (layer, expert) has a series with a point at each of ``times``, or
+    MetricsUnavailableError(BadLoadSeries) naming how many do not and the first of them."""
+    missing = [cell for cell in np.ndindex(*shape) if cell not in cells]
+    if missing:
+        layer, expert = missing[0]
+        raise MetricsUnavailableError(
+            "BadLoadSeries",
+            f"load query: {len(missing)} of {shape[0] * shape[1]} (layer, expert) series "
+            f"missing, first layer {layer + layer_offset}, expert {expert} (serving exports "
+            "every expert, zeros included: a partial scrape or a query that drops series)",
+        )
+    gaps = sorted(cell for cell, points in cells.items() if any(t not in points for t in times))
+    if gaps:
+        layer, expert = gaps[0]
+        raise MetricsUnavailableError(
+            "BadLoadSeries",
+            f"load query: {len(gaps)} series lack points at sample times the others have, "
+            f"first layer {layer + layer_offset}, expert {expert} (a partial scrape)",
+        )
 
 
 class ObjectReader(Protocol):
@@ -283,7 +324,9 @@ def prometheus_client(source: PrometheusSource) -> PrometheusConnect:
     """TLS verified (the CA bundle or the system's roots), no redirect followed (it could lead
     outside the allowlist; requests would keep the Authorization header on the same host)."""
     url = source.spec.url.rstrip("/")
-    retry = Retry(total=1, backoff_factor=0.2)
+    # a refused or reset connection is tried once more; a slow answer is not: waiting twice
+    # would hold the query's worker for twice QUERY_TIMEOUT_S and call it "connection failed"
+    retry = Retry(total=1, read=0, backoff_factor=0.2)
     session = requests.Session()
     session.max_redirects = 0
     headers = {"Authorization": source.authorization} if source.authorization else None
@@ -309,8 +352,8 @@ def failure_message(error: Exception, source: PrometheusSource) -> str:
         category = "TLS verification failed (load.prometheus.ca?)"
     elif isinstance(error, requests.exceptions.TooManyRedirects):
         category = "redirected (redirects are not followed)"
-    elif isinstance(error, requests.exceptions.Timeout):
-        category = f"no answer within {QUERY_TIMEOUT_S}s"
+    elif isinstance(error, requests.exceptions.Timeout) or _timed_out(error):
+        category = f"no answer within {QUERY_TIMEOUT_S} s (query timeout)"
     elif isinstance(error, requests.exceptions.ConnectionError):
         category = "connection failed"
     elif isinstance(error, (ValueError, KeyError, TypeError, AttributeError)):
@@ -318,6 +361,13 @@ def failure_message(error: Exception, source: PrometheusSource) -> str:
     else:
         category = f"query failed ({type(error).__name__})"
     return f"Prometheus at {source.origin}: {category}"
+
+
+def _timed_out(error: Exception) -> bool:
+    """requests reports an exhausted retry of a read timeout as a ConnectionError whose
+    urllib3 cause (``MaxRetryError.reason``) is the timeout."""
+    cause = error.args[0] if error.args else None
+    return isinstance(getattr(cause, "reason", None), urllib3.exceptions.TimeoutError)
 
 
 def _query(

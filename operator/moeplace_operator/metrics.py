@@ -38,6 +38,9 @@ REFUSALS = Counter("moeplace_rollouts_refused_total", "Rollouts refused, by reas
 LEADER = Gauge(
     "moeplace_leader", "1 while this replica reconciles (holds the leader Lease, or no election)."
 )
+STALE_PLANS = Counter(
+    "moeplace_stale_plans_total", "Plans dropped unpublished: the EP group changed while solving."
+)
 ERRORS = Counter(
     "moeplace_reconcile_errors_total", "Reconciles that ended degraded or failed.", ["reason"]
 )

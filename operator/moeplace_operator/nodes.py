@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -120,22 +120,31 @@ def selects(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
     return all(labels.get(key) == value for key, value in selector.items())
 
 
-def build_gpu_group(nodes: Iterable[NodeGPUs], spec: GPUSpec) -> GPUGroup:
-    """The first ``nodeCount`` selected, usable (Ready, not cordoned) nodes by name,
-    ``gpusPerNode`` GPUs each, in slot order.
+def build_gpu_group(
+    nodes: Iterable[NodeGPUs], spec: GPUSpec, current: Sequence[str] = ()
+) -> GPUGroup:
+    """``nodeCount`` selected, usable (Ready, not cordoned) nodes, ``gpusPerNode`` GPUs each,
+    in slot order. Ranks are stable: ``current`` (the group of the placement in service, in
+    rank order) keeps its nodes in their places; only a node that left or became unusable is
+    replaced, by the first spare one by name (a new node that sorts earlier shifts nothing).
+    Without a placement in service: the first ``nodeCount`` by name.
 
     Latency curves are used only when every GPU has one (a Cluster never mixes units)."""
     selected = [n for n in nodes if selects(spec.node_selector, n.labels)]
-    chosen = sorted((n for n in selected if n.usable), key=lambda n: n.name)
-    if len(chosen) < spec.node_count:
-        unusable = len(selected) - len(chosen)
+    usable = {n.name: n for n in selected if n.usable}
+    if len(usable) < spec.node_count:
+        unusable = len(selected) - len(usable)
         raise NodesUnavailableError(
             "NotEnoughNodes",
             f"{len(selected)} node(s) match nodeSelector {spec.node_selector}"
             + (f", {unusable} of them NotReady or cordoned" if unusable else "")
             + f", need {spec.node_count} usable",
         )
-    chosen = chosen[: spec.node_count]
+    kept = list(dict.fromkeys(current))[: spec.node_count]  # a repeated name counts once
+    places = [name if name in usable else None for name in kept]
+    places += [None] * (spec.node_count - len(places))
+    spare = iter(sorted(set(usable) - set(places)))
+    chosen = [usable[name if name is not None else next(spare)] for name in places]
     indices = range(spec.gpus_per_node)
     use_curves = all(i in n.curves for n in chosen for i in indices)
     gpus = [

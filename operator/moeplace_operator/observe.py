@@ -23,7 +23,7 @@ from moeplace_operator.loadsource import (
     parse_static_transitions,
     resolve_source,
 )
-from moeplace_operator.nodes import GPUGroup, NodesUnavailableError, build_gpu_group
+from moeplace_operator.nodes import GPUGroup, NodeGPUs, NodesUnavailableError, build_gpu_group
 from moeplace_operator.planning import score_pinned
 from moeplace_operator.runtime import CachedTransitions, Context, DegradedError
 from moeplace_operator.spec import ConditionType, MoEDeploymentSpec
@@ -65,13 +65,45 @@ async def read_in_service(ctx: Context) -> Published | None:
     return read_published(await ctx.runtime.io(kube.read_configmap, ctx.namespace, name))
 
 
-def gpu_group(ctx: Context, spec: MoEDeploymentSpec) -> tuple[GPUGroup, ConditionUpdate]:
+def gpu_group(
+    ctx: Context, spec: MoEDeploymentSpec, in_service: Published | None
+) -> tuple[GPUGroup, ConditionUpdate]:
+    """The EP group from the pass's Nodes, the nodes of the placement in service kept in
+    their ranks."""
+    current = in_service.nodes if in_service else ()
     try:
-        group = build_gpu_group(ctx.nodes, spec.gpus)
+        group = build_gpu_group(ctx.nodes, spec.gpus, current)
     except NodesUnavailableError as error:
         update = false(ConditionType.GPUS_PROFILED, error.reason, str(error))
         raise DegradedError(error.reason, str(error), [update]) from error
     return group, build_gpus_profiled(group)
+
+
+class StaleGroupError(Exception):
+    """The EP group changed after the pass read it (a node left, turned NotReady or cordoned,
+    was relabelled): a plan solved for the old group must not be published."""
+
+    def __init__(self, nodes: list[NodeGPUs], message: str) -> None:
+        super().__init__(message)
+        self.nodes = nodes  # the Nodes to try again with
+
+
+def check_group_unchanged(
+    ctx: Context, spec: MoEDeploymentSpec, group: GPUGroup, in_service: Published | None
+) -> None:
+    """After the solve, before anything is written: the group built from the live Nodes is
+    the one the plan was solved for, or StaleGroupError."""
+    if ctx.live_nodes is None:
+        return
+    nodes = ctx.live_nodes()
+    current = in_service.nodes if in_service else ()
+    try:
+        fresh = build_gpu_group(nodes, spec.gpus, current)
+    except NodesUnavailableError as error:
+        raise StaleGroupError(nodes, f"the EP group fell apart while solving: {error}") from None
+    if fresh != group:
+        changed = sorted(set(group.nodes) ^ set(fresh.nodes)) or ["speeds or curves"]
+        raise StaleGroupError(nodes, f"the EP group changed while solving ({', '.join(changed)})")
 
 
 async def read_load(ctx: Context, spec: MoEDeploymentSpec) -> ObservedLoad:
@@ -84,7 +116,7 @@ async def read_load(ctx: Context, spec: MoEDeploymentSpec) -> ObservedLoad:
                 ctx.runtime.kube,
                 ctx.runtime.prometheus_allowed,
             )
-            data = await ctx.runtime.io(
+            data = await ctx.runtime.query(
                 fetch_prometheus, prometheus, spec.model, ctx.now, spec.placement.dispatch.rule
             )
             update = true(ConditionType.METRICS_AVAILABLE, "Prometheus", data.window)
@@ -129,7 +161,7 @@ async def read_transitions(
         if cached is not None and cached.source == version and fresh:
             return source, cached.raw
         assert prometheus is not None  # resolved by ``read_load``, which runs first
-        raw = await ctx.runtime.io(fetch_prometheus_transitions, prometheus, spec.model, ctx.now)
+        raw = await ctx.runtime.query(fetch_prometheus_transitions, prometheus, spec.model, ctx.now)
     else:
         assert spec.load.static is not None
         item = spec.load.static.transitions_key
@@ -148,7 +180,7 @@ async def measure_drift(
     ctx: Context, spec: MoEDeploymentSpec, prometheus: PrometheusSource, group: GPUGroup
 ) -> SpeedDrift | None:
     """Each GPU's measured relative speed against its label (None: too little data)."""
-    seconds, tokens = await ctx.runtime.io(
+    seconds, tokens = await ctx.runtime.query(
         fetch_rank_counters, prometheus, spec.model, ctx.now, group.cluster.size
     )
     return speed_drift([gpu.speed for gpu in group.cluster.gpus], seconds, tokens)

@@ -34,6 +34,8 @@ from moeplace_operator.status import (
 )
 from placement.policy import RolloutMode
 
+STALE_GROUP_ATTEMPTS = 3  # solves per pass while the EP group keeps changing under them
+
 
 class Reconcile(Context):
     """One pass; ``run`` is the order of the steps."""
@@ -44,7 +46,9 @@ class Reconcile(Context):
         in_service = await observe.read_in_service(self)
         summary = status.placement  # kept as it was when degraded
         try:
-            updates, summary = await self.converge(observe.read_spec(self), in_service)
+            updates, summary = await self.converge_on_stable_group(
+                observe.read_spec(self), in_service
+            )
         except DegradedError as degraded:
             metrics.ERRORS.labels(degraded.reason).inc()
             self.logger.info("degraded: %s", degraded)  # info: warnings become Events each tick
@@ -53,10 +57,27 @@ class Reconcile(Context):
             updates = [*degraded.updates, *degraded_updates(degraded.reason, str(degraded), kept)]
         await act.write_status(self, status, generation, updates, summary)
 
+    async def converge_on_stable_group(
+        self, spec: MoEDeploymentSpec, in_service: Published | None
+    ) -> tuple[list[ConditionUpdate], PlacementSummary]:
+        """``converge``, again on the live Nodes when the EP group changed while it solved:
+        the stale plan is dropped, never published."""
+        for _ in range(STALE_GROUP_ATTEMPTS):
+            try:
+                return await self.converge(spec, in_service)
+            except observe.StaleGroupError as stale:
+                metrics.STALE_PLANS.inc()
+                self.logger.info("plan dropped: %s; solving again", stale)
+                self.runtime.plans.pop(self.key, None)
+                self.nodes = stale.nodes
+        message = f"the EP group changed during each of {STALE_GROUP_ATTEMPTS} solves"
+        update = false(ConditionType.GPUS_PROFILED, "NodesChanging", message)
+        raise DegradedError("NodesChanging", message, [update])
+
     async def converge(
         self, spec: MoEDeploymentSpec, in_service: Published | None
     ) -> tuple[list[ConditionUpdate], PlacementSummary]:
-        group, gpu_update = observe.gpu_group(self, spec)
+        group, gpu_update = observe.gpu_group(self, spec, in_service)
         observed = await observe.read_load(self, spec)
         load, metrics_update, no_traffic = await self.transitions(spec, observed)
         gpu_update = await self.speed_drift(spec, observed, group, gpu_update)
@@ -68,13 +89,15 @@ class Reconcile(Context):
         )
         current = in_service.placement if in_service else None
         result, solved_at = await decide.plan_for(self, spec, group, load, current)
+        observe.check_group_unchanged(self, spec, group, in_service)
         choice = decide.choose(spec, group, result, pinned, in_service, self.now)
         decision = choice.decision
         if mode is not RolloutMode.AUTO:
             proposal = result.solution.placement
-            await act.publish(self, proposal_configmap_name(self.name), "proposal", proposal)
+            name = proposal_configmap_name(self.name)
+            await act.publish(self, name, "proposal", proposal, group)
         if decision.roll:
-            in_service = await act.roll_out(self, choice.candidate, decision)
+            in_service = await act.roll_out(self, choice.candidate, group, decision)
         else:
             act.note_refusal(self, decision, choice.candidate.content_hash())
         if spec.rollout.target and in_service:

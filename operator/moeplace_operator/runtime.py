@@ -45,6 +45,11 @@ class Runtime:
     io_pool: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(8, "moeplace-io")
     )
+    # Prometheus queries apart from the Kubernetes calls: a slow Prometheus (each query may
+    # wait QUERY_TIMEOUT_S) then stalls only the objects that read it, not every status write
+    prometheus_pool: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(4, "moeplace-prometheus")
+    )
     # "ns/name" -> (inputs fingerprint, plan, solved at) of the last solve
     plans: dict[str, tuple[str, Plan, datetime]] = field(default_factory=dict)
     # "ns/name" -> the transitions last read (megabytes of query answer: not every tick)
@@ -57,6 +62,10 @@ class Runtime:
 
     async def io(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.io_pool, fn, *args)
+
+    async def query(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn`` (a Prometheus query) in the Prometheus pool."""
+        return await asyncio.get_running_loop().run_in_executor(self.prometheus_pool, fn, *args)
 
     async def solve(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.solver_pool, fn, *args)
@@ -82,6 +91,8 @@ class Context:
     logger: logging.Logger | logging.LoggerAdapter[Any]
     events: EventDedup  # shared by all objects, keyed by ``key``
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
+    # the Nodes as they are now (the index), to see a group that changed while we solved
+    live_nodes: Callable[[], list[NodeGPUs]] | None = None
 
     @property
     def name(self) -> str:

@@ -78,7 +78,10 @@ class LoopbackCollective:
     must call the same operations in the same order, as with any collective library.
     ``timeout_s`` bounds joining; ``op_timeout_s`` bounds each operation's wait for a peer
     (a dead rank's closed socket fails at once; a stuck rank or a vanished host fails after
-    it, with ``TimeoutError``, instead of hanging the others mid-switch).
+    it, with ``TimeoutError``, instead of hanging the others mid-switch). A failed operation
+    closes this rank's sockets, so the ranks waiting on it fail at once too (rank 0's peers
+    wait on rank 0), and every later operation raises ``ConnectionError``: a rank left alone
+    must never reduce its own values as if they were everyone's.
     """
 
     def __init__(
@@ -94,6 +97,7 @@ class LoopbackCollective:
             raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
         self._rank, self._world = rank, world_size
         self._peers: list[socket.socket] = []
+        self._failure: str | None = None
         if rank == 0:
             self._peers = _accept_peers(host, port, world_size - 1, timeout_s)
         else:
@@ -127,6 +131,16 @@ class LoopbackCollective:
         self._peers = []
 
     def _reduce(self, op: str, values: Sequence[int]) -> list[int]:
+        if self._failure is not None:
+            raise ConnectionError(f"collective closed after a failure: {self._failure}")
+        try:
+            return self._exchange(op, values)
+        except (OSError, RuntimeError, struct.error) as error:
+            self._failure = str(error)
+            self.close()
+            raise
+
+    def _exchange(self, op: str, values: Sequence[int]) -> list[int]:
         code = _OP_CODES[op]
         if self._rank != 0:
             _send(self._peers[0], code, values)

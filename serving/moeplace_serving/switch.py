@@ -6,10 +6,19 @@ version. If all agree, that version is the target; if not, the target is the sma
 newest version every rank has seen) and a second all-reduce checks that every rank still keeps
 it. Only then do the ranks move the expert weights that must move (``mover``), meet at a
 barrier and switch: no step ever runs on a placement that some rank has not loaded.
+
+When the collective fails (a rank died or hangs: the collective's timeout), no live rank has
+passed the barrier, so each keeps the placement it had, and it never switches again on its
+own (``failure`` says why; the group must be restarted). Fault tests kill a rank at a point
+of the switch with ``MOEPLACE_SERVING_KILL_AT`` (``before-agree``, ``after-agree``,
+``after-move``).
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +30,15 @@ from moeplace_serving.collective import Collective
 from moeplace_serving.metrics import ServingMetrics
 from moeplace_serving.watcher import PlacementVersion
 from placement import Placement
+
+KILL_AT_ENV = "MOEPLACE_SERVING_KILL_AT"
+_log = logging.getLogger(__name__)
+
+
+def _kill_if_asked(point: str) -> None:
+    """SIGKILL this rank at ``point`` of a switch when ``MOEPLACE_SERVING_KILL_AT`` names it."""
+    if os.environ.get(KILL_AT_ENV) == point:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class VersionSource(Protocol):
@@ -100,6 +118,7 @@ class LockStepSwitch:
             PlacementVersion(0, initial, "initial") if initial is not None else None
         )
         self.events: list[SwitchEvent] = []
+        self.failure: Exception | None = None  # the collective's error that ended switching
 
     @property
     def active_version(self) -> int:
@@ -107,15 +126,28 @@ class LockStepSwitch:
 
     def at_step(self, step: int) -> PlacementVersion | None:
         """Call at the start of every step on every rank; returns the placement to use."""
-        if step % self.check_every:
+        if step % self.check_every or self.failure is not None:
             return self.active
+        try:
+            return self._switch(step)
+        except (OSError, RuntimeError) as error:  # socket errors, timeouts; gloo's errors
+            self.failure = error
+            _log.warning("placement switching stopped, keeping v%d: %s", self.active_version, error)
+            return self.active
+
+    def _switch(self, step: int) -> PlacementVersion | None:
         start = time.perf_counter()
+        latest = self.source.latest
+        if latest is not None and latest.version > self.active_version:
+            _kill_if_asked("before-agree")
         target = self._agree()
         if target is None:
             return self.active
+        _kill_if_asked("after-agree")
         agreed = time.perf_counter()
         if self.mover is not None:
             self.mover(self.active.placement if self.active else None, target.placement)
+        _kill_if_asked("after-move")
         moved = time.perf_counter()
         self.collective.barrier()
         done = time.perf_counter()

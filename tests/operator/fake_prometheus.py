@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import ssl
 from datetime import datetime
@@ -21,12 +22,15 @@ class FakePrometheus:
         reply: tuple[int, bytes, dict[str, str]] | None = None,
         authorization: str | None = None,
         tls: ssl.SSLContext | None = None,
+        delay_s: float = 0.0,
     ) -> None:
         """``reply``: (status, body, headers) sent instead of the result; ``authorization``:
         the only Authorization header answered (others get 401 with a body that echoes it,
-        like a verbose proxy); ``tls``: serve https with this server context."""
+        like a verbose proxy); ``tls``: serve https with this server context; ``delay_s``:
+        wait that long before each answer (a slow Prometheus)."""
         import http.server
         import threading
+        import time
         import urllib.parse
 
         queries = self.queries = []
@@ -34,6 +38,7 @@ class FakePrometheus:
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
+                time.sleep(delay_s)
                 url = urllib.parse.urlparse(self.path)
                 params = urllib.parse.parse_qs(url.query)
                 queries.append(params)
@@ -60,7 +65,8 @@ class FakePrometheus:
                     self.send_header(name, value)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                with contextlib.suppress(BrokenPipeError):  # a client that timed out
+                    self.wfile.write(body)
 
             def log_message(self, *args: Any) -> None:
                 pass

@@ -47,9 +47,15 @@ def test_default_query_escapes_model_name() -> None:
 
 
 def test_range_result_to_samples() -> None:
+    zeros = [
+        {"metric": {"layer": str(layer), "expert": str(e)}, "values": [[0, "0"], [1, "0"]]}
+        for layer in (1, 2)
+        for e in range(3)
+    ]
     series = [
+        *zeros,
         {"metric": {"layer": "1", "expert": "2"}, "values": [[0, "5"], [1, "7"]]},
-        {"metric": {"layer": "2", "expert": "0"}, "values": [[1, "3"]]},
+        {"metric": {"layer": "2", "expert": "0"}, "values": [[0, "0"], [1, "3"]]},
         {"metric": {"layer": "9", "expert": "0"}, "values": [[1, "3"]]},  # outside the shape
         {"metric": {"expert": "0"}, "values": [[1, "3"]]},  # no layer label
     ]
@@ -155,8 +161,12 @@ def test_prometheus_load_query_ends_at_the_last_sub_window_boundary() -> None:
     from moeplace_operator.loadsource import PrometheusSource, fetch_prometheus
     from moeplace_operator.spec import PrometheusLoad
 
-    series = {"metric": {"layer": "1", "expert": "0"}, "values": [[1_700_000_000, "5"]]}
-    prometheus = FakePrometheus([series], result_type="matrix")
+    series = [
+        {"metric": {"layer": str(layer), "expert": str(e)}, "values": [[1_700_000_000, "5"]]}
+        for layer in (1, 2)
+        for e in range(3)
+    ]
+    prometheus = FakePrometheus(series, result_type="matrix")
     try:
         source = PrometheusSource(
             PrometheusLoad(url=prometheus.url, window="30m", samples=3, layer_offset=1)
@@ -186,6 +196,7 @@ def test_prometheus_load_hedges_over_bootstrap_or_sub_windows() -> None:
         return {"metric": {"layer": layer, "expert": expert}, "values": points}
 
     result = [one("1", "0", [5, 9, 1]), one("1", "2", [2, 2, 8]), one("2", "1", [4, 4, 4])]
+    result += [one(*cell, [0, 0, 0]) for cell in (("1", "1"), ("2", "0"), ("2", "2"))]
     prometheus = FakePrometheus(result, result_type="matrix")
     try:
         spec = PrometheusLoad(url=prometheus.url, window="30m", samples=3, layer_offset=1)

@@ -41,12 +41,14 @@ def test_the_wire_names_are_what_the_other_side_expects() -> None:
         names.HASH_ANNOTATION,
         names.VERSION_ANNOTATION,
         names.ROLLED_OUT_AT_ANNOTATION,
+        names.GROUP_NODES_ANNOTATION,
         names.OWNER_LABEL,
         names.ROLE_LABEL,
     ] == [
         "moeplace.io/placement-hash",
         "moeplace.io/placement-version",
         "moeplace.io/rolled-out-at",
+        "moeplace.io/group-nodes",
         "moeplace.io/deployment",
         "moeplace.io/role",
     ]
