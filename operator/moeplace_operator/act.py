@@ -92,6 +92,18 @@ async def roll_out(
     return published
 
 
+async def record_group(
+    ctx: Context, in_service: Published | None, group: GPUGroup
+) -> Published | None:
+    """The placement in service republished with ``group``'s nodes when they changed without
+    a rollout (a node replaced, the new one in the old one's ranks): the next pass keeps
+    this group, not the one before."""
+    if in_service is None or in_service.nodes == tuple(group.nodes):
+        return in_service
+    name = placement_configmap_name(ctx.name)
+    return await publish(ctx, name, "placement", in_service.placement, group)
+
+
 def note_refusal(ctx: Context, decision: Decision, proposed_hash: str) -> None:
     """One Event per refused proposal, not one per tick."""
     if decision.reason not in REFUSALS_WORTH_AN_EVENT:

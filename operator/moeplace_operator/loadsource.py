@@ -365,9 +365,10 @@ def failure_message(error: Exception, source: PrometheusSource) -> str:
 
 def _timed_out(error: Exception) -> bool:
     """requests reports an exhausted retry of a read timeout as a ConnectionError whose
-    urllib3 cause (``MaxRetryError.reason``) is the timeout."""
+    urllib3 cause (``MaxRetryError.reason``) is the timeout (a refused connection's cause,
+    NewConnectionError, is a ConnectTimeoutError to urllib3: not this)."""
     cause = error.args[0] if error.args else None
-    return isinstance(getattr(cause, "reason", None), urllib3.exceptions.TimeoutError)
+    return isinstance(getattr(cause, "reason", None), urllib3.exceptions.ReadTimeoutError)
 
 
 def _query(

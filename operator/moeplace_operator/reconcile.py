@@ -100,6 +100,7 @@ class Reconcile(Context):
             in_service = await act.roll_out(self, choice.candidate, group, decision)
         else:
             act.note_refusal(self, decision, choice.candidate.content_hash())
+            in_service = await act.record_group(self, in_service, group)
         if spec.rollout.target and in_service:
             await act.sync_target(self, spec, in_service.hash)
         shown = (

@@ -18,11 +18,16 @@ from fake_prometheus import FakePrometheus, load_matrix
 from moeplace_operator import decide, loadsource
 from moeplace_operator.build import read_published
 from moeplace_operator.events import EventDedup
-from moeplace_operator.loadsource import MetricsUnavailableError, parse_range_result
+from moeplace_operator.loadsource import (
+    MetricsUnavailableError,
+    PrometheusSource,
+    fetch_prometheus,
+    parse_range_result,
+)
 from moeplace_operator.nodes import NodeGPUs, build_gpu_group, node_gpus
 from moeplace_operator.reconcile import Reconcile
 from moeplace_operator.runtime import Runtime
-from moeplace_operator.spec import GPUSpec, ModelSpec
+from moeplace_operator.spec import GPUSpec, ModelSpec, PrometheusLoad
 from prometheus_client import REGISTRY
 
 from placement.names import GROUP_NODES_ANNOTATION
@@ -150,6 +155,13 @@ def test_a_slow_prometheus_holds_no_status_write_of_a_static_object(
         assert degraded["reason"] == "PrometheusUnreachable"
         assert "no answer within 2 s (query timeout)" in degraded["message"]
     assert [w for w in kube.writes if w.startswith("slow")] == []  # no placement without load
+
+
+def test_a_refused_connection_is_not_called_a_timeout() -> None:
+    source = PrometheusSource(PrometheusLoad(url="http://127.0.0.1:1"))
+    with pytest.raises(MetricsUnavailableError) as error:
+        fetch_prometheus(source, MODEL, NOW)
+    assert str(error.value).endswith("connection failed")
 
 
 def nodes_ab() -> list[NodeGPUs]:
