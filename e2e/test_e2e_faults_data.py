@@ -298,6 +298,9 @@ def cordon(cluster: Cluster, node: str) -> None:
 
 
 def not_ready(cluster: Cluster, node: str) -> None:
+    """Its kubelet gone: kwok stops managing it (else it sets Ready back at once), and Ready
+    turns False, as the node lifecycle controller would after the lease expires."""
+    cluster.kubectl("annotate", "node", node, "kwok.x-k8s.io/node-")
     patch = {"status": {"conditions": [{"type": "Ready", "status": "False", "reason": "Test"}]}}
     cluster.kubectl("patch", "node", node, "--subresource=status", "-p", json.dumps(patch))
 
