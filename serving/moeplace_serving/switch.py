@@ -7,11 +7,13 @@ newest version every rank has seen) and a second all-reduce checks that every ra
 it. Only then do the ranks move the expert weights that must move (``mover``), meet at a
 barrier and switch: no step ever runs on a placement that some rank has not loaded.
 
-When the collective fails (a rank died or hangs: the collective's timeout), no live rank has
-passed the barrier, so each keeps the placement it had, and it never switches again on its
-own (``failure`` says why; the group must be restarted). Fault tests kill a rank at a point
-of the switch with ``MOEPLACE_SERVING_KILL_AT`` (``before-agree``, ``after-agree``,
-``after-move``).
+When the collective fails (a rank died, or hangs past the collective's timeout) before the
+barrier completes, every live rank keeps the placement it had and never switches again on its
+own (``failure`` says why; the group must be restarted). The one window left: rank 0 dying
+while it answers the barrier, after some ranks got the answer. The mover must leave the old
+placement servable until the barrier (the stand-in's only loads copies). Fault tests kill a
+rank at a point of the switch with ``MOEPLACE_SERVING_KILL_AT`` (``before-agree``,
+``after-agree``, ``after-move``).
 """
 
 from __future__ import annotations
