@@ -99,8 +99,8 @@ def group_nodes(cm: dict[str, Any]) -> list[str]:
     return str(cm["metadata"]["annotations"][GROUP_NODES_ANNOTATION]).split(",")
 
 
-def stale_plans(operator: OperatorProcess) -> float:
-    found = re.search(r"^moeplace_stale_plans_total (\S+)$", operator.metrics(), re.M)
+def sample(operator: OperatorProcess, metric: str) -> float:
+    found = re.search(rf"^{metric} (\S+)$", operator.metrics(), re.M)
     return float(found.group(1)) if found else 0.0
 
 
@@ -321,6 +321,9 @@ NODE_FAULTS: dict[str, Callable[[Cluster, str], None]] = {
 }
 
 
+NODE_TEST_LABEL = "faults-test=nodes"
+
+
 @pytest.fixture
 def node_pool(cluster: Cluster, namespace: str) -> Iterator[tuple[str, list[str]]]:
     """Three nodes for a group of two: ``-0`` and ``-1`` are chosen first, ``-2`` is spare."""
@@ -329,6 +332,8 @@ def node_pool(cluster: Cluster, namespace: str) -> Iterator[tuple[str, list[str]
         3, GPUS, speeds=[[1.0, 0.8], [1.2, 0.9], [0.9, 1.1]], pool=pool, prefix=pool
     )
     yield pool, names
+    # its MoEDeployments first: left over, their passes would crowd the next test's solve
+    cluster.kubectl("delete", "moed", "-n", namespace, "-l", NODE_TEST_LABEL, "--timeout=60s")
     cluster.delete_nodes(pool=pool)
     cluster.delete_nodes(selector=f"kubernetes.io/hostname in ({','.join(names)})")
 
@@ -342,6 +347,7 @@ def static_object(cluster: Cluster, namespace: str, pool: str, **placement: Any)
         gpus={"nodeCount": 2, "gpusPerNode": GPUS},
         placement={"strategy": "greedy", **placement},
     )
+    obj["metadata"]["labels"] = dict([NODE_TEST_LABEL.split("=")])
     apply(cluster, obj)
     return name
 
@@ -393,13 +399,20 @@ def test_a_group_node_lost_mid_solve_drops_the_stale_plan(
     node_pool: tuple[str, list[str]],
     fault: str,
 ) -> None:
-    """The first solve (CP-SAT, 10 s) starts for [-0, -1]; 3 s in, -0 leaves: that plan is
-    dropped and the first placement written is solved for [-1, -2]."""
+    """The first solve (CP-SAT, time limit 10 s) starts for [-0, -1] (the operator's
+    moeplace_solves_in_flight says so); 1 s later -0 leaves: that plan is dropped (counted in
+    moeplace_stale_plans_total) and the first placement written is solved for [-1, -2]."""
     pool, nodes = node_pool
-    stale_before = stale_plans(operator)
+    stale_before = sample(operator, "moeplace_stale_plans_total")
     started = time.monotonic()
     name = static_object(cluster, namespace, pool, strategy="cpsat", timeLimitSeconds=10)
-    time.sleep(3)  # inside the solve (its time limit is 10 s)
+    wait_for(
+        "the solve to start",
+        lambda: sample(operator, "moeplace_solves_in_flight") >= 1,
+        timeout=30,
+        every=0.1,
+    )
+    time.sleep(1)  # well inside the solve (its time limit is 10 s)
     NODE_FAULTS[fault](cluster, nodes[0])
     cm = wait_for(
         "the first placement",
@@ -408,7 +421,8 @@ def test_a_group_node_lost_mid_solve_drops_the_stale_plan(
         every=0.3,
     )
     converged_s = time.monotonic() - started
-    assert stale_plans(operator) - stale_before >= 1, "the node changed outside the solve"
+    stale = sample(operator, "moeplace_stale_plans_total") - stale_before
+    assert stale >= 1, "the node changed outside the solve"
     assert group_nodes(cm) == [nodes[1], nodes[2]]
     obj = wait_condition(cluster, name, namespace, "Ready", timeout=30)
     cm = placement_cm(cluster, namespace, name)

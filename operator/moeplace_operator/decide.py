@@ -37,9 +37,10 @@ async def plan_for(
     strategy = spec.placement.strategy.value
     started = time.monotonic()
     try:
-        result = await ctx.runtime.solve(
-            plan, spec, group, load, current, ctx.runtime.solver_threads
-        )
+        with metrics.SOLVES_IN_FLIGHT.track_inprogress():
+            result = await ctx.runtime.solve(
+                plan, spec, group, load, current, ctx.runtime.solver_threads
+            )
     except Exception as error:  # a solver bug must not take the operator down
         ctx.logger.exception("solve failed")
         metrics.SOLVES.labels(strategy, "ERROR").inc()

@@ -38,6 +38,7 @@ REFUSALS = Counter("moeplace_rollouts_refused_total", "Rollouts refused, by reas
 LEADER = Gauge(
     "moeplace_leader", "1 while this replica reconciles (holds the leader Lease, or no election)."
 )
+SOLVES_IN_FLIGHT = Gauge("moeplace_solves_in_flight", "Solves queued for or running in the pool.")
 STALE_PLANS = Counter(
     "moeplace_stale_plans_total", "Plans dropped unpublished: the EP group changed while solving."
 )
