@@ -196,7 +196,8 @@ def _solve_layer_even(
     # its bound holds for the placement problem only if no replica count was ruled out
     every_count = [list(range(1, most_copies(E, G, G * S) + 1))] * E
     exact_counts = cands == every_count
-    variables = G * sum(len(c) for c in cands)
+    # the cost model counts every expert at the widest candidate set (how it was calibrated)
+    variables = G * E * max(len(c) for c in cands)
     terms = K * variables
     if deterministic:  # by the cost model only, never by the clock
         left = (1 - _POLISH_SHARE) * budget_s
