@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from functools import cached_property
 from typing import Annotated, Literal
 
@@ -26,6 +27,7 @@ FloatArray = npt.NDArray[np.float64]
 
 PLACEMENT_API_VERSION: Literal["moeplace.io/v1alpha1"] = "moeplace.io/v1alpha1"
 PositiveInt = Annotated[int, Field(gt=0)]
+MAX_EXPERT_ID = 2**31 - 1  # int32, as the engines' expert maps hold them
 
 
 class Frozen(BaseModel):
@@ -67,8 +69,8 @@ class LatencyCurve(Frozen):
             raise ValueError("tokens and micros must have the same length")
         if any(b <= a for a, b in zip(self.tokens, self.tokens[1:], strict=False)):
             raise ValueError("curve token counts must be strictly increasing")
-        if self.tokens[0] < 0 or any(m < 0 for m in self.micros):
-            raise ValueError("curve token counts and latencies must be non-negative")
+        if self.tokens[0] < 0 or not all(0 <= m < math.inf for m in self.micros):
+            raise ValueError("curve token counts and latencies must be finite and non-negative")
         return self
 
     def time(self, tokens: npt.ArrayLike) -> FloatArray:
@@ -175,6 +177,10 @@ class Placement(Frozen):
     def _rectangular(cls, v: list[list[int]]) -> list[list[int]]:
         if not v or len({len(row) for row in v}) != 1:
             raise ValueError("phy2log must be a non-empty rectangular [layers][slots] table")
+        # numpy holds the table as int64: a larger value (from a hand-edited file) must be
+        # refused here, not overflow later
+        if not all(0 <= e <= MAX_EXPERT_ID for row in v for e in row):
+            raise ValueError(f"phy2log entries must be expert ids in 0..{MAX_EXPERT_ID}")
         return v
 
     def __eq__(self, other: object) -> bool:

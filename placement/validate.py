@@ -60,6 +60,8 @@ def validate(
         )
     if (table < 0).any() or (table >= E).any():
         raise InvalidPlacementError(f"phy2log holds expert ids outside 0..{E - 1}")
+    if placement.num_slots < E:  # checked first: the per-layer check below is O(E)
+        raise InvalidPlacementError(f"{placement.num_slots} slots cannot hold {E} experts")
     for layer in range(L):
         missing = np.setdiff1d(np.arange(E), table[layer])
         if missing.size:

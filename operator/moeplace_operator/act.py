@@ -4,12 +4,14 @@ one per cause), and the status patch (sent only when it changes something)."""
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Sequence
 
 import kopf
 
 from moeplace_operator import metrics
 from moeplace_operator.build import (
+    Body,
     Published,
     configmap_body,
     placement_configmap_name,
@@ -19,7 +21,7 @@ from moeplace_operator.build import (
     target_patch,
 )
 from moeplace_operator.faultpoints import crash_point
-from moeplace_operator.kube import ForbiddenError, MissingObjectError
+from moeplace_operator.kube import ForbiddenError, InvalidObjectError, MissingObjectError
 from moeplace_operator.loadsource import MetricsUnavailableError
 from moeplace_operator.nodes import GPUGroup
 from moeplace_operator.runtime import Context, DegradedError
@@ -44,6 +46,31 @@ REFUSALS_WORTH_AN_EVENT = {"CooldownActive", "TooManyMoves", "GainBelowThreshold
 TRANSITIONS_UNAVAILABLE = "TransitionsUnavailable"
 SPEED_DRIFT = "SpeedDrift"
 REPROFILE_REQUESTED = "ReprofileRequested"  # not an Event: the node annotation, once per set
+MAX_CONFIGMAP_BYTES = 1024 * 1024  # the API server's limit on a ConfigMap's data
+
+
+def configmap_size(body: Body) -> int:
+    """Bytes the API server counts against a ConfigMap's limit: keys and values of data
+    (UTF-8) and binaryData (base64-decoded)."""
+    text = body.get("data") or {}
+    binary = body.get("binaryData") or {}
+    return sum(len(k) + len(v.encode()) for k, v in text.items()) + sum(
+        len(k) + len(base64.b64decode(v)) for k, v in binary.items()
+    )
+
+
+def check_size(name: str, body: Body) -> None:
+    """DegradedError(PlacementTooLarge) for a ConfigMap the API server would refuse (its
+    1 MiB limit), before the write: the placement in service stays, status says why."""
+    size = configmap_size(body)
+    if size > MAX_CONFIGMAP_BYTES:
+        message = (
+            f"ConfigMap {name} would hold {size} bytes, over the {MAX_CONFIGMAP_BYTES}-byte "
+            "limit (the canonical placement and SGLang's map, a row per hidden layer: fewer "
+            "layers or slots make it fit)"
+        )
+        update = false(ConditionType.ROLLED_OUT, "PlacementTooLarge", message)
+        raise DegradedError("PlacementTooLarge", message, [update])
 
 
 async def publish(
@@ -71,12 +98,17 @@ async def publish(
         hidden_layers=ctx.hidden_layers,
         nodes=nodes,
     )
+    check_size(name, body)
     try:
         await ctx.runtime.io(kube.write_configmap, body)
     except ForbiddenError as error:  # e.g. a ConfigMap of that name that we did not write
         message = f"ConfigMap {name} not written: {error}"
         update = false(ConditionType.ROLLED_OUT, "ConfigMapForbidden", message)
         raise DegradedError("ConfigMapForbidden", message, [update]) from error
+    except InvalidObjectError as error:  # e.g. a MoEDeployment name too long for a label
+        message = f"ConfigMap {name} refused by the API server: {error}"
+        update = false(ConditionType.ROLLED_OUT, "ConfigMapInvalid", message)
+        raise DegradedError("ConfigMapInvalid", message, [update]) from error
     return Published(placement, placement.content_hash(), version, ctx.now, None, nodes)
 
 

@@ -20,7 +20,13 @@ from moeplace_operator.crdupgrade import CRD_NAME, BundledCRDError, ensure_crd
 from moeplace_operator.events import EventDedup
 from moeplace_operator.kube import Kube, TransientApiError, load_config
 from moeplace_operator.leader import Leadership
-from moeplace_operator.nodes import NodeGPUs, has_gpu_labels, is_usable, node_gpus
+from moeplace_operator.nodes import (
+    NodeGPUs,
+    gpu_capacity,
+    has_gpu_labels,
+    is_usable,
+    node_gpus,
+)
 from moeplace_operator.reconcile import Reconcile, gpu_nodes
 from moeplace_operator.runtime import Runtime
 from moeplace_operator.spec import GROUP, PLURAL, VERSION
@@ -116,7 +122,7 @@ def gpu_node_index(
     status: kopf.Status,
     **_: Any,
 ) -> NodeGPUs:
-    return node_gpus(name, labels, annotations, is_usable(spec, status))
+    return node_gpus(name, labels, annotations, is_usable(spec, status), gpu_capacity(status))
 
 
 # The nudging handlers are async: kopf runs sync handlers in worker threads, and an
@@ -136,7 +142,7 @@ async def node_changed(
     heartbeats)."""
     fingerprints: dict[str, str] = memo.node_fingerprints
     gone = type == "DELETED" or not has_gpu_labels(labels)
-    node = node_gpus(name, labels, annotations, is_usable(spec, status))
+    node = node_gpus(name, labels, annotations, is_usable(spec, status), gpu_capacity(status))
     fingerprint = "" if gone else node.fingerprint()
     if fingerprints.get(name, "") != fingerprint:
         fingerprints[name] = fingerprint

@@ -37,6 +37,11 @@ class ForbiddenError(Exception):
     naming the rule or policy (e.g. "the moeplace operator may only patch a workload ...")."""
 
 
+class InvalidObjectError(Exception):
+    """The API server refused the object we sent as invalid (422); the message is its
+    validation text (a field too long, an object over its size limit)."""
+
+
 def _status_message(error: ApiException) -> str:
     """The ``message`` of the API server's Status body; the reason when there is none."""
     try:
@@ -66,6 +71,8 @@ def _call(fn: Callable[[], T]) -> T:
             raise MissingObjectError(error.reason) from error
         if error.status == 403:
             raise ForbiddenError(_status_message(error)) from error
+        if error.status == 422:
+            raise InvalidObjectError(_status_message(error)) from error
         if error.status in (409, 429) or (error.status or 0) >= 500:
             raise TransientApiError(f"{error.status} {error.reason}") from error
         raise

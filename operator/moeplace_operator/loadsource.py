@@ -26,6 +26,7 @@ from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import numpy as np
+import numpy.typing as npt
 import requests
 import urllib3
 from prometheus_api_client import PrometheusConnect
@@ -36,7 +37,7 @@ from typing_extensions import TypedDict  # pydantic needs it (not typing's) befo
 from urllib3.util.retry import Retry
 
 from moeplace_operator.kube import SecretForbiddenError
-from moeplace_operator.spec import KeyRef, ModelSpec, PrometheusLoad
+from moeplace_operator.spec import KeyRef, ModelSpec, PrometheusLoad, duration_seconds
 from placement.evaluate import Dispatch as DispatchRule
 from placement.load import (
     LoadFileError,
@@ -57,8 +58,6 @@ from placement.names import (
 
 MAX_TRANSITIONS_BYTES = 256 * 2**20  # decompressed; a [L-1, E, E] float64 of 25 x 64 x 64 is 0.8 MB
 QUERY_TIMEOUT_S = 10  # per query: an answer slower than this is no answer (not retried)
-_DURATION_PART = re.compile(r"([0-9]+)(ms|s|m|h|d)")
-_UNIT_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 class MetricsUnavailableError(Exception):
@@ -79,10 +78,7 @@ class LoadData:
 
 def parse_duration(text: str) -> timedelta:
     """``1h30m``, ``10m``, ``45s`` -> timedelta (the CRD's Duration pattern)."""
-    parts = _DURATION_PART.findall(text)
-    if not parts or "".join(n + u for n, u in parts) != text:
-        raise ValueError(f"not a duration: {text!r}")
-    return timedelta(seconds=sum(int(n) * _UNIT_S[u] for n, u in parts))
+    return timedelta(seconds=duration_seconds(text))
 
 
 def format_duration(delta: timedelta) -> str:
@@ -455,21 +451,42 @@ def parse_load_csv(text: str, model: ModelSpec) -> FloatArray:
         raise MetricsUnavailableError("BadLoadCSV", "the load CSV has no rows")
     first = min(layer for layer, _, _ in triples)
     load = np.zeros((model.moe_layers, model.experts_per_layer), dtype=np.float64)
+    seen = np.zeros(load.shape, dtype=bool)
     for layer, expert, count in triples:
+        where = f"row (layer {layer}, expert {expert})"
         if not (0 <= layer - first < model.moe_layers and 0 <= expert < model.experts_per_layer):
             raise MetricsUnavailableError(
                 "BadLoadCSV",
-                f"row (layer {layer}, expert {expert}) is outside the model shape "
-                f"{model.moe_layers}x{model.experts_per_layer}",
+                f"{where} is outside the model shape {model.moe_layers}x{model.experts_per_layer}",
             )
         if not (np.isfinite(count) and count >= 0):
             raise MetricsUnavailableError(
-                "BadLoadCSV",
-                f"row (layer {layer}, expert {expert}) has count {count}: counts must be "
-                "finite and >= 0",
+                "BadLoadCSV", f"{where} has count {count}: counts must be finite and >= 0"
             )
-        load[layer - first, expert] += count
+        if seen[layer - first, expert]:
+            raise MetricsUnavailableError("BadLoadCSV", f"{where} appears twice")
+        seen[layer - first, expert] = True
+        load[layer - first, expert] = count
+    check_load_rows(load, np.asarray(seen.any(axis=1)), first)
     return load
+
+
+def check_load_rows(load: FloatArray, has_rows: npt.NDArray[np.bool_], first: int) -> None:
+    """Every MoE layer has rows, and the tokens are finite and not all zero: a file cut short,
+    or counts so large they sum to infinity, must not be solved as if true."""
+    missing = np.flatnonzero(~has_rows)
+    if missing.size:
+        raise MetricsUnavailableError(
+            "BadLoadCSV",
+            f"MoE layer {missing[0]} (layer {first + missing[0]} in the file) has no rows; "
+            f"the model has {len(load)} MoE layers",
+        )
+    with np.errstate(over="ignore"):  # an overflow is what is checked for
+        total = float(load.sum())
+    if not (np.isfinite(total) and total > 0):
+        raise MetricsUnavailableError(
+            "BadLoadCSV", f"the counts sum to {total}: they must be finite and not all zero"
+        )
 
 
 # Layer-to-layer transitions (the traffic term). Reasons of MetricsUnavailableError raised here:

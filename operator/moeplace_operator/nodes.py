@@ -20,6 +20,7 @@ from placement.names import CURVES_ANNOTATION, SPEED_LABEL_PREFIX
 MAX_RELATIVE_SPEED = 100.0
 _SPEED = TypeAdapter(Annotated[float, Field(gt=0, le=MAX_RELATIVE_SPEED, allow_inf_nan=False)])
 _SPEED_LABEL = re.compile(re.escape(SPEED_LABEL_PREFIX) + r"(\d+)$")
+GPU_RESOURCE = "nvidia.com/gpu"  # the node capacity NVIDIA's device plugin publishes
 
 
 class NodeGPUs(BaseModel):
@@ -32,6 +33,10 @@ class NodeGPUs(BaseModel):
     speeds: dict[int, float]
     curves: dict[int, LatencyCurve] = {}
     usable: bool = True  # Ready and not cordoned: only such nodes join an EP group
+    # what an EP group refuses the node for (check_group_inputs)
+    bad_speeds: dict[int, str] = {}  # GPU index -> the label value that is no speed
+    bad_curves: str | None = None  # why the latency-curve annotation is unusable
+    gpu_capacity: int | None = None  # nvidia.com/gpu in the node's capacity, when published
 
     def fingerprint(self) -> str:
         """Changes exactly when what placement depends on changes (not on heartbeats)."""
@@ -42,11 +47,13 @@ def has_gpu_labels(labels: Mapping[str, str]) -> bool:
     return any(_SPEED_LABEL.match(key) for key in labels)
 
 
-def parse_speeds(labels: Mapping[str, str]) -> dict[int, float]:
-    """GPU index -> relative speed from ``gpu.moeplace.io/speed-<index>`` labels; values that
-    are not a finite number in (0, MAX_RELATIVE_SPEED] are skipped (that GPU then counts as
-    unprofiled, which status reports)."""
+def read_speeds(labels: Mapping[str, str]) -> tuple[dict[int, float], dict[int, str]]:
+    """(GPU index -> relative speed, GPU index -> refused value) from the
+    ``gpu.moeplace.io/speed-<index>`` labels: a value that is not a finite number in
+    (0, MAX_RELATIVE_SPEED] is refused (an EP group with that node then degrades with
+    BadSpeedLabels), never guessed."""
     speeds: dict[int, float] = {}
+    refused: dict[int, str] = {}
     for key, value in labels.items():
         match = _SPEED_LABEL.match(key)
         if not match:
@@ -54,20 +61,46 @@ def parse_speeds(labels: Mapping[str, str]) -> dict[int, float]:
         try:
             speeds[int(match.group(1))] = _SPEED.validate_python(value)
         except ValidationError:
-            continue
-    return speeds
+            refused[int(match.group(1))] = value
+    return speeds, refused
 
 
-def parse_curves(annotation: str | None) -> dict[int, LatencyCurve]:
-    """``{"<gpu index>": {"tokens": [...], "micros": [...]}}``; malformed input yields none
-    (falling back to speed labels beats failing the whole EP group)."""
+def parse_speeds(labels: Mapping[str, str]) -> dict[int, float]:
+    """GPU index -> relative speed, the valid speed labels only."""
+    return read_speeds(labels)[0]
+
+
+def read_curves(annotation: str | None) -> tuple[dict[int, LatencyCurve], str | None]:
+    """``{"<gpu index>": {"tokens": [...], "micros": [...]}}`` -> (curves, None), or ({}, why)
+    for a malformed annotation (an EP group with that node then degrades with
+    BadLatencyCurves: a half-read profile must not silently become speed labels)."""
     if not annotation:
-        return {}
+        return {}, None
     try:
         raw = json.loads(annotation)
-        return {int(k): LatencyCurve.model_validate(v) for k, v in raw.items()}
-    except (ValueError, TypeError, AttributeError, ValidationError):
-        return {}
+        if not isinstance(raw, dict):
+            raise ValueError("not a JSON object of GPU index -> curve")
+        curves = {int(k): LatencyCurve.model_validate(v) for k, v in raw.items()}
+    except ValidationError as error:  # its text quotes the input: name the fields only
+        where = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'curve'}: {e['msg']}"
+            for e in error.errors()[:2]
+        )
+        return {}, f"invalid curve ({where})"
+    except (ValueError, TypeError, AttributeError, RecursionError) as error:
+        return {}, str(error)[:200]
+    if any(index < 0 for index in curves):
+        return {}, "GPU indices must be >= 0"
+    return curves, None
+
+
+def gpu_capacity(status: Mapping[str, Any]) -> int | None:
+    """The node's ``nvidia.com/gpu`` capacity, when the device plugin publishes one."""
+    value = (status.get("capacity") or {}).get(GPU_RESOURCE)
+    try:
+        return int(value) if value is not None else None
+    except ValueError:  # a quantity such as "8k": not a GPU count we can compare
+        return None
 
 
 def is_usable(spec: Mapping[str, Any], status: Mapping[str, Any]) -> bool:
@@ -82,13 +115,19 @@ def node_gpus(
     labels: Mapping[str, str],
     annotations: Mapping[str, str],
     usable: bool = True,
+    capacity: int | None = None,
 ) -> NodeGPUs:
+    speeds, bad_speeds = read_speeds(labels)
+    curves, bad_curves = read_curves(annotations.get(CURVES_ANNOTATION))
     return NodeGPUs(
         name=name,
         labels=dict(labels),
-        speeds=parse_speeds(labels),
-        curves=parse_curves(annotations.get(CURVES_ANNOTATION)),
+        speeds=speeds,
+        curves=curves,
         usable=usable,
+        bad_speeds=bad_speeds,
+        bad_curves=bad_curves,
+        gpu_capacity=capacity,
     )
 
 
@@ -114,6 +153,50 @@ class GPUGroup:
         """(node, GPU index on the node) of GPU ``gpu`` of the group (= serving rank ``gpu``)."""
         per_node = self.cluster.size // len(self.nodes)
         return self.nodes[gpu // per_node], gpu % per_node
+
+
+def _listed(items: list[str], shown: int = 4) -> str:
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return "; ".join(items[:shown]) + more
+
+
+def check_group_inputs(nodes: Iterable[NodeGPUs], spec: GPUSpec) -> None:
+    """Refuse an EP group whose nodes publish GPU facts that cannot be right: a GPU count
+    other than ``gpusPerNode`` (GPUCountMismatch), speed labels that are no speed
+    (BadSpeedLabels), a malformed latency-curve annotation (BadLatencyCurves). Raises
+    NodesUnavailableError naming the nodes and values; the placement in service stays."""
+    chosen = list(nodes)
+    per_node = spec.gpus_per_node
+    mismatched = [
+        f"{n.name} has {n.gpu_capacity} ({GPU_RESOURCE} capacity)"
+        for n in chosen
+        if n.gpu_capacity is not None and n.gpu_capacity != per_node
+    ] + [
+        f"{n.name} has speed labels for GPU {max(n.speeds)}"
+        for n in chosen
+        if n.gpu_capacity is None and n.speeds and max(n.speeds) >= per_node
+    ]
+    if mismatched:
+        raise NodesUnavailableError(
+            "GPUCountMismatch",
+            f"gpus.gpusPerNode is {per_node} but {_listed(mismatched)}",
+        )
+    bad_speeds = [
+        f"{n.name} {SPEED_LABEL_PREFIX}{index}={value!r}"
+        for n in chosen
+        for index, value in sorted(n.bad_speeds.items())
+    ]
+    if bad_speeds:
+        raise NodesUnavailableError(
+            "BadSpeedLabels",
+            f"speed labels must be finite numbers in (0, {MAX_RELATIVE_SPEED:g}]: "
+            f"{_listed(bad_speeds)}",
+        )
+    bad_curves = [f"{n.name}: {n.bad_curves}" for n in chosen if n.bad_curves]
+    if bad_curves:
+        raise NodesUnavailableError(
+            "BadLatencyCurves", f"{CURVES_ANNOTATION} unusable on {_listed(bad_curves)}"
+        )
 
 
 def selects(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:

@@ -23,7 +23,13 @@ from moeplace_operator.loadsource import (
     parse_static_transitions,
     resolve_source,
 )
-from moeplace_operator.nodes import GPUGroup, NodeGPUs, NodesUnavailableError, build_gpu_group
+from moeplace_operator.nodes import (
+    GPUGroup,
+    NodeGPUs,
+    NodesUnavailableError,
+    build_gpu_group,
+    check_group_inputs,
+)
 from moeplace_operator.planning import score_pinned
 from moeplace_operator.runtime import CachedTransitions, Context, DegradedError
 from moeplace_operator.spec import ConditionType, MoEDeploymentSpec
@@ -73,6 +79,7 @@ def gpu_group(
     current = in_service.nodes if in_service else ()
     try:
         group = build_gpu_group(ctx.nodes, spec.gpus, current)
+        check_group_inputs((n for n in ctx.nodes if n.name in group.nodes), spec.gpus)
     except NodesUnavailableError as error:
         update = false(ConditionType.GPUS_PROFILED, error.reason, str(error))
         raise DegradedError(error.reason, str(error), [update]) from error

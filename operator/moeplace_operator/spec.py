@@ -24,8 +24,29 @@ PLURAL = "moedeployments"
 SINGULAR = "moedeployment"
 SHORT_NAMES = ["moed"]
 
-DURATION_PATTERN = r"^([0-9]+(ms|s|m|h|d))+$"
+# at most 5 digits a part: every duration converts (Python's timedelta, CEL's duration())
+DURATION_PATTERN = r"^([0-9]{1,5}(ms|s|m|h|d))+$"
 Duration = Annotated[str, Field(pattern=DURATION_PATTERN, max_length=32)]
+_DURATION_PART = re.compile(r"([0-9]+)(ms|s|m|h|d)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+# Key of a ConfigMap's or Secret's data, as the API server allows it.
+ConfigMapKey = Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")]
+# PromQL is sent as a URL parameter: a cap keeps requests and error messages bounded.
+MAX_QUERY_LENGTH = 4096
+# Physical slots over all MoE layers: bounds the solver's model and keeps the placement
+# ConfigMap (canonical JSON plus SGLang's map) well under its 1 MiB.
+MAX_TOTAL_SLOTS = 65536
+MAX_SEED = 2**31 - 1  # CP-SAT's random_seed is a 32-bit int
+
+
+def duration_seconds(text: str) -> float:
+    """``1h30m``, ``10m``, ``45s``, ``1d``, ``250ms`` -> seconds (the Duration pattern)."""
+    parts = _DURATION_PART.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"not a duration: {text!r}")
+    return sum(int(n) * _UNIT_SECONDS[u] for n, u in parts)
+
+
 DNSName = Annotated[
     str, Field(min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 ]
@@ -261,6 +282,7 @@ class PlacementSpec(Camel):
     traffic_weight: float = Field(
         default=0.0,
         ge=0,
+        le=1e6,
         description="Cost of one token changing GPU between consecutive layers, in straggler "
         "time units (0 ignores traffic). Needs layer-to-layer transitions "
         "(load.static.transitionsKey or load.prometheus.transitionsQuery); without them the "
@@ -269,18 +291,19 @@ class PlacementSpec(Camel):
     migration_weight: float = Field(
         default=0.0,
         ge=0,
+        le=1e6,
         description="Cost of moving one expert copy, in straggler time units (0: replan freely).",
     )
-    seed: int = Field(default=0, ge=0, description="Solver random seed (reproducible plans).")
+    seed: int = Field(
+        default=0, ge=0, le=MAX_SEED, description="Solver random seed (reproducible plans)."
+    )
 
 
 class KeyRef(Camel):
     """One key of a Secret or ConfigMap in the MoEDeployment's namespace."""
 
     name: DNSName = Field(description="Object name in the MoEDeployment's namespace.")
-    key: str = Field(
-        min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$", description="Key in its data."
-    )
+    key: ConfigMapKey = Field(description="Key in its data.")
 
 
 class BasicAuth(Camel):
@@ -317,6 +340,10 @@ URL_MESSAGES = {
 }
 CREDENTIALS_NEED_HTTPS = "credentials (bearerTokenSecret, basicAuth) are sent only over https://"
 CA_NEEDS_HTTPS = "ca is used only with an https:// url"
+SUB_WINDOW_TOO_SHORT = (
+    "window / samples must be at least 1s: each sub-window is one step of the range query"
+)
+HALF_LIFE_ZERO = "halfLife must be longer than 0"
 
 
 class PrometheusLoad(Camel):
@@ -342,6 +369,18 @@ class PrometheusLoad(Camel):
                 CREDENTIALS_NEED_HTTPS,
             ),
             cel("!has(self.ca) || self.url.startsWith('https://')", CA_NEEDS_HTTPS),
+            # CEL's duration() has no days; any whole day is far more than 60 sub-windows
+            cel(
+                "self.window.matches('[1-9][0-9]*d') || (!self.window.contains('d') && "
+                "duration(self.window).getSeconds() >= self.samples)",
+                SUB_WINDOW_TOO_SHORT,
+                ".window",
+            ),
+            cel(
+                "!has(self.halfLife) || self.halfLife.matches('[1-9]')",
+                HALF_LIFE_ZERO,
+                ".halfLife",
+            ),
         ),
     )
 
@@ -369,6 +408,7 @@ class PrometheusLoad(Camel):
     )
     query: str | None = Field(
         default=None,
+        max_length=MAX_QUERY_LENGTH,
         description="PromQL returning one series per (layer, expert) with labels `layer` and "
         "`expert`; `$window` is replaced by the sub-window length. Default: "
         'sum by (layer, expert) (increase(moe_expert_tokens_total{model="<name>"}[$window])).',
@@ -394,11 +434,13 @@ class PrometheusLoad(Camel):
     layer_offset: int = Field(
         default=0,
         ge=0,
+        le=1024,
         description="Value of the `layer` label of the first MoE layer (1 when layers are "
         "numbered by hidden layer after one dense layer).",
     )
     transitions_query: str | None = Field(
         default=None,
+        max_length=MAX_QUERY_LENGTH,
         description="PromQL returning one series per (layer, src, dst) with labels `layer` "
         "(of src; numbered like the load's), `src` and `dst`: tokens with expert src in that "
         "MoE layer and dst in the next; `$window` is replaced by the whole window. Read only "
@@ -425,6 +467,10 @@ class PrometheusLoad(Camel):
             raise ValueError("set at most one of bearerTokenSecret and basicAuth")
         if self.ca and not https:
             raise ValueError(CA_NEEDS_HTTPS)
+        if duration_seconds(self.window) < self.samples:
+            raise ValueError(SUB_WINDOW_TOO_SHORT)
+        if self.half_life is not None and duration_seconds(self.half_life) <= 0:
+            raise ValueError(HALF_LIFE_ZERO)
         return self
 
 
@@ -433,10 +479,9 @@ class StaticLoad(Camel):
     metrics."""
 
     config_map_name: DNSName = Field(description="ConfigMap in the MoEDeployment's namespace.")
-    key: str = Field(default="load.csv", min_length=1, description="Key holding the CSV.")
-    transitions_key: str = Field(
+    key: ConfigMapKey = Field(default="load.csv", description="Key holding the CSV.")
+    transitions_key: ConfigMapKey = Field(
         default="transitions.csv",
-        min_length=1,
         description="Key holding layer-to-layer transitions, read only when "
         "placement.trafficWeight > 0: in data, a CSV moe_layer_index,src_expert,dst_expert,"
         "count (moe_layer_index of src, numbered like the load CSV; dst is in the next MoE "
@@ -478,9 +523,7 @@ class PinnedRef(Camel):
     """The placement git holds, in a ConfigMap (see `moeplace export`)."""
 
     config_map_name: DNSName = Field(description="ConfigMap in the MoEDeployment's namespace.")
-    key: str = Field(
-        default=PLACEMENT_KEY, min_length=1, description="Key holding the placement JSON."
-    )
+    key: ConfigMapKey = Field(default=PLACEMENT_KEY, description="Key holding the placement JSON.")
 
 
 class RolloutSpec(Camel):
@@ -521,6 +564,12 @@ class RolloutSpec(Camel):
     )
 
 
+TOO_MANY_SLOTS = (
+    f"moeLayers x (expertsPerLayer + placement.redundantExperts) must not exceed "
+    f"{MAX_TOTAL_SLOTS} slots"
+)
+
+
 class MoEDeploymentSpec(Camel):
     """Desired state of a MoEDeployment: model, GPUs, solver, load source, rollout policy."""
 
@@ -536,6 +585,11 @@ class MoEDeploymentSpec(Camel):
                 "self.model.expertsPerLayer + self.placement.redundantExperts <= "
                 "self.model.expertsPerLayer * self.gpus.nodeCount * self.gpus.gpusPerNode",
                 "more slots per GPU than experts: a GPU would hold two copies of one expert",
+            ),
+            cel(
+                "self.model.moeLayers * (self.model.expertsPerLayer + "
+                f"self.placement.redundantExperts) <= {MAX_TOTAL_SLOTS}",
+                TOO_MANY_SLOTS,
             ),
         )
     )
@@ -555,6 +609,13 @@ class MoEDeploymentSpec(Camel):
         le=86400,
         description="Level-based re-check period (spec and node changes also trigger one).",
     )
+
+    @model_validator(mode="after")
+    def _bounded_size(self) -> MoEDeploymentSpec:
+        slots = self.model.experts_per_layer + self.placement.redundant_experts
+        if self.model.moe_layers * slots > MAX_TOTAL_SLOTS:
+            raise ValueError(TOO_MANY_SLOTS)
+        return self
 
 
 class ConditionStatus(StrEnum):

@@ -13,7 +13,13 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from moeplace_operator import kube
-from moeplace_operator.kube import ForbiddenError, MissingObjectError, TransientApiError, _call
+from moeplace_operator.kube import (
+    ForbiddenError,
+    InvalidObjectError,
+    MissingObjectError,
+    TransientApiError,
+    _call,
+)
 from urllib3.exceptions import MaxRetryError, ProtocolError, ReadTimeoutError
 
 
@@ -48,9 +54,11 @@ def test_other_faults_keep_their_mapping(status: int, kind: type[Exception]) -> 
         _call(lambda: raise_(failing(status, None)))
 
 
-def test_a_422_is_left_to_the_caller() -> None:
-    with pytest.raises(ApiException):
-        _call(lambda: raise_(failing(422, None)))
+def test_a_422_carries_the_api_servers_validation_message() -> None:
+    refusal = 'ConfigMap "x" is invalid: metadata.labels: Invalid value: must be 63 characters'
+    body = json.dumps({"kind": "Status", "code": 422, "message": refusal})
+    with pytest.raises(InvalidObjectError, match="must be 63 characters"):
+        _call(lambda: raise_(failing(422, body)))
 
 
 @pytest.mark.faults
