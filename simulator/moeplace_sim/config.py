@@ -36,7 +36,8 @@ class GPUSetup(Strict):
     # scales each draw's distance from 1 (0: identical GPUs, 2: twice the measured spread)
     spread: float = Field(default=1.0, ge=0, le=4)
     cotenants: list[CoTenant] = Field(default_factory=list)
-    # µs multiplier on the measured H200 layer curve (a bigger expert than DeepSeek-V2-Lite's)
+    # a bigger expert than DeepSeek-V2-Lite's: its FLOPs per token over V2-Lite's (Mixtral
+    # 20.4, DeepSeek-V3 5.1); x tokens take the measured curve's time at compute_scale x tokens
     compute_scale: float = Field(default=1.0, gt=0)
 
     @model_validator(mode="after")
@@ -64,6 +65,9 @@ class Workload(Strict):
     burst_s: float = Field(default=5.0, gt=0)
     period_s: float = Field(default=20.0, gt=0)
     trace_file: Path | None = None  # CSV arrival_s,prompt_tokens,output_tokens
+    # the trace's prompts are short chat turns (94 tokens on average): scale them for
+    # longer-context workloads
+    prompt_scale: float = Field(default=1.0, gt=0)
     output_mean: float = Field(default=128.0, gt=1)
     output_max: int = Field(default=1024, ge=2)
 
@@ -120,8 +124,9 @@ class SimConfig(Strict):
     policy: Policy = Policy()
     links: Links = Links()
     dispatch: Dispatch = "even"
-    token_budget_per_gpu: int = Field(default=2048, ge=16, description="tokens per step / GPU")
-    max_seqs_per_gpu: int = Field(default=256, ge=1)  # vLLM max_num_seqs per DP rank
+    # vLLM V1's defaults for an API server on a large GPU, per DP rank
+    token_budget_per_gpu: int = Field(default=8192, ge=16, description="tokens per step / GPU")
+    max_seqs_per_gpu: int = Field(default=1024, ge=1)
     # dense part per layer (attention, shared experts, norms): not measured here, assumed
     dense_fixed_us: float = Field(default=25.0, ge=0)
     dense_us_per_token: float = Field(default=0.04, ge=0)

@@ -20,15 +20,19 @@ BYTES_PER_VALUE = 2  # bf16 activations
 
 
 class ScaledCurve:
-    """GPU g's time = the shared layer curve / speed_g: one interpolation for all GPUs (the
-    simulator's hot path). ``speeds`` may change between steps (a co-tenant arrives)."""
+    """GPU g's time for x tokens = the shared layer curve at ``flops x`` tokens / speed_g:
+    ``flops`` is a bigger expert's FLOPs per token over the measured one's (same FLOPs, same
+    GEMM time, so its flat launch-bound part ends sooner). One interpolation for all GPUs (the
+    simulator's hot path); ``speeds`` may change between steps (a co-tenant arrives)."""
 
-    def __init__(self, curve: LatencyCurve, speeds: FloatArray) -> None:
+    def __init__(self, curve: LatencyCurve, speeds: FloatArray, flops: float = 1.0) -> None:
         self.curve = curve
         self.speeds = np.asarray(speeds, dtype=np.float64)
+        self.flops = flops
 
     def __call__(self, loads: FloatArray) -> FloatArray:
-        return np.asarray(self.curve.time(loads) / self.speeds, dtype=np.float64)
+        scaled = np.asarray(loads, dtype=np.float64) * self.flops
+        return np.asarray(self.curve.time(scaled) / self.speeds, dtype=np.float64)
 
     def cluster(self, gpus_per_node: int) -> Cluster:
         """The GPUs as the solvers see them: speed factors, what a profiler publishes as

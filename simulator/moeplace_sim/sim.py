@@ -17,7 +17,7 @@ from moeplace_sim.engine import Engine
 from moeplace_sim.metrics import Latencies, summarize
 from moeplace_sim.policies import Change, Solver, make_policy
 from moeplace_sim.workload import Requests, make_requests
-from placement.model import Cluster, FloatArray, LatencyCurve, MoEModelShape
+from placement.model import Cluster, FloatArray, MoEModelShape
 
 # DeepSeek-V2-Lite: one dense layer first; an expert is gate, up and down of 2048 x 1408, bf16
 EXPERT_BYTES = 3 * 2048 * 1408 * 2
@@ -47,10 +47,6 @@ class Run:
         return Latencies.of(self.requests, self.engine.log)
 
 
-def scaled(curve: LatencyCurve, factor: float) -> LatencyCurve:
-    return LatencyCurve(tokens=curve.tokens, micros=[m * factor for m in curve.micros])
-
-
 def model_shape(trace: RoutingTrace) -> MoEModelShape:
     return MoEModelShape(
         name="deepseek-v2-lite",
@@ -75,7 +71,7 @@ def simulate(config: SimConfig) -> Run:
     trace = routing_trace(config.shared)
     setup = config.gpus
     speeds = sample_speeds(speed_pool(config.shared), setup.num_gpus, setup.spread, config.seed)
-    times = ScaledCurve(scaled(h200_layer_curve(config.profile), setup.compute_scale), speeds)
+    times = ScaledCurve(h200_layer_curve(config.profile), speeds, setup.compute_scale)
     cluster = times.cluster(setup.gpus_per_node)
     model = model_shape(trace)
     solver = Solver(model, setup.slots_per_gpu, config.dispatch, config.policy.time_limit_s)

@@ -48,7 +48,8 @@ def make_requests(spec: Workload, num_gpus: int, prompt_lengths: IntArray, seed:
         times = poisson_times(rate, spec.duration_s, rng)
     else:
         times = bursty_times(spec, rate, rng)
-    prompts = np.resize(prompt_lengths, times.size).astype(np.int64)
+    scaled = np.maximum(np.rint(prompt_lengths * spec.prompt_scale), 1)
+    prompts = np.resize(scaled, times.size).astype(np.int64)
     outputs = np.minimum(rng.geometric(1.0 / spec.output_mean, size=times.size), spec.output_max)
     return Requests(times, prompts, np.maximum(outputs, 1).astype(np.int64))
 
