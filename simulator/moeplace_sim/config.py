@@ -90,6 +90,8 @@ class Policy(Strict):
     kind: PolicyKind = PolicyKind.STATIC
     strategy: str = "cpsat"  # the solver of static and operator (eplb: always DeepSeek's)
     time_limit_s: float = Field(default=2.0, gt=0)
+    # expert-time units per token pair changing GPU between layers (0: balance load only)
+    traffic_weight: float = Field(default=0.0, ge=0)
     eplb_window_steps: int = Field(default=1000, ge=1)
     eplb_interval_steps: int = Field(default=3000, ge=1)
     # a rearrangement pauses serving: 0.65-1.7 s on 32 GB200, 15 s at EP=32 (engines' reports)

@@ -16,7 +16,7 @@ from moeplace_sim.config import Policy, PolicyKind
 from placement.evaluate import Dispatch, evaluate
 from placement.model import Cluster, FloatArray, MoEModelShape, Placement
 from placement.policy import RolloutMode, RolloutRules, decide_rollout, gain_percent
-from placement.problem import Problem
+from placement.problem import Problem, Weights
 from placement.solvers.base import SolveOptions, solve
 
 EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
@@ -39,6 +39,9 @@ class Solver:
     dispatch: Dispatch
     time_limit_s: float
     seed: int = 0
+    # with a traffic weight, the solvers also count token pairs changing GPU between layers
+    transitions: FloatArray | None = None
+    traffic_weight: float = 0.0
 
     def __call__(
         self,
@@ -49,8 +52,16 @@ class Solver:
         current: Placement | None = None,
     ) -> Placement:
         redundant = cluster.size * self.slots_per_gpu - self.model.experts
+        traffic = self.traffic_weight > 0 and self.transitions is not None
         problem = Problem.build(
-            self.model, cluster, load, redundant=redundant, samples=samples, current=current
+            self.model,
+            cluster,
+            load,
+            redundant=redundant,
+            samples=samples,
+            current=current,
+            transitions=self.transitions if traffic else None,
+            weights=Weights(traffic=self.traffic_weight if traffic else 0.0),
         )
         options = SolveOptions(
             time_limit_s=self.time_limit_s, seed=self.seed, threads=1, dispatch=self.dispatch

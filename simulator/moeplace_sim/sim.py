@@ -74,8 +74,16 @@ def simulate(config: SimConfig) -> Run:
     times = ScaledCurve(h200_layer_curve(config.profile), speeds, setup.compute_scale)
     cluster = times.cluster(setup.gpus_per_node)
     model = model_shape(trace)
-    solver = Solver(model, setup.slots_per_gpu, config.dispatch, config.policy.time_limit_s)
     calib, start = calibration(config, trace)
+    solver = Solver(
+        model,
+        setup.slots_per_gpu,
+        config.dispatch,
+        config.policy.time_limit_s,
+        # the trace's transitions at the calibration load's scale
+        transitions=trace.transitions * (calib.sum() / trace.layers / trace.top_k / trace.tokens),
+        traffic_weight=config.policy.traffic_weight,
+    )
     mean_prompt = float(trace.prompt_lengths.mean())
     window_tokens = int(config.policy.window_prompts * mean_prompt)
     policy = make_policy(config.policy, solver, cluster, calib, window_tokens)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from moeplace_sim.config import CoTenant, GPUSetup, Policy, Workload
+from moeplace_sim.config import CoTenant, GPUSetup, Links, Policy, Workload
 from moeplace_sim.costmodel import dispatch_shares
 from moeplace_sim.sim import routing_trace, simulate
 from sim_helpers import small
@@ -119,3 +119,11 @@ def test_speed_aware_shares_split_each_expert_fully(shared: Path) -> None:
     placement = run.engine.policy.placement
     held = dispatch_shares(placement, Cluster.uniform(8, 8), "even", np.ones((26, 64))) > 0
     assert (shares[~held] == 0).all()  # no tokens for a GPU without a copy
+
+
+def test_a_traffic_weight_keeps_more_tokens_on_their_gpu(shared: Path) -> None:
+    links = Links(pattern="layer-to-layer")
+    plain = simulate(small(shared, links=links))
+    policy = Policy(kind="static", strategy="greedy", traffic_weight=1.0)
+    weighted = simulate(small(shared, links=links, policy=policy))
+    assert weighted.summary["a2a_share"] < plain.summary["a2a_share"]
