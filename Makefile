@@ -7,7 +7,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CLUSTER := e2e/cluster
 
 .PHONY: demo test venv lint unit tools go-tools prometheus cluster-up cluster-down cluster-status \
-	engines-venv engines-test lock
+	engines-venv engines-test lock tables
 
 # Every third-party package comes from a lock file (exact versions and sha256 hashes, made by
 # pip-tools from pyproject.toml: `make lock`): requirements-dev.lock here and in CI,
@@ -72,6 +72,10 @@ engines-venv:
 
 engines-test: engines-venv
 	.venv-engines/bin/python -m pytest -m engines tests/engines e2e/test_closed_loop_engines.py
+
+# The simulator's tables and plots (docs/simulator/, from the shared data; a few minutes).
+tables: venv
+	.venv/bin/python -m moeplace_sim.tables --out docs/simulator
 
 # The demo script (e2e/demo.py) creates its kwok GPU nodes, the CRD, the operator and one
 # MoEDeployment, prints the placement and removes them; then the closed loop (serving stand-in

@@ -46,6 +46,7 @@ from moeplace_cli.options import (
     TransOpt,
     WindowOpt,
 )
+from moeplace_cli.simulate_cmd import simulate_cmd
 from placement.engine_flags import engine_flags
 from placement.evaluate import Evaluation, evaluate
 from placement.load import LoadModelConfig, estimate, sampling_for
@@ -62,6 +63,7 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 app.add_typer(gpus_app, name="gpus")
+app.command("simulate")(simulate_cmd)
 out_console = Console()
 
 

@@ -1,0 +1,157 @@
+"""Continuous batching, one step at a time (vLLM V1's scheduler, simplified): admit waiting
+requests first come first served up to the sequence limit, give every decoding request one
+token, fill the rest of the step's token budget with prompt chunks (chunked prefill). The step's
+tokens take the next tokens of the routing trace; its time comes from the cost model. State is
+kept in arrays, so thousands of requests per step stay cheap."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from moeplace_sim.costmodel import CostModel, StepCost
+from moeplace_sim.data import RoutingTrace
+from moeplace_sim.policies import Change, PolicyImpl
+from moeplace_sim.workload import Requests
+from placement.model import Cluster, FloatArray
+
+
+@dataclass
+class Batch:
+    decode: np.ndarray  # request indices getting one token
+    prefill: np.ndarray  # request indices getting a prompt chunk
+    chunk: np.ndarray  # tokens of that chunk
+
+    @property
+    def tokens(self) -> int:
+        return int(self.decode.size + self.chunk.sum())
+
+
+@dataclass
+class StepLog:
+    end_s: list[float] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    seqs: list[int] = field(default_factory=list)  # requests served in the step
+    step_us: list[float] = field(default_factory=list)
+    straggler_us: list[float] = field(default_factory=list)
+    expert_us: list[float] = field(default_factory=list)
+    a2a_us: list[float] = field(default_factory=list)
+    gpu_us: list[FloatArray] = field(default_factory=list)
+    changes: list[tuple[float, str, float]] = field(default_factory=list)  # (at, reason, stall)
+
+    def record(self, end_s: float, batch: Batch, cost: StepCost) -> None:
+        self.end_s.append(end_s)
+        self.tokens.append(batch.tokens)
+        self.seqs.append(int(batch.decode.size + batch.prefill.size))
+        self.step_us.append(cost.total_us)
+        self.straggler_us.append(cost.straggler_us)
+        self.expert_us.append(float(cost.expert_max_us.sum()))
+        self.a2a_us.append(float(cost.a2a_us.sum()))
+        self.gpu_us.append(cost.gpu_us)
+
+
+@dataclass
+class RequestLog:
+    first_token_s: FloatArray
+    finish_s: FloatArray
+    routed_tokens: int = 0  # tokens that went through the experts (prefill + decode)
+
+
+class Engine:
+    def __init__(
+        self,
+        requests: Requests,
+        *,
+        token_budget: int,
+        max_seqs: int,
+        trace: RoutingTrace,
+        cost: CostModel,
+        policy: PolicyImpl,
+        cluster_at: Callable[[float], Cluster | None],
+        on_change: Callable[[Change], None],
+        start_token: int = 0,
+    ) -> None:
+        self.requests = requests
+        self.token_budget = token_budget
+        self.max_seqs = max_seqs
+        self.trace = trace
+        self.cost = cost
+        self.policy = policy
+        self.cluster_at = cluster_at  # the GPUs as they are at t (None: unchanged)
+        self.on_change = on_change
+        self.cursor = start_token
+        n = len(requests)
+        self.prefilled = np.zeros(n, dtype=np.int64)
+        self.generated = np.zeros(n, dtype=np.int64)
+        self.admitted = np.zeros(n, dtype=bool)
+        self.done = np.zeros(n, dtype=bool)
+        self.log = RequestLog(np.full(n, np.nan), np.full(n, np.nan))
+        self.steps = StepLog()
+        self.cluster: Cluster | None = None
+
+    def schedule(self, head: int, arrived: int) -> Batch:
+        window = slice(head, arrived)
+        running = self.admitted[window] & ~self.done[window]
+        free = self.max_seqs - int(running.sum())
+        if free > 0:
+            waiting = np.flatnonzero(~self.admitted[window] & ~self.done[window])[:free]
+            self.admitted[head + waiting] = True
+            running[waiting] = True
+        prompt = self.requests.prompt[window]
+        decoding = np.flatnonzero(running & (self.prefilled[window] >= prompt))
+        decode = decoding[: self.token_budget]
+        left = self.token_budget - decode.size
+        prefill = np.flatnonzero(running & (self.prefilled[window] < prompt))
+        need = prompt[prefill] - self.prefilled[window][prefill]
+        before = np.cumsum(need) - need
+        chunk = np.clip(left - before, 0, need)
+        keep = chunk > 0
+        return Batch(head + decode, head + prefill[keep], chunk[keep])
+
+    def advance(self, batch: Batch, now: float) -> None:
+        """Tokens produced at the end of the step ending at ``now``."""
+        self.generated[batch.decode] += 1
+        self.prefilled[batch.prefill] += batch.chunk
+        complete = batch.prefill[
+            self.prefilled[batch.prefill] >= self.requests.prompt[batch.prefill]
+        ]
+        self.generated[complete] = 1  # the prefill step yields the first token
+        self.log.first_token_s[complete] = now
+        touched = np.concatenate([batch.decode, complete])
+        finished = touched[self.generated[touched] >= self.requests.output[touched]]
+        self.done[finished] = True
+        self.log.finish_s[finished] = now
+
+    def run(self, max_time_s: float) -> None:
+        arrival = self.requests.arrival_s
+        n = arrival.size
+        now, head, arrived = 0.0, 0, 0
+        while head < n and now <= max_time_s:
+            arrived += int(np.searchsorted(arrival[arrived:], now, side="right"))
+            while head < arrived and self.done[head]:
+                head += 1
+            if head == arrived:  # idle until the next arrival
+                if arrived >= n:
+                    break
+                now = float(arrival[arrived])
+                continue
+            cluster = self.cluster_at(now)
+            if cluster is not None:
+                self.cluster = cluster
+            batch = self.schedule(head, arrived)
+            tokens = batch.tokens
+            load = self.trace.counts(self.cursor, tokens) * 1.0
+            self.cursor += tokens
+            self.log.routed_tokens += tokens
+            cost = self.cost.step(load, tokens)
+            now += cost.total_us * 1e-6
+            self.advance(batch, now)
+            self.steps.record(now, batch, cost)
+            assert self.cluster is not None
+            change = self.policy.observe(now, load, tokens, self.cluster)
+            if change is not None:
+                self.on_change(change)
+                now += change.stall_s
+                self.steps.changes.append((now, change.reason, change.stall_s))
