@@ -28,19 +28,27 @@ import localcluster as lc
 import numpy as np
 import pytest
 from conftest import Cluster, wait_for
-from test_operator import OperatorProcess, apply, condition, get, manifest, put_load
+from test_operator import (  # crd: the module fixture that installs the CRD
+    OperatorProcess,
+    apply,
+    condition,
+    crd,  # noqa: F401
+    get,
+    manifest,
+    put_load,
+)
 
 from placement.formats import parse_canonical
 from placement.names import HASH_KEY, PLACEMENT_KEY, VERSION_KEY
 from placement.validate import validate
 
-pytestmark = [pytest.mark.e2e, pytest.mark.faults]
+pytestmark = [pytest.mark.e2e, pytest.mark.faults, pytest.mark.usefixtures("crd")]
 
 NAMESPACE_PREFIX = "faultc-"
 LAYERS, EXPERTS, NODES, GPUS = 8, 32, 2, 4
 NAME = "small"
 CONVERGE_BOUND_S = 60.0  # CloudNativePG: recovery from a degraded state within 60 s
-QUIET_S = 8.0  # after converging: no further rollout in this long (reconcile interval 2 s)
+QUIET_S = 11.0  # after converging: no further rollout in two reconcile intervals (5 s)
 
 
 def small_load(shift: int = 0) -> str:
@@ -69,7 +77,7 @@ def small_manifest(namespace: str, pool: str) -> dict[str, Any]:
         },
         gpus={"nodeCount": NODES, "gpusPerNode": GPUS},
         placement={"strategy": "cpsat", "timeLimitSeconds": 1},
-        reconcileIntervalSeconds=2,
+        reconcileIntervalSeconds=5,
     )
 
 
@@ -168,7 +176,7 @@ def wait_converged(cluster: Cluster, namespace: str, version: int, since: float)
 
 
 def report(fault: str, converged_s: float, rollouts: int, **more: float) -> None:
-    extra = "".join(f" {k}={v:.1f}" for k, v in more.items())
+    extra = "".join(f" {k}={v:.1f}" for k, v in more.items())  # e.g. how long the fault lasted
     print(f"FAULT {fault} converged_s={converged_s:.1f} rollouts={rollouts}{extra}")
 
 
@@ -190,7 +198,7 @@ def test_apiserver_restarted_during_a_rollout(
     started = time.monotonic()
     outage = lc.restart("kube-apiserver", cluster.state, down_s=3.0)  # ... or would
     took = wait_converged(cluster, namespace, 2, started)
-    report("apiserver-restart", took, 1, apiserver_down_s=outage)
+    report("apiserver-restart", took, 1, apiserver_down_s=outage, after_back_s=took - outage)
     assert took < CONVERGE_BOUND_S
     assert_one_valid_placement(cluster, namespace, 2)
     assert operators[0].proc is not None and operators[0].proc.poll() is None  # it rode it out
@@ -207,7 +215,7 @@ def test_etcd_paused_during_a_rollout(
         time.sleep(12.0)
     frozen = time.monotonic() - started
     took = wait_converged(cluster, namespace, 2, started)
-    report("etcd-paused", took, 1, etcd_frozen_s=frozen)
+    report("etcd-paused", took, 1, etcd_frozen_s=frozen, after_back_s=took - frozen)
     assert took < CONVERGE_BOUND_S
     assert_one_valid_placement(cluster, namespace, 2)
     assert operators[0].proc is not None and operators[0].proc.poll() is None
@@ -298,7 +306,7 @@ def test_two_replicas_one_leader_takes_over(
     assert first.proc is not None
     first.proc.send_signal(signal.SIGKILL)
     started = time.monotonic()
-    bump_generation(cluster, namespace, 3)
+    bump_generation(cluster, namespace, 6)
     took = wait_converged(cluster, namespace, 1, started)
     report("leader-sigkill", took, 1)
     assert lease_holder(cluster, namespace) == identity(second) and leads(second)
@@ -312,7 +320,7 @@ def test_two_replicas_one_leader_takes_over(
     assert second.proc is not None
     second.proc.send_signal(signal.SIGTERM)
     started = time.monotonic()
-    bump_generation(cluster, namespace, 2)
+    bump_generation(cluster, namespace, 7)
     took = wait_converged(cluster, namespace, 1, started)
     report("leader-sigterm", took, 1)
     assert lease_holder(cluster, namespace) == identity(third) and leads(third)
