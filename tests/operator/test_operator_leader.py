@@ -284,3 +284,15 @@ def test_a_pass_in_flight_stops_when_leadership_is_lost_and_resumes_when_regaine
 
     passes, took = run_daemon(True, monkeypatch, lose_regain_lose, pass_s=30.0)
     assert passes == ["started", "cancelled", "started", "cancelled"] and took < 1.0
+
+
+def test_the_lease_setting_is_namespace_slash_name_or_empty() -> None:
+    from moeplace_operator.config import OperatorConfig
+    from pydantic import ValidationError
+
+    env = {"MOEPLACE_LEADER_ELECTION_LEASE": "ops/moeplace-leader"}
+    assert OperatorConfig.from_env(env).leader_election_lease == "ops/moeplace-leader"
+    assert OperatorConfig.from_env({}).leader_election_lease == ""
+    for bad in ("moeplace-leader", "ops/", "/x", "Ops/x", "a/b/c"):
+        with pytest.raises(ValidationError):
+            OperatorConfig.from_env({"MOEPLACE_LEADER_ELECTION_LEASE": bad})
