@@ -19,7 +19,6 @@ import json
 import signal
 import socket
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,8 @@ from test_operator import (  # crd: the module fixture that installs the CRD
     apply,
     condition,
     crd,  # noqa: F401
+    fresh_namespace,
+    fresh_pool,
     get,
     manifest,
     put_load,
@@ -87,20 +88,13 @@ def operator_env(**extra: str) -> dict[str, str]:
 
 @pytest.fixture
 def namespace(cluster: Cluster) -> Iterator[str]:
-    name = f"{NAMESPACE_PREFIX}{uuid.uuid4().hex[:8]}"
-    cluster.kubectl("create", "namespace", name)
-    yield name
     # the MoEDeployment's finalizer needs an operator: every test leaves one running till here
-    cluster.kubectl("delete", "moed", "--all", "-n", name, "--timeout=60s", check=False)
-    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+    yield from fresh_namespace(cluster, NAMESPACE_PREFIX)
 
 
 @pytest.fixture
 def pool(cluster: Cluster) -> Iterator[str]:
-    name = f"f{uuid.uuid4().hex[:6]}"
-    cluster.make_nodes(NODES, GPUS, speeds="pal", pool=name, prefix=name)
-    yield name
-    cluster.delete_nodes(pool=name)
+    yield from fresh_pool(cluster, NODES, GPUS, "f")
 
 
 @pytest.fixture
@@ -302,10 +296,31 @@ def leads(process: OperatorProcess) -> bool:
     return "moeplace_leader 1.0" in process.metrics().splitlines()
 
 
-def bump_generation(cluster: Cluster, namespace: str, interval: int) -> None:
+def bump_generation(cluster: Cluster, namespace: str) -> None:
     """A spec change only the leader can observe (observedGeneration); no new placement."""
+    obj = get(cluster, "moed", NAME, namespace)
+    assert obj is not None
+    interval = int(obj["spec"]["reconcileIntervalSeconds"]) + 1
     patch = json.dumps({"spec": {"reconcileIntervalSeconds": interval}})
     cluster.kubectl("patch", "moed", NAME, "-n", namespace, "--type=merge", "-p", patch)
+
+
+def take_over(
+    cluster: Cluster,
+    namespace: str,
+    leader: OperatorProcess,
+    follower: OperatorProcess,
+    sig: signal.Signals,
+) -> float:
+    """Signal the leader, change the spec at once; the seconds until the follower, holding
+    the Lease now, has observed the change."""
+    assert leader.proc is not None
+    leader.proc.send_signal(sig)
+    started = time.monotonic()
+    bump_generation(cluster, namespace)
+    took = wait_converged(cluster, namespace, 1, started)
+    assert lease_holder(cluster, namespace) == identity(follower) and leads(follower)
+    return took
 
 
 def test_two_replicas_one_leader_takes_over(
@@ -322,13 +337,8 @@ def test_two_replicas_one_leader_takes_over(
     assert reconciles(first) >= 1 and reconciles(second) == 0  # only the leader reconciles
 
     # the leader dies without a word: the follower takes over once the lease (15 s) ran out
-    assert first.proc is not None
-    first.proc.send_signal(signal.SIGKILL)
-    started = time.monotonic()
-    bump_generation(cluster, namespace, 6)
-    took = wait_converged(cluster, namespace, 1, started)
+    took = take_over(cluster, namespace, first, second, signal.SIGKILL)
     report("leader-sigkill", took, 1)
-    assert lease_holder(cluster, namespace) == identity(second) and leads(second)
     assert 10.0 < took < CONVERGE_BOUND_S  # not before the lease could have expired
     assert_one_valid_placement(cluster, namespace, 1)
 
@@ -336,13 +346,8 @@ def test_two_replicas_one_leader_takes_over(
     third = start_operator(cluster, operators, tmp_path, MOEPLACE_LEADER_ELECTION_LEASE=lease)
     time.sleep(2.0)
     assert not leads(third) and reconciles(third) == 0
-    assert second.proc is not None
-    second.proc.send_signal(signal.SIGTERM)
-    started = time.monotonic()
-    bump_generation(cluster, namespace, 7)
-    took = wait_converged(cluster, namespace, 1, started)
+    took = take_over(cluster, namespace, second, third, signal.SIGTERM)
     report("leader-sigterm", took, 1)
-    assert lease_holder(cluster, namespace) == identity(third) and leads(third)
     assert took < 10.0  # the released Lease, not its 15 s expiry
-    assert second.proc.wait(timeout=30) == 0  # a clean stop
+    assert second.proc is not None and second.proc.wait(timeout=30) == 0  # a clean stop
     assert_one_valid_placement(cluster, namespace, 1)
