@@ -166,6 +166,9 @@ class LeaderElection:
             except LEASE_FAULTS as error:  # a follower keeps trying; a leader, until its deadline
                 logger.info("Lease %s/%s: %s", self.namespace, self.name, error)
                 held = False
+            except Exception:  # never end the loop: a leader must still step down in time
+                logger.exception("Lease %s/%s: unexpected failure", self.namespace, self.name)
+                held = False
             if held and not self.leading.is_set():
                 logger.info("leading: Lease %s/%s acquired", self.namespace, self.name)
                 self._lead(True)

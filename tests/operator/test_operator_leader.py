@@ -26,10 +26,13 @@ class FakeLeases:
         self.lease: client.V1Lease | None = None
         self.version = 0
         self.down = False  # every call fails as while the apiserver restarts
+        self.broken = False  # every call fails with what no one expected
 
     def _check(self) -> None:
         if self.down:
             raise ApiException(status=503, reason="Service Unavailable")
+        if self.broken:
+            raise ValueError("a reply the client cannot decode")
 
     def read_namespaced_lease(self, name: str, namespace: str, **_: object) -> client.V1Lease:
         self._check()
@@ -141,7 +144,10 @@ def test_of_two_racing_candidates_one_wins() -> None:
     assert api.holder == "a"
 
 
-def test_a_leader_that_cannot_renew_steps_down_within_the_deadline_and_comes_back() -> None:
+@pytest.mark.parametrize("fault", ["down", "broken"])
+def test_a_leader_that_cannot_renew_steps_down_within_the_deadline_and_comes_back(
+    fault: str,
+) -> None:
     timing = LeaseTiming(lease_s=1.5, renew_deadline_s=0.6, retry_s=0.05)
     api = FakeLeases()
     election = LeaderElection(api, NAMESPACE, NAME, "a", timing)  # type: ignore[arg-type]
@@ -150,13 +156,13 @@ def test_a_leader_that_cannot_renew_steps_down_within_the_deadline_and_comes_bac
         task = asyncio.create_task(election.run())
         await asyncio.wait_for(election.leading.wait(), 2)
         assert not election.following.is_set()
-        api.down = True  # as an apiserver over a frozen etcd
+        setattr(api, fault, True)  # an apiserver over a frozen etcd, or a surprise
         loop = asyncio.get_running_loop()
         started = loop.time()
         await asyncio.wait_for(election.following.wait(), 5)
         stepped_down = loop.time() - started
         assert not election.leading.is_set()
-        api.down = False  # the Lease still names it: taken back at the next try
+        setattr(api, fault, False)  # the Lease still names it: taken back at the next try
         started = loop.time()
         await asyncio.wait_for(election.leading.wait(), 5)
         back = loop.time() - started
