@@ -120,9 +120,9 @@ def operator(
         print("operator log (tail):\n" + "\n".join(tail))
 
 
-@pytest.fixture
-def namespace(cluster: Cluster) -> Iterator[str]:
-    name = f"{NAMESPACE_PREFIX}{uuid.uuid4().hex[:8]}"
+def fresh_namespace(cluster: Cluster, prefix: str = NAMESPACE_PREFIX) -> Iterator[str]:
+    """A new namespace named ``<prefix><random>``, for a fixture to ``yield from``."""
+    name = f"{prefix}{uuid.uuid4().hex[:8]}"
     cluster.kubectl("create", "namespace", name)
     yield name
     # MoEDeployments first, while the operator still runs to release its finalizer
@@ -130,13 +130,25 @@ def namespace(cluster: Cluster) -> Iterator[str]:
     cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
-@pytest.fixture
-def pool(cluster: Cluster) -> Iterator[str]:
-    """4 kwok nodes x 8 GPUs with the PAL-measured speeds."""
-    name = f"p{uuid.uuid4().hex[:6]}"
-    cluster.make_nodes(NODES, GPUS, speeds="pal", pool=name, prefix=name)
+def fresh_pool(
+    cluster: Cluster, nodes: int = NODES, gpus: int = GPUS, prefix: str = "p"
+) -> Iterator[str]:
+    """A new pool of kwok nodes with the PAL-measured speeds, for a fixture to ``yield from``."""
+    name = f"{prefix}{uuid.uuid4().hex[:6]}"
+    cluster.make_nodes(nodes, gpus, speeds="pal", pool=name, prefix=name)
     yield name
     cluster.delete_nodes(pool=name)
+
+
+@pytest.fixture
+def namespace(cluster: Cluster) -> Iterator[str]:
+    yield from fresh_namespace(cluster)
+
+
+@pytest.fixture
+def pool(cluster: Cluster) -> Iterator[str]:
+    """4 kwok nodes x 8 GPUs."""
+    yield from fresh_pool(cluster)
 
 
 def routing_csv(scale: float = 1.0, noise: float = 0.0, seed: int = 0) -> str:

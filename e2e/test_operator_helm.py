@@ -107,7 +107,10 @@ def test_template_leader_election(cluster: Cluster) -> None:
     (lease,) = [d for d in docs if d["kind"] == "Lease"]
     assert (lease["metadata"]["name"], lease["metadata"]["namespace"]) == ("moeplace-leader", "ops")
     assert "spec" not in lease  # the holder fields are the operator's
-    (role,) = [d for d in docs if d["metadata"]["name"] == "moeplace-leader-election"]
+    election = [d for d in docs if d["metadata"]["name"] == "moeplace-leader-election"]
+    role, binding = sorted(election, key=lambda d: str(d["kind"]))
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"][0]["name"] == "moeplace"  # the operator's ServiceAccount
     assert role["kind"] == "Role" and role["rules"] == [
         {
             "apiGroups": ["coordination.k8s.io"],

@@ -157,6 +157,8 @@ def setup(
         env={
             "KUBECONFIG": str(tmp / "operator.kubeconfig"),
             "MOEPLACE_NAMESPACES": "" if cluster_wide else team,
+            # the chart's Lease: get/update by name are all the election needs
+            "MOEPLACE_LEADER_ELECTION_LEASE": f"{release}/{operator_sa}-leader",
         },
     )
     scope = [] if cluster_wide else ["--set", f"watchNamespaces={{{team}}}"]
@@ -226,6 +228,8 @@ def test_the_operator_reconciles_with_its_own_token(cluster: Cluster, setup: Set
     )
     decoy = get(cluster, "deployment", "decoy", setup.team) or {}
     assert HASH not in (decoy["spec"]["template"]["metadata"].get("annotations") or {})
+    lease = get(cluster, "lease", f"{setup.operator_sa}-leader", setup.release) or {}
+    assert lease["spec"]["holderIdentity"]  # it reconciled as the elected leader
     log = setup.operator.log.read_text()
     assert "Forbidden" not in log and "403" not in log, log[-3000:]
 

@@ -1,12 +1,8 @@
 """``python -m moeplace_operator``: run the operator with our settings, ``/metrics`` and a
 liveness endpoint. Any number of replicas: with ``MOEPLACE_LEADER_ELECTION_LEASE`` only the
-holder of that Lease reconciles (``leader``); one that loses it exits non-zero, to be
-restarted as a follower."""
+holder of that Lease reconciles (``leader``)."""
 
 from __future__ import annotations
-
-import asyncio
-import sys
 
 import kopf
 from prometheus_client import start_http_server
@@ -22,18 +18,13 @@ def main() -> None:
     if config.metrics_port:
         start_http_server(config.metrics_port)
     kopf.configure(verbose=False)  # kopf's own log format, INFO
-    leadership_lost = asyncio.Event()  # set by the election; kopf stops on it
     kopf.run(
         registry=kopf.get_default_registry(),
         standalone=True,
         clusterwide=not config.namespaces,
         namespaces=config.namespaces,
         liveness_endpoint=config.liveness_endpoint or None,
-        stop_flag=leadership_lost,
-        memo=kopf.Memo(leadership_lost=leadership_lost),
     )
-    if leadership_lost.is_set():
-        sys.exit("moeplace operator: lost the leader Lease")
 
 
 if __name__ == "__main__":

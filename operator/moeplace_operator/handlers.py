@@ -10,7 +10,7 @@ import functools
 import logging
 from collections.abc import Awaitable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 import kopf
 
@@ -32,6 +32,7 @@ from moeplace_operator.runtime import Runtime
 from moeplace_operator.spec import GROUP, PLURAL, VERSION
 
 RETRY_DELAY_S = 5.0
+T = TypeVar("T")
 Logger = logging.Logger | logging.LoggerAdapter[Any]
 Key = tuple[str, str]
 
@@ -73,9 +74,7 @@ async def startup(
     kube = Kube()
     if config.crd_configmap:
         await upgrade_crd(kube, config.crd_configmap, logger)
-    memo.leadership = Leadership.start(
-        config.leader_election_lease, memo.get("leadership_lost") or asyncio.Event()
-    )
+    memo.leadership = Leadership.start(config.leader_election_lease)
     memo.runtime = Runtime(
         kube=kube,
         solver_pool=ThreadPoolExecutor(config.solver_workers, "moeplace-solver"),
@@ -173,25 +172,34 @@ async def reconciler(
     nudges.event(key)
     try:
         while not stopped:
-            await unless_stopped(stopped, leadership.leading.wait())  # followers wait here
+            await first_of(leadership.leading.wait(), stopped.wait())  # followers wait here
             if stopped:
                 break
-            with metrics.RECONCILE_SECONDS.time():
-                done = await reconcile_once(memo, body, index, logger)
+            with metrics.RECONCILE_SECONDS.time():  # a pass stops when leadership is lost
+                done = await first_of(
+                    reconcile_once(memo, body, index, logger), leadership.following.wait()
+                )
+            if done is None:  # leadership lost mid-pass: wait until leading again
+                continue
             interval = float(body["spec"].get("reconcileIntervalSeconds", 60))
-            await unless_stopped(stopped, nudges.sleep(key, interval if done else RETRY_DELAY_S))
+            await first_of(nudges.sleep(key, interval if done else RETRY_DELAY_S), stopped.wait())
     finally:
         nudges.forget(key)
         forget_object(memo, namespace or "", name)
 
 
-async def unless_stopped(stopped: kopf.DaemonStopped, waiting: Awaitable[object]) -> None:
-    """Await ``waiting`` or the daemon's stop, whichever comes first: a stopping operator
-    must not sit out a daemon's sleep (its Lease is released only once the daemons ended)."""
-    tasks = [asyncio.ensure_future(waiting), asyncio.ensure_future(stopped.wait())]
-    _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    for task in pending:
-        task.cancel()
+async def first_of(work: Awaitable[T], interrupt: Awaitable[object]) -> T | None:
+    """``work``'s result, or None when ``interrupt`` comes first (``work`` then cancelled).
+    A stopping operator must not sit out a daemon's sleep (the Lease is released only once
+    the daemons ended), and a replica that lost leadership must not finish its pass."""
+    task, interrupting = asyncio.ensure_future(work), asyncio.ensure_future(interrupt)
+    try:
+        await asyncio.wait([task, interrupting], return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when the daemon itself is cancelled: nothing is left running
+        for pending in (task, interrupting):
+            pending.cancel()
+        await asyncio.gather(task, interrupting, return_exceptions=True)
+    return None if task.cancelled() else task.result()
 
 
 async def reconcile_once(

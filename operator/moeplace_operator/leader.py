@@ -3,9 +3,10 @@ and exactly one reconciles. The rules are client-go's: the holder renews every `
 follower takes the Lease over once its record (holder, renewTime) has not changed for
 ``lease_s`` by the follower's own clock (no clock comparison across machines), or at once
 when it was released (holder empty); a leader that could not renew for ``renew_deadline_s``
-(< ``lease_s``, so it stops before anyone can take over) stops the operator, whose restart
-makes it a follower. Writes go through the Lease's resourceVersion: of two candidates one
-wins, the other gets a 409.
+(< ``lease_s``, so before anyone can take over) steps down: its pass in flight is cancelled
+and it follows again (its caches kept, no restart), re-acquiring at once when the Lease
+still names it after the outage. Writes go through the Lease's resourceVersion: of two
+candidates one wins, the other gets a 409.
 
 Why not kubernetes.leaderelection: it blocks threads, has no request timeouts and never
 releases; why not kopf peering: it needs a cluster-wide peering CRD, pauses all replicas of
@@ -47,7 +48,8 @@ class LeaseTiming:
 
 
 class LeaderElection:
-    """``leading`` is set while this replica holds the Lease ``namespace/name``."""
+    """``leading`` is set while this replica holds the Lease ``namespace/name``, ``following``
+    while it does not."""
 
     def __init__(
         self,
@@ -60,7 +62,8 @@ class LeaderElection:
     ) -> None:
         self.api, self.namespace, self.name, self.identity = api, namespace, name, identity
         self.timing, self.clock = timing, clock
-        self.leading = asyncio.Event()
+        self.leading, self.following = asyncio.Event(), asyncio.Event()
+        self.following.set()
         self._observed: tuple[str, str] | None = None  # (holder, renewTime) last seen
         self._observed_at = 0.0
         self._renewed_at = 0.0
@@ -134,8 +137,7 @@ class LeaderElection:
         emptied, as client-go's ReleaseOnCancel does. Only when this replica holds it."""
         if not self.leading.is_set():
             return
-        self.leading.clear()
-        metrics.LEADER.set(0)
+        self._lead(False)
         timeout = self.timing.request_timeout_s
         try:
             lease = _call(
@@ -155,26 +157,36 @@ class LeaderElection:
         except LEASE_FAULTS as error:  # it expires on its own
             logger.warning("Lease %s/%s not released: %s", self.namespace, self.name, error)
 
-    async def run(self, lost: asyncio.Event) -> None:
-        """Follow until the Lease is ours, then renew; sets ``lost`` (and returns) when the
-        Lease could not be renewed within the renew deadline or another replica holds it."""
+    async def run(self) -> None:
+        """Follow until the Lease is ours, then renew; step down when it could not be renewed
+        within the renew deadline or another replica holds it. Runs until cancelled."""
         while True:
             try:
                 held = await asyncio.to_thread(self.try_acquire_or_renew)
             except LEASE_FAULTS as error:  # a follower keeps trying; a leader, until its deadline
                 logger.info("Lease %s/%s: %s", self.namespace, self.name, error)
                 held = False
+            except Exception:  # never end the loop: a leader must still step down in time
+                logger.exception("Lease %s/%s: unexpected failure", self.namespace, self.name)
+                held = False
             if held and not self.leading.is_set():
                 logger.info("leading: Lease %s/%s acquired", self.namespace, self.name)
-                self.leading.set()
-                metrics.LEADER.set(1)
-            if self.leading.is_set() and not held and self._deadline_passed():
-                logger.error("lost the Lease %s/%s: stopping", self.namespace, self.name)
-                self.leading.clear()
-                metrics.LEADER.set(0)
-                lost.set()
-                return
+                self._lead(True)
+            elif self.leading.is_set() and not held and self._deadline_passed():
+                logger.warning("stepped down: Lease %s/%s not renewed", self.namespace, self.name)
+                self._lead(False)
             await asyncio.sleep(self.timing.retry_s)
+
+    def _lead(self, leading: bool) -> None:
+        """Flip the flags, the one that stops work first (a pass in flight waits on
+        ``following``, the next one on ``leading``)."""
+        if leading:
+            self.following.clear()
+            self.leading.set()
+        else:
+            self.leading.clear()
+            self.following.set()
+        metrics.LEADER.set(int(leading))
 
     def _deadline_passed(self) -> bool:
         """Another holder (renewal refused) or no renewal within the deadline."""
@@ -184,27 +196,28 @@ class LeaderElection:
 
 @dataclass
 class Leadership:
-    """What the daemons wait on before each pass: ``leading``, set for good without an
-    election."""
+    """What the daemons wait on: ``leading`` before each pass, ``following`` (leadership
+    lost) cancels a pass in flight. Without an election ``leading`` is set for good."""
 
     leading: asyncio.Event
+    following: asyncio.Event
     election: LeaderElection | None = None
     task: asyncio.Task[None] | None = None
 
     @classmethod
-    def start(cls, lease: str, lost: asyncio.Event) -> Leadership:
-        """Elect on Lease ``<namespace>/<name>`` (empty: no election, this replica leads);
-        ``lost`` is set when leadership is lost (the operator stops on it)."""
+    def start(cls, lease: str) -> Leadership:
+        """Elect on Lease ``<namespace>/<name>`` (empty: no election, this replica leads)."""
         if not lease:
             leading = asyncio.Event()
             leading.set()
             metrics.LEADER.set(1)
-            return cls(leading)
+            return cls(leading, asyncio.Event())
         namespace, name = lease.split("/", 1)
         identity = f"{socket.gethostname()}-{os.getpid()}"  # a pod's hostname is its name
         election = LeaderElection(client.CoordinationV1Api(), namespace, name, identity)
         logger.info("leader election on Lease %s as %s", lease, identity)
-        return cls(election.leading, election, asyncio.create_task(election.run(lost)))
+        task = asyncio.create_task(election.run())
+        return cls(election.leading, election.following, election, task)
 
     async def stop(self) -> None:
         """After the daemons stopped (kopf's cleanup): no more renewals, Lease released."""

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
-from moeplace_operator.leader import LeaderElection, LeaseTiming
+from moeplace_operator.leader import LeaderElection, Leadership, LeaseTiming
 
 pytestmark = pytest.mark.faults
 
@@ -24,10 +26,13 @@ class FakeLeases:
         self.lease: client.V1Lease | None = None
         self.version = 0
         self.down = False  # every call fails as while the apiserver restarts
+        self.broken = False  # every call fails with what no one expected
 
     def _check(self) -> None:
         if self.down:
             raise ApiException(status=503, reason="Service Unavailable")
+        if self.broken:
+            raise ValueError("a reply the client cannot decode")
 
     def read_namespaced_lease(self, name: str, namespace: str, **_: object) -> client.V1Lease:
         self._check()
@@ -139,25 +144,34 @@ def test_of_two_racing_candidates_one_wins() -> None:
     assert api.holder == "a"
 
 
-def test_a_leader_that_cannot_renew_stops_within_the_deadline_not_before() -> None:
+@pytest.mark.parametrize("fault", ["down", "broken"])
+def test_a_leader_that_cannot_renew_steps_down_within_the_deadline_and_comes_back(
+    fault: str,
+) -> None:
     timing = LeaseTiming(lease_s=1.5, renew_deadline_s=0.6, retry_s=0.05)
     api = FakeLeases()
     election = LeaderElection(api, NAMESPACE, NAME, "a", timing)  # type: ignore[arg-type]
 
-    async def scenario() -> tuple[bool, float]:
-        lost = asyncio.Event()
-        task = asyncio.create_task(election.run(lost))
+    async def scenario() -> tuple[float, float]:
+        task = asyncio.create_task(election.run())
         await asyncio.wait_for(election.leading.wait(), 2)
-        api.down = True
+        assert not election.following.is_set()
+        setattr(api, fault, True)  # an apiserver over a frozen etcd, or a surprise
         loop = asyncio.get_running_loop()
         started = loop.time()
-        await asyncio.wait_for(lost.wait(), 5)
-        await task
-        return election.leading.is_set(), loop.time() - started
+        await asyncio.wait_for(election.following.wait(), 5)
+        stepped_down = loop.time() - started
+        assert not election.leading.is_set()
+        setattr(api, fault, False)  # the Lease still names it: taken back at the next try
+        started = loop.time()
+        await asyncio.wait_for(election.leading.wait(), 5)
+        back = loop.time() - started
+        task.cancel()
+        return stepped_down, back
 
-    leading, took = asyncio.run(scenario())
-    assert not leading
-    assert 0.5 < took < 1.5  # the deadline (0.6 s), before the lease (1.5 s) could expire
+    stepped_down, back = asyncio.run(scenario())
+    assert 0.5 < stepped_down < 1.5  # the deadline (0.6 s), before the lease (1.5 s) expired
+    assert back < 0.5 and api.holder == "a"
 
 
 class StopFlag:
@@ -173,29 +187,42 @@ class StopFlag:
         await self.event.wait()
 
 
-def run_daemon(leading: bool, monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], float]:
-    """One MoEDeployment's daemon (reconcile interval 60 s) stopped after 0.5 s: the passes it
-    ran and how long it took to end once stopped."""
-    import logging
+async def half_a_second(leadership: Leadership, passes: list[str]) -> None:
+    await asyncio.sleep(0.5)
+
+
+def run_daemon(
+    leading: bool,
+    monkeypatch: pytest.MonkeyPatch,
+    meanwhile: Callable[[Leadership, list[str]], Awaitable[None]] = half_a_second,
+    pass_s: float = 0.0,
+) -> tuple[list[str], float]:
+    """One MoEDeployment's daemon (reconcile interval 60 s, passes of ``pass_s``) stopped after
+    ``meanwhile``: what its passes did ("started", then "a" or "cancelled") and how long it
+    took to end once stopped."""
     from concurrent.futures import ThreadPoolExecutor
 
     import kopf
     from moeplace_operator import handlers
     from moeplace_operator.events import EventDedup
-    from moeplace_operator.leader import Leadership
     from moeplace_operator.runtime import Runtime
 
     passes: list[str] = []
 
     async def one_pass(self: handlers.Reconcile) -> None:
+        passes.append("started")
+        try:
+            await asyncio.sleep(pass_s)
+        except asyncio.CancelledError:
+            passes.append("cancelled")
+            raise
         passes.append(self.name)
 
     monkeypatch.setattr(handlers.Reconcile, "run", one_pass)
 
     async def scenario() -> float:
-        leadership = Leadership(asyncio.Event())
-        if leading:
-            leadership.leading.set()
+        leadership = Leadership(asyncio.Event(), asyncio.Event())
+        (leadership.leading if leading else leadership.following).set()
         memo = kopf.Memo(
             runtime=Runtime(object(), ThreadPoolExecutor(1), solver_threads=1),  # type: ignore[arg-type]
             events=EventDedup(),
@@ -217,7 +244,7 @@ def run_daemon(leading: bool, monkeypatch: pytest.MonkeyPatch) -> tuple[list[str
                 gpu_node_index={},
             )
         )
-        await asyncio.sleep(0.5)
+        await meanwhile(leadership, passes)
         stopped.event.set()
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -239,4 +266,39 @@ def test_a_leaders_daemon_ends_when_stopped_not_after_its_interval(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     passes, took = run_daemon(True, monkeypatch)
-    assert passes == ["a"] and took < 1.0  # the Lease is released only after this
+    assert passes == ["started", "a"] and took < 1.0  # the Lease is released only after this
+
+
+def test_a_pass_in_flight_stops_when_leadership_is_lost_and_resumes_when_regained(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def step_down(leadership: Leadership) -> None:
+        leadership.leading.clear()
+        leadership.following.set()
+
+    async def lose_regain_lose(leadership: Leadership, passes: list[str]) -> None:
+        await asyncio.sleep(0.3)  # the first pass (30 s) is under way
+        step_down(leadership)
+        await asyncio.sleep(0.3)
+        assert passes == ["started", "cancelled"]  # no new pass while following
+        leadership.following.clear()
+        leadership.leading.set()
+        await asyncio.sleep(0.3)
+        assert passes == ["started", "cancelled", "started"]  # at once, no retry delay
+        step_down(leadership)
+        await asyncio.sleep(0.1)
+
+    passes, took = run_daemon(True, monkeypatch, lose_regain_lose, pass_s=30.0)
+    assert passes == ["started", "cancelled", "started", "cancelled"] and took < 1.0
+
+
+def test_the_lease_setting_is_namespace_slash_name_or_empty() -> None:
+    from moeplace_operator.config import OperatorConfig
+    from pydantic import ValidationError
+
+    env = {"MOEPLACE_LEADER_ELECTION_LEASE": "ops/moeplace-leader"}
+    assert OperatorConfig.from_env(env).leader_election_lease == "ops/moeplace-leader"
+    assert OperatorConfig.from_env({}).leader_election_lease == ""
+    for bad in ("moeplace-leader", "ops/", "/x", "Ops/x", "a/b/c"):
+        with pytest.raises(ValidationError):
+            OperatorConfig.from_env({"MOEPLACE_LEADER_ELECTION_LEASE": bad})

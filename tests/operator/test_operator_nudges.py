@@ -134,7 +134,7 @@ def test_a_deleted_deployment_leaves_no_gauge_cache_or_event_memory(
     runtime = Runtime(object(), ThreadPoolExecutor(1), solver_threads=1)  # type: ignore[arg-type]
     events = EventDedup()
     nudges = handlers.Nudges()
-    leadership = Leadership.start("", asyncio.Event())  # no election: this one leads
+    leadership = Leadership.start("")  # no election: this one leads
     memo = kopf.Memo(runtime=runtime, events=events, nudges=nudges, leadership=leadership)
     body = kopf.Body(
         {"metadata": {"namespace": "ns", "name": "gone"}, "spec": {"reconcileIntervalSeconds": 0}}
