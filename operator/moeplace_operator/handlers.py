@@ -28,7 +28,7 @@ from moeplace_operator.nodes import (
     node_gpus,
 )
 from moeplace_operator.reconcile import Reconcile, gpu_nodes
-from moeplace_operator.runtime import Runtime
+from moeplace_operator.runtime import Live, Runtime, SupersededError
 from moeplace_operator.spec import GROUP, PLURAL, VERSION
 
 RETRY_DELAY_S = 5.0
@@ -83,6 +83,7 @@ async def startup(
     )
     memo.nudges = Nudges()
     memo.node_fingerprints = {}
+    memo.nodes_version = 0  # moves whenever a GPU node's fingerprint does
     memo.events = EventDedup()
 
 
@@ -145,6 +146,7 @@ async def node_changed(
     fingerprint = "" if gone else node.fingerprint()
     if fingerprints.get(name, "") != fingerprint:
         fingerprints[name] = fingerprint
+        memo.nodes_version = memo.get("nodes_version", 0) + 1
         memo.nudges.nudge_all()
 
 
@@ -170,6 +172,10 @@ async def reconciler(
     nudges: Nudges = memo.nudges
     leadership: Leadership = memo.leadership
     nudges.event(key)
+    live = Live(
+        stopping=lambda: bool(stopped),
+        nodes_version=lambda: int(memo.get("nodes_version", 0)),
+    )
     try:
         while not stopped:
             await first_of(leadership.leading.wait(), stopped.wait())  # followers wait here
@@ -177,7 +183,7 @@ async def reconciler(
                 break
             with metrics.RECONCILE_SECONDS.time():  # a pass stops when leadership is lost
                 done = await first_of(
-                    reconcile_once(memo, body, index, logger), leadership.following.wait()
+                    reconcile_once(memo, body, index, logger, live), leadership.following.wait()
                 )
             if done is None:  # leadership lost mid-pass: wait until leading again
                 continue
@@ -207,12 +213,25 @@ async def reconcile_once(
     body: kopf.Body,
     index: Mapping[Any, Any],
     logger: Logger,
+    live: Live | None = None,
 ) -> bool:
     """One pass; False after a transient API fault, retried soon by the same daemon: leaving
-    the daemon (kopf's TemporaryError) would drop the object's cached plans with it."""
+    the daemon (kopf's TemporaryError) would drop the object's cached plans with it. A pass
+    whose solve was superseded counts as done: the change that superseded it nudged the
+    daemon, whose next pass starts at once."""
     try:
-        live = functools.partial(gpu_nodes, index)
-        await Reconcile(memo.runtime, body, live(), logger, memo.events, live_nodes=live).run()
+        nodes = functools.partial(gpu_nodes, index)
+        await Reconcile(
+            memo.runtime,
+            body,
+            nodes(),
+            logger,
+            memo.events,
+            live_nodes=nodes,
+            live=live or Live(),
+        ).run()
+    except SupersededError as superseded:
+        logger.info(f"solve stopped: {superseded}")
     except TransientApiError as error:
         metrics.ERRORS.labels("TransientApiError").inc()
         logger.warning(f"Kubernetes API: {error}; retrying in {RETRY_DELAY_S:g} s")

@@ -8,11 +8,13 @@ import base64
 import json
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
+from urllib.parse import urlsplit
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError as Urllib3Error
 
+from moeplace_operator import metrics
 from moeplace_operator.spec import GROUP, PLURAL, VERSION, TargetKind
 
 Body = dict[str, Any]
@@ -83,9 +85,35 @@ def _call(fn: Callable[[], T]) -> T:
         raise TransientApiError(str(error)) from error
 
 
+VERBS = {"GET": "get", "POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
+
+
+def request_resource(url: str) -> str:
+    """The resource a request URL addresses, with its subresource:
+    ``/api/v1/namespaces/n/configmaps/x`` -> ``configmaps``,
+    ``/apis/g/v1/namespaces/n/moedeployments/x/status`` -> ``moedeployments/status``."""
+    parts = [part for part in urlsplit(url).path.split("/") if part]
+    rest = parts[2:] if parts[:1] == ["api"] else parts[3:]
+    if rest[:1] == ["namespaces"] and len(rest) > 2:
+        rest = rest[2:]
+    if not rest:
+        return "-"
+    return "/".join(rest[:1] + rest[2:3])
+
+
+class CountingApiClient(client.ApiClient):
+    """The API client, counting each request (``moeplace_kube_requests_total``): API calls
+    per reconcile are what a thousand objects cost the API server."""
+
+    def call_api(self, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+        verb = VERBS.get(method.upper(), method.lower())
+        metrics.KUBE_REQUESTS.labels(verb, request_resource(url)).inc()
+        return super().call_api(method, url, *args, **kwargs)
+
+
 class Kube:
     def __init__(self, api_client: client.ApiClient | None = None) -> None:
-        self.api = api_client or client.ApiClient()
+        self.api = api_client or CountingApiClient()
         self.core = client.CoreV1Api(self.api)
         self.custom = client.CustomObjectsApi(self.api)
         self.extensions = client.ApiextensionsV1Api(self.api)

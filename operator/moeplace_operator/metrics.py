@@ -42,6 +42,13 @@ SOLVES_IN_FLIGHT = Gauge("moeplace_solves_in_flight", "Solves queued for or runn
 STALE_PLANS = Counter(
     "moeplace_stale_plans_total", "Plans dropped unpublished: the EP group changed while solving."
 )
+KUBE_REQUESTS = Counter(
+    "moeplace_kube_requests_total",
+    "Kubernetes API requests the reconciler sent (kopf's own watches, Events and finalizer "
+    "patches not included), by verb and resource (with its subresource, e.g. "
+    "moedeployments/status).",
+    ["verb", "resource"],
+)
 ERRORS = Counter(
     "moeplace_reconcile_errors_total", "Reconciles that ended degraded or failed.", ["reason"]
 )

@@ -7,6 +7,8 @@ import hashlib
 import math
 from dataclasses import dataclass, replace
 
+import numpy as np
+
 import placement.solvers  # noqa: F401  (registers the strategies)
 from moeplace_operator.build import fits, model_shape
 from moeplace_operator.loadsource import LoadData
@@ -16,7 +18,7 @@ from placement.evaluate import Evaluation, evaluate
 from placement.model import FloatArray, Placement
 from placement.policy import gain_percent
 from placement.problem import Problem, Weights
-from placement.solvers.base import Solution, SolveOptions, solve
+from placement.solvers.base import Solution, SolveOptions, StopSignal, solve
 from placement.validate import validate
 
 
@@ -115,10 +117,12 @@ def plan(
     load: LoadData,
     current: Placement | None,
     solver_threads: int,
+    stop: StopSignal | None = None,
 ) -> Plan:
     """Solve with the spec's strategy and score it, EPLB and ``current`` on the same load
     under the spec's dispatch rule. EPLB is the better of its two policies (hierarchical,
-    global) on this load: what an engine running EPLB would do at best."""
+    global) on this load: what an engine running EPLB would do at best. ``stop`` ends the
+    solve early (its best placement so far is returned)."""
     in_service = fitting(current, spec, group)
     problem = build_problem(spec, group, load, in_service)
     options = SolveOptions(
@@ -127,6 +131,7 @@ def plan(
         threads=solver_threads,
         hedge=spec.placement.hedge.value,
         dispatch=spec.placement.dispatch.rule,
+        stop=stop,
     )
     solution = solve(problem, spec.placement.strategy.value, options)
     policies = [
@@ -144,20 +149,52 @@ def plan(
     return replace(result, eplb=min(policies, key=result.cost))
 
 
-def inputs_fingerprint(
-    spec: MoEDeploymentSpec, group: GPUGroup, load: LoadData, current: Placement | None
-) -> str:
-    """Everything a plan depends on: equal fingerprints mean re-solving would only spend CPU
-    (a steady state costs no solves, so 100 objects do not queue behind each other)."""
+# A plan stands while the load stays this close to the one it was solved for: Prometheus'
+# extrapolated increases move a little at every sub-window, and re-solving for that would
+# only spend CPU and rewrite status (200 objects would queue behind each other).
+SHARE_TOLERANCE = 0.001  # each expert's share of its layer's tokens: 0.1 percentage point
+TOTAL_TOLERANCE = 0.05  # all tokens: 5 %
+
+
+def inputs_fingerprint(spec: MoEDeploymentSpec, group: GPUGroup, current: Placement | None) -> str:
+    """Everything a plan depends on but the load (``load_holds`` judges that): equal
+    fingerprints and a load that holds mean re-solving would only spend CPU."""
     digest = hashlib.sha256()
     digest.update(spec.model_dump_json().encode())
     digest.update(group.cluster.model_dump_json().encode())
-    digest.update(load.load.tobytes())
-    if load.samples is not None:
-        digest.update(load.samples.tobytes())
-    digest.update(load.transitions.tobytes() if load.transitions is not None else b"-")
     digest.update((current.content_hash() if current else "-").encode())
     return digest.hexdigest()
+
+
+def _shares_hold(solved: FloatArray, now: FloatArray) -> bool:
+    """Same shape, each layer's shares (first axis: the layer) within SHARE_TOLERANCE, the
+    total within TOTAL_TOLERANCE."""
+    if solved.shape != now.shape:
+        return False
+    rows_then = solved.reshape(solved.shape[0], -1)
+    rows_now = now.reshape(now.shape[0], -1)
+    shares_then = rows_then / np.maximum(rows_then.sum(axis=1, keepdims=True), 1e-12)
+    shares_now = rows_now / np.maximum(rows_now.sum(axis=1, keepdims=True), 1e-12)
+    total_then, total_now = float(solved.sum()), float(now.sum())
+    return bool(
+        np.abs(shares_then - shares_now).max(initial=0.0) <= SHARE_TOLERANCE
+        and abs(total_now - total_then) <= TOTAL_TOLERANCE * max(total_then, 1e-12)
+    )
+
+
+def load_holds(solved: LoadData, now: LoadData) -> bool:
+    """Whether a plan solved for load ``solved`` still stands for ``now``: the per-layer
+    expert shares and the total (and likewise the layer-to-layer transitions) within the
+    tolerances. The hedging samples are not compared: they follow from the load."""
+    if (solved.samples is None) != (now.samples is None):
+        return False
+    if (solved.transitions is None) != (now.transitions is None):
+        return False
+    if solved.transitions is not None and now.transitions is not None:
+        return _shares_hold(solved.transitions, now.transitions) and _shares_hold(
+            solved.load, now.load
+        )
+    return _shares_hold(solved.load, now.load)
 
 
 def score_pinned(

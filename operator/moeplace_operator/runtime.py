@@ -16,6 +16,7 @@ import kopf
 
 from moeplace_operator.events import EventDedup
 from moeplace_operator.kube import Kube
+from moeplace_operator.loadsource import LoadData
 from moeplace_operator.nodes import NodeGPUs
 from moeplace_operator.planning import Plan
 from moeplace_operator.spec import ModelSpec
@@ -34,6 +35,17 @@ class CachedTransitions:
     raw: FloatArray
 
 
+@dataclass(frozen=True)
+class CachedPlan:
+    """The last plan of an object: what it was solved for (``inputs_fingerprint`` and the
+    load, which may drift within tolerance before the plan is solved again) and when."""
+
+    fingerprint: str
+    load: LoadData
+    plan: Plan
+    solved_at: datetime
+
+
 @dataclass
 class Runtime:
     """What all reconciles share: the API wrapper and the bounded solver pool."""
@@ -50,8 +62,7 @@ class Runtime:
     prometheus_pool: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(4, "moeplace-prometheus")
     )
-    # "ns/name" -> (inputs fingerprint, plan, solved at) of the last solve
-    plans: dict[str, tuple[str, Plan, datetime]] = field(default_factory=dict)
+    plans: dict[str, CachedPlan] = field(default_factory=dict)  # "ns/name" -> the last plan
     # "ns/name" -> the transitions last read (megabytes of query answer: not every tick)
     transitions: dict[str, CachedTransitions] = field(default_factory=dict)
 
@@ -71,6 +82,12 @@ class Runtime:
         return await asyncio.get_running_loop().run_in_executor(self.solver_pool, fn, *args)
 
 
+class SupersededError(Exception):
+    """A solve was stopped because its pass no longer matters: the daemon stops (the object
+    is deleted, the operator exits), the spec or the EP group changed. The daemon runs the
+    next pass at once (the change nudged it); nothing of this one is written."""
+
+
 class DegradedError(Exception):
     """Inputs are missing: keep the placement in service, report why."""
 
@@ -78,6 +95,16 @@ class DegradedError(Exception):
         super().__init__(message)
         self.reason = reason
         self.updates = updates
+
+
+@dataclass(frozen=True)
+class Live:
+    """What a pass can look at while it waits for its solve, from the daemon: whether it is
+    stopping, and a counter that moves when a GPU Node changes (only then is the group built
+    again from ``Context.live_nodes``)."""
+
+    stopping: Callable[[], bool] = lambda: False
+    nodes_version: Callable[[], int] = lambda: 0
 
 
 @dataclass
@@ -93,6 +120,11 @@ class Context:
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
     # the Nodes as they are now (the index), to see a group that changed while we solved
     live_nodes: Callable[[], list[NodeGPUs]] | None = None
+    live: Live = field(default_factory=Live)
+    started_generation: int = field(init=False, default=0)  # the body's may move on
+
+    def __post_init__(self) -> None:
+        self.started_generation = self.generation
 
     @property
     def name(self) -> str:

@@ -27,7 +27,7 @@ from moeplace_operator.loadsource import (
     scale_transitions,
 )
 from moeplace_operator.nodes import GPUGroup, node_gpus
-from moeplace_operator.planning import build_problem, inputs_fingerprint, plan
+from moeplace_operator.planning import build_problem, load_holds, plan
 from moeplace_operator.reconcile import Reconcile
 from moeplace_operator.runtime import Context, Runtime
 from moeplace_operator.spec import (
@@ -217,14 +217,12 @@ def diagonal_instance(weight: float) -> tuple[MoEDeploymentSpec, GPUGroup, LoadD
     return spec, GPUGroup(cluster, cluster.nodes, []), LoadData(load, None, "t", trans)
 
 
-def test_transitions_reach_the_problem_and_the_fingerprint() -> None:
+def test_transitions_reach_the_problem_and_the_cached_plan_check() -> None:
     spec, group, load = diagonal_instance(1.0)
     problem = build_problem(spec, group, load, None)
     assert problem.transitions is not None and problem.weights.traffic == 1.0
     without = LoadData(load.load, None, "t")
-    assert inputs_fingerprint(spec, group, load, None) != inputs_fingerprint(
-        spec, group, without, None
-    )
+    assert load_holds(load, load) and not load_holds(load, without)
 
 
 def test_traffic_weight_lowers_the_traffic_share_and_gains_count_it() -> None:
