@@ -237,6 +237,15 @@ def drift_gone(ctx: Context) -> None:
     ctx.events.clear(ctx.key, REPROFILE_REQUESTED)
 
 
+def last_status(ctx: Context) -> MoEDeploymentStatus:
+    """The status this operator last wrote for the object, else the body's. Under load the
+    watch that refreshes the body lags by seconds: a pass merging onto a stale status would
+    move lastTransitionTimes back and forth and rewrite status every pass."""
+    written = ctx.runtime.statuses.get(ctx.key)
+    stored = written["status"] if written is not None else ctx.body.get("status")
+    return MoEDeploymentStatus.model_validate(stored or {})
+
+
 async def write_status(
     ctx: Context,
     status: MoEDeploymentStatus,
@@ -244,9 +253,13 @@ async def write_status(
     updates: Sequence[ConditionUpdate],
     summary: PlacementSummary | None,
 ) -> None:
-    """The status patch, unless it would change nothing."""
+    """The status patch, unless it would change nothing: neither the body's status nor the
+    last one written (the body may not show it yet)."""
     conditions = merge_conditions(status.conditions, updates, generation, ctx.now)
     patch = status_patch(generation=generation, conditions=conditions, summary=summary)
+    if patch == ctx.runtime.statuses.get(ctx.key):
+        return
     if not already_applied(patch, {"status": dict(ctx.body.get("status") or {})}):
         crash_point("before-status")
         await ctx.runtime.io(ctx.runtime.kube.patch_status, ctx.namespace, ctx.name, patch)
+    ctx.runtime.statuses[ctx.key] = patch

@@ -19,7 +19,6 @@ from moeplace_operator.runtime import Context, DegradedError
 from moeplace_operator.spec import (
     ConditionType,
     MoEDeploymentSpec,
-    MoEDeploymentStatus,
     PlacementSummary,
 )
 from moeplace_operator.status import (
@@ -42,7 +41,7 @@ class Reconcile(Context):
 
     async def run(self) -> None:
         generation = self.generation  # the live body may move on while we work
-        status = MoEDeploymentStatus.model_validate(self.body.get("status") or {})
+        status = act.last_status(self)
         in_service = await observe.read_in_service(self)
         summary = status.placement  # kept as it was when degraded
         try:

@@ -65,11 +65,14 @@ class Runtime:
     plans: dict[str, CachedPlan] = field(default_factory=dict)  # "ns/name" -> the last plan
     # "ns/name" -> the transitions last read (megabytes of query answer: not every tick)
     transitions: dict[str, CachedTransitions] = field(default_factory=dict)
+    # "ns/name" -> the last status patch written (the body's status lags behind it)
+    statuses: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def forget(self, key: str) -> None:
         """Drop what is kept for the object ``key`` ("ns/name"), when it goes away."""
         self.plans.pop(key, None)
         self.transitions.pop(key, None)
+        self.statuses.pop(key, None)
 
     async def io(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.io_pool, fn, *args)

@@ -251,3 +251,36 @@ def test_api_requests_are_counted_by_verb_and_resource() -> None:
     assert client.call_api("PATCH", url) == "ok"
     after = REGISTRY.get_sample_value("moeplace_kube_requests_total", labels)
     assert after == before + 2
+
+
+def test_status_is_not_rewritten_while_the_body_lags_behind_the_last_write() -> None:
+    """Under load kopf's body shows a status write seconds late: passes in between must merge
+    onto what was written (same lastTransitionTime) and send nothing."""
+    from moeplace_operator import act
+    from moeplace_operator.spec import ConditionType
+    from moeplace_operator.status import true
+
+    patches: list[dict[str, Any]] = []
+
+    class Kube:
+        def patch_status(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
+            patches.append(patch)
+
+    runtime = Runtime(Kube(), ThreadPoolExecutor(1), solver_threads=1)  # type: ignore[arg-type]
+    body = kopf.Body({"metadata": {"namespace": "ns", "name": "a", "generation": 1}, "spec": {}})
+    ready = [true(ConditionType.READY, "PlacementInService", "placement h v1")]
+
+    async def one_pass(minute: int) -> None:
+        ctx = Context(
+            runtime, body, [], logging.getLogger("t"), EventDedup(), NOW.replace(minute=minute)
+        )
+        await act.write_status(ctx, act.last_status(ctx), 1, ready, None)
+
+    for minute in (0, 1, 2):  # the body never shows the first write
+        asyncio.run(one_pass(minute))
+    assert len(patches) == 1
+    written = patches[0]["status"]["conditions"][0]
+    assert written["lastTransitionTime"] == "2026-12-03T12:00:00Z"
+    runtime.forget("ns/a")  # deleted, or another operator process: the body is the truth
+    asyncio.run(one_pass(3))
+    assert len(patches) == 2
