@@ -74,9 +74,11 @@ TOKENS = 128  # per step
 
 
 def free_ports(count: int) -> int:
-    """First of ``count`` consecutive free ports."""
+    """First of ``count`` consecutive free ports, below Linux's ephemeral range (32768 up):
+    ports are bound later by other processes, and an outgoing connection of the loaded machine
+    (scrapes, watches) can take an ephemeral one in between (seen: rank metrics EADDRINUSE)."""
     while True:
-        base = random.randint(20000, 40000)
+        base = random.randint(20000, 32000 - count)
         socks = []
         try:
             for port in range(base, base + count):
