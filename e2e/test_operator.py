@@ -357,6 +357,14 @@ def test_gitops_reapply_is_a_no_op_and_diff_is_empty(
 
 
 @needs_data
+def reconcile_passes(operator: OperatorProcess) -> float:
+    """Reconciles the operator has finished (all objects: the module's objects are few)."""
+    for line in operator.metrics().splitlines():
+        if line.startswith("moeplace_reconcile_duration_seconds_count"):
+            return float(line.split()[-1])
+    return 0.0
+
+
 def test_speed_change_rolls_out_and_small_load_change_does_not(
     cluster: Cluster, operator: OperatorProcess, namespace: str, pool: str
 ) -> None:
@@ -365,24 +373,24 @@ def test_speed_change_rolls_out_and_small_load_change_does_not(
     wait_condition(cluster, "drift", namespace, "Ready")
     first = placement_of(cluster, namespace, "drift-placement")
     assert first is not None
-    # hysteresis: a 1% load change must not churn the placement
+    # hysteresis: a 1% load change must not churn the placement (within the load tolerance the
+    # plan stands without a solve; beyond it a solve finds the gain below the threshold)
+    passes_before = reconcile_passes(operator)
     put_load(cluster, namespace, routing_csv(noise=0.01, seed=1))
-    changed_at = time.time()
-
-    def resolved_after_change() -> dict[str, Any] | None:
-        obj = get(cluster, "moed", "drift", namespace)
-        solved = ((obj or {}).get("status") or {}).get("placement", {}).get("solvedAt", "")
-        stamp = (
-            time.mktime(time.strptime(solved, "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
-            if solved
-            else 0
-        )
-        return obj if stamp > changed_at + 1 else None
-
-    obj = wait_for("a solve on the new load", resolved_after_change, timeout=60)
+    wait_for(
+        "3 passes on the new load",
+        lambda: reconcile_passes(operator) >= passes_before + 3,
+        timeout=60,
+    )
+    obj = get(cluster, "moed", "drift", namespace)
     same = placement_of(cluster, namespace, "drift-placement")
     assert same is not None and same["data"]["version"] == first["data"]["version"]
-    assert condition(obj, "RolledOut")["reason"] in ("GainBelowThreshold", "UpToDate")
+    assert obj is not None and condition(obj, "Ready")["status"] == "True"
+    assert condition(obj, "RolledOut")["reason"] in (
+        "GainBelowThreshold",
+        "UpToDate",
+        "InitialPlacement",
+    )
     # a node's GPUs slow down (thermal throttling) -> a new placement rolls out
     throttle_first_node(cluster, pool)
 
