@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -22,6 +22,7 @@ from moeplace_operator.kube import Kube, TransientApiError, load_config
 from moeplace_operator.leader import Leadership
 from moeplace_operator.nodes import (
     NodeGPUs,
+    can_change_group,
     gpu_capacity,
     has_gpu_labels,
     is_usable,
@@ -37,17 +38,26 @@ Logger = logging.Logger | logging.LoggerAdapter[Any]
 Key = tuple[str, str]
 
 
+Selector = Callable[[], Mapping[str, str] | None]
+
+
 class Nudges:
-    """One wake-up event per MoEDeployment daemon."""
+    """One wake-up event per MoEDeployment daemon, and each daemon's nodeSelector (read
+    when a Node changes, so always the spec's current one)."""
 
     def __init__(self) -> None:
         self._events: dict[Key, asyncio.Event] = {}
+        self._selectors: dict[Key, Selector] = {}
 
     def event(self, key: Key) -> asyncio.Event:
         return self._events.setdefault(key, asyncio.Event())
 
+    def watch(self, key: Key, selector: Selector) -> None:
+        self._selectors[key] = selector
+
     def forget(self, key: Key) -> None:
         self._events.pop(key, None)
+        self._selectors.pop(key, None)
 
     def nudge(self, key: Key) -> None:
         self.event(key).set()
@@ -56,12 +66,29 @@ class Nudges:
         for event in self._events.values():
             event.set()
 
+    def nudge_affected(self, before: NodeGPUs | None, after: NodeGPUs | None) -> None:
+        """Nudge the objects whose EP group the Node's change can affect (1,000 new Nodes
+        changing two or three times each must not wake every object each time); an object
+        whose selector is unknown or unreadable is nudged."""
+        for key, event in self._events.items():
+            selector = self._selectors.get(key, lambda: None)()
+            if selector is None or can_change_group(selector, before, after):
+                event.set()
+
     async def sleep(self, key: Key, seconds: float) -> None:
         """Sleep ``seconds`` or until nudged, whichever comes first."""
         event = self.event(key)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), timeout=seconds)
         event.clear()
+
+
+def node_selector(body: Mapping[str, Any]) -> Mapping[str, str] | None:
+    """spec.gpus.nodeSelector, or None where it is missing or malformed."""
+    spec = body.get("spec")
+    gpus = spec.get("gpus") if isinstance(spec, Mapping) else None
+    selector = gpus.get("nodeSelector") if isinstance(gpus, Mapping) else None
+    return selector if isinstance(selector, Mapping) and selector else None
 
 
 @kopf.on.startup()
@@ -82,8 +109,8 @@ async def startup(
         prometheus_allowed=tuple(config.prometheus_allowed_urls),
     )
     memo.nudges = Nudges()
-    memo.node_fingerprints = {}
-    memo.nodes_version = 0  # moves whenever a GPU node's fingerprint does
+    memo.known_nodes = {}
+    memo.nodes_version = 0  # moves whenever what the operator keeps of a GPU node does
     memo.events = EventDedup()
 
 
@@ -138,16 +165,18 @@ async def node_changed(
     status: kopf.Status,
     **_: Any,
 ) -> None:
-    """Nudge every MoEDeployment when a node's GPU facts or usability change (not on
-    heartbeats)."""
-    fingerprints: dict[str, str] = memo.node_fingerprints
+    """Nudge the MoEDeployments whose EP group a node's change can affect (not on
+    heartbeats): those whose nodeSelector matches its old or new labels."""
+    known: dict[str, NodeGPUs] = memo.known_nodes
     gone = type == "DELETED" or not has_gpu_labels(labels)
-    node = node_gpus(name, labels, annotations, is_usable(spec, status), gpu_capacity(status))
-    fingerprint = "" if gone else node.fingerprint()
-    if fingerprints.get(name, "") != fingerprint:
-        fingerprints[name] = fingerprint
+    usable, capacity = is_usable(spec, status), gpu_capacity(status)
+    node = None if gone else node_gpus(name, labels, annotations, usable, capacity)
+    before = known.pop(name, None)
+    if node is not None:
+        known[name] = node
+    if before != node:
         memo.nodes_version = memo.get("nodes_version", 0) + 1
-        memo.nudges.nudge_all()
+        memo.nudges.nudge_affected(before, node)
 
 
 @kopf.on.create(GROUP, VERSION, PLURAL)
@@ -172,6 +201,7 @@ async def reconciler(
     nudges: Nudges = memo.nudges
     leadership: Leadership = memo.leadership
     nudges.event(key)
+    nudges.watch(key, lambda: node_selector(body))  # kopf keeps the body current
     live = Live(
         stopping=lambda: bool(stopped),
         nodes_version=lambda: int(memo.get("nodes_version", 0)),

@@ -38,9 +38,9 @@ class NodeGPUs(BaseModel):
     bad_curves: str | None = None  # why the latency-curve annotation is unusable
     gpu_capacity: int | None = None  # nvidia.com/gpu in the node's capacity, when published
 
-    def fingerprint(self) -> str:
-        """Changes exactly when what placement depends on changes (not on heartbeats)."""
-        return self.model_dump_json()
+    def gpu_facts(self) -> dict[str, Any]:
+        """What an EP group takes from the node apart from its labels (which only select)."""
+        return self.model_dump(exclude={"labels"})
 
 
 def has_gpu_labels(labels: Mapping[str, str]) -> bool:
@@ -201,6 +201,22 @@ def check_group_inputs(nodes: Iterable[NodeGPUs], spec: GPUSpec) -> None:
 
 def selects(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
     return all(labels.get(key) == value for key, value in selector.items())
+
+
+def can_change_group(
+    selector: Mapping[str, str], before: NodeGPUs | None, after: NodeGPUs | None
+) -> bool:
+    """Whether a Node going from ``before`` to ``after`` (None: not a GPU node) can change
+    the EP group of ``selector``: the node joins or leaves the selection, or a selected
+    node's GPU facts or usability change. Labels the selector does not read change nothing
+    (the group is built from the selected nodes only)."""
+    was = before is not None and selects(selector, before.labels)
+    now = after is not None and selects(selector, after.labels)
+    if was != now:
+        return True
+    if not was or before is None or after is None:
+        return False
+    return before.gpu_facts() != after.gpu_facts()
 
 
 def build_gpu_group(

@@ -41,7 +41,7 @@ def test_nudging_handlers_run_on_the_event_loop() -> None:
     assert asyncio.iscoroutinefunction(handlers.node_changed)
 
     async def scenario() -> float:
-        memo = kopf.Memo(nudges=Nudges(), node_fingerprints={})
+        memo = kopf.Memo(nudges=Nudges(), known_nodes={})
         memo.nudges.event(("ns", "a"))
         start = time.monotonic()
         sleeper = asyncio.create_task(memo.nudges.sleep(("ns", "a"), 5.0))

@@ -284,3 +284,55 @@ def test_status_is_not_rewritten_while_the_body_lags_behind_the_last_write() -> 
     runtime.forget("ns/a")  # deleted, or another operator process: the body is the truth
     asyncio.run(one_pass(3))
     assert len(patches) == 2
+
+
+def test_a_node_change_nudges_only_the_objects_it_can_affect() -> None:
+    """1,000 new Nodes change two or three times each: only objects whose nodeSelector
+    matches the Node's old or new labels wake up; one whose selector is unreadable does."""
+    from moeplace_operator import handlers
+
+    ready = {"conditions": [{"type": "Ready", "status": "True"}]}
+    speed = {"gpu.moeplace.io/speed-0": "1.0"}
+
+    async def scenario() -> list[set[str]]:
+        nudges = handlers.Nudges()
+        memo = kopf.Memo(nudges=nudges, known_nodes={})
+        bodies = {
+            name: {"spec": {"gpus": {"nodeSelector": {"pool": name[0]}}}}
+            for name in ("a1", "a2", "b1", "c1")
+        }
+        bodies["broken"] = {"spec": {"gpus": "no selector"}}
+        for name, body in bodies.items():
+            nudges.event(("ns", name))
+            nudges.watch(("ns", name), lambda body=body: handlers.node_selector(body))
+        woken: list[set[str]] = []
+
+        async def change(labels: dict[str, str], type: str = "MODIFIED", **node: Any) -> None:
+            for name in bodies:
+                nudges.event(("ns", name)).clear()
+            await handlers.node_changed(
+                name="n1",
+                labels={**labels, **speed},
+                annotations={},
+                type=type,
+                memo=memo,
+                spec=node.get("spec", {}),
+                status=node.get("status", ready),
+            )
+            woken.append({name for name in bodies if nudges.event(("ns", name)).is_set()})
+
+        await change({"pool": "a"}, type="ADDED")  # joins pool a
+        await change({"pool": "a", "beta.kubernetes.io/os": "linux"})  # no selector reads it
+        await change({"pool": "a", "beta.kubernetes.io/os": "linux"}, status={})  # NotReady
+        await change({"pool": "b"})  # relabelled a -> b
+        await change({"pool": "b"}, type="DELETED")
+        return woken
+
+    woken = asyncio.run(scenario())
+    assert woken == [
+        {"a1", "a2", "broken"},
+        {"broken"},  # a label no selector reads: only the unreadable one
+        {"a1", "a2", "broken"},
+        {"a1", "a2", "b1", "broken"},
+        {"b1", "broken"},
+    ]
