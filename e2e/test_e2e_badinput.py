@@ -23,7 +23,7 @@ import yaml
 from conftest import Cluster, wait_for
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
-from test_operator import OperatorProcess, condition, get, put_load
+from test_operator import OperatorProcess, condition, fresh_namespace, get, put_load
 
 from placement.formats import parse_canonical
 
@@ -43,11 +43,7 @@ READABLE = re.compile(r"spec(\.[A-Za-z]+)*: (Invalid|Unsupported|Required|Too lo
 
 @pytest.fixture
 def namespace(cluster: Cluster) -> Iterator[str]:
-    name = f"moed-bi-{uuid.uuid4().hex[:6]}"
-    cluster.kubectl("create", "namespace", name)
-    yield name
-    cluster.kubectl("delete", "moed", "--all", "-n", name, "--timeout=90s", check=False)
-    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+    yield from fresh_namespace(cluster, "moed-bi-", delete_timeout_s=90)
 
 
 @pytest.fixture

@@ -35,6 +35,7 @@ from test_operator import (
     apply,
     condition,
     crd,  # noqa: F401 (a fixture)
+    fresh_namespace,
     get,
     manifest,
     needs_data,
@@ -73,11 +74,7 @@ def operator(
 
 @pytest.fixture(scope="module")
 def namespace(cluster: Cluster) -> Iterator[str]:
-    name = f"{PREFIX}{uuid.uuid4().hex[:8]}"
-    cluster.kubectl("create", "namespace", name)
-    yield name
-    cluster.kubectl("delete", "moed", "--all", "-n", name, "--timeout=60s", check=False)
-    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+    yield from fresh_namespace(cluster, PREFIX)
 
 
 def placement_cm(cluster: Cluster, namespace: str, name: str) -> dict[str, Any]:

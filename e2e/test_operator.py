@@ -120,13 +120,17 @@ def operator(
         print("operator log (tail):\n" + "\n".join(tail))
 
 
-def fresh_namespace(cluster: Cluster, prefix: str = NAMESPACE_PREFIX) -> Iterator[str]:
+def fresh_namespace(
+    cluster: Cluster, prefix: str = NAMESPACE_PREFIX, delete_timeout_s: int = 60
+) -> Iterator[str]:
     """A new namespace named ``<prefix><random>``, for a fixture to ``yield from``."""
     name = f"{prefix}{uuid.uuid4().hex[:8]}"
     cluster.kubectl("create", "namespace", name)
     yield name
     # MoEDeployments first, while the operator still runs to release its finalizer
-    cluster.kubectl("delete", "moed", "--all", "-n", name, "--timeout=60s", check=False)
+    cluster.kubectl(
+        "delete", "moed", "--all", "-n", name, f"--timeout={delete_timeout_s}s", check=False
+    )
     cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
