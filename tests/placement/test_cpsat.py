@@ -59,15 +59,66 @@ def test_reaches_the_enumerated_optimum_with_curves(problem: Problem) -> None:
     _check_against_enumeration(problem)
 
 
+def _curve(tokens: list[int], micros: list[float]) -> LatencyCurve:
+    return LatencyCurve(tokens=tokens, micros=micros)
+
+
+def _found_cases() -> list[Problem]:
+    """Cases random exploration found (CI, 2026-12-03): a bound above the optimum and a false
+    OPTIMAL 0.07% above it (loads rounded to whole tokens per copy on steep curves), and
+    CP-SAT stopping at its 1e-4 gap short of the optimum."""
+    two_layers = MoEModelShape(moe_layers=2, experts=7)
+    load = np.array([[29, 53, 0, 0, 22, 123, 28], [33, 471, 12792, 772, 0, 260, 2]], float)
+    steep = Cluster(
+        gpus=[
+            GPU(node="n0", curve=_curve([0, 1, 119, 264, 321], [1, 1, 1, 1, 4])),
+            GPU(node="n1", curve=_curve([0, 159, 238, 351, 361], [1, 1, 1, 1, 17.239])),
+            GPU(node="n2", curve=_curve([0, 1, 2, 3, 270, 273], [1, 1, 1, 1, 1, 5])),
+        ]
+    )
+    short = Cluster(
+        gpus=[
+            GPU(node="n0", curve=_curve([0, 1, 2, 242, 318], [1, 1, 1, 1, 4])),
+            GPU(node="n1", curve=_curve([0, 1, 2, 92, 302], [1, 1, 1, 1, 5])),
+            GPU(node="n2", curve=_curve([0, 1, 2, 3, 5], [1, 1, 1, 1, 2])),
+        ]
+    )
+    sampled = np.array(
+        [
+            [[480.842, 24.932, 5.178, 1.523, 1295.403]],
+            [[333.827, 20.036, 2.404, 1.415, 1025.948]],
+            [[139.702, 33.373, 1.855, 1.182, 522.316]],
+        ]
+    )
+    return [
+        Problem(two_layers, steep, 3, load),
+        Problem(two_layers, short, 3, load),
+        Problem(
+            MoEModelShape(moe_layers=1, experts=5),
+            Cluster.uniform(3, 1, [1.25, 2.21875, 1.25]),
+            3,
+            np.array([[325.0, 25.0, 4.0, 1.0, 812.0]]),
+            samples=sampled,
+        ),
+    ]
+
+
+@pytest.mark.parametrize("case", range(3))
+def test_found_cases_reach_the_optimum_and_bound_it(case: int) -> None:
+    _check_against_enumeration(_found_cases()[case])
+
+
 def _check_against_enumeration(problem: Problem) -> None:
+    """Within cpsat's optimality tolerance (a relative 1e-4, documented) of the enumerated
+    optimum; the bound never above it; OPTIMAL only within that tolerance."""
     best, _ = optimum(problem)
     sol = solve(problem, "cpsat", FAST)
     load = problem.samples if problem.samples is not None else problem.load
     assert sol.objective == pytest.approx(straggler(sol.placement.table, problem.cluster, load))
-    assert sol.bound <= best * (1 + 1e-6) + 1e-9
+    assert sol.bound <= best * (1 + 1e-9) + 1e-9
     if not problem.cluster.has_curves:
         assert sol.bound >= lower_bound(problem) * (1 - 1e-9)
-    assert sol.objective <= best * (1 + 1e-6) + 1e-9
+    assert sol.objective <= best * (1 + 1e-4) + 1e-9
 
 
 def _solve_with_near_counts(problem: Problem) -> Solution:

@@ -30,8 +30,10 @@ GPU time
     ``round(scale * w[k, e] / (r * speed_g))``).
     Latency curves: exact piecewise-linear, one boolean per curve segment (the segment
     ``[t_s, t_{s+1}]`` that contains the load, the first one from 0 and the last one extended
-    past the last sample) with ``time >= curve_s(load)`` enforced only for the chosen segment
-    (``OnlyEnforceIf``). Exact for non-convex, non-monotone curves; no convex hull.
+    past the last sample, and one for an idle GPU) with ``time >= curve_s(load)`` enforced
+    only for the chosen segment (``OnlyEnforceIf``). Exact for non-convex, non-monotone
+    curves; no convex hull. Loads are integers in fractions of a token (a GPU's load up to
+    about 10^7 units), each copy's share rounded.
 
 Objective (integer; one unit = ``1 / scale`` of the problem's time unit, i.e. of a token-time
 with speed factors or of a µs with curves; ``scale`` is chosen so that the fluid bound of a
@@ -56,7 +58,7 @@ Solving, per layer (without traffic coupling: ``weights.traffic == 0`` or no tra
        another expert (changes replica counts); plateaus are crossed by a sum-of-squares
        tie-break.
     3. CP-SAT on the model above, hinted (``add_hint``) with the polished row, for the rest
-       of the budget; stops at a relative gap of 1e-4. Skipped when the polished row already
+       of the budget; stops at a relative gap of 1e-5. Skipped when the polished row already
        meets the lower bound, or when building the model would not fit in the budget.
     The layer keeps the best of greedy's, the polished and CP-SAT's row under the exact (float)
     objective, so ``cpsat`` is never worse than its greedy warm start.
@@ -64,12 +66,13 @@ Solving, per layer (without traffic coupling: ``weights.traffic == 0`` or no tra
     (``threads`` = ``options.threads``, 0 = all cores; one worker for ``threads == 1``); each
     layer gets an even share of the time still left, so layers that finish early leave time
     to the rest. ``progress`` is called after each layer.
-    Reported bound: per layer the largest of CP-SAT's bound (only where every replica count
-    was open to it: a restricted model's bound and OPTIMAL say nothing about placements with
-    other counts), the fluid bound and the copy bound (the heaviest expert has at most
+    Reported bound: per layer the largest of CP-SAT's bound less the most the integer model
+    can overstate a time by rounding (only where every replica count was open to it: a
+    restricted model's bound says nothing about placements with other counts), the fluid bound and the copy bound (the heaviest expert has at most
     ``min(G, 1 + redundant)`` copies; without redundancy its GPU also holds the S - 1
     lightest experts), summed over layers; traffic and
-    migration terms count 0 in it. With traffic coupling, one model holds all layers (replica
+    migration terms count 0 in it. A layer is OPTIMAL when its exact objective is within a
+    relative 1e-4 of that bound (never on CP-SAT's word alone: its model is rounded). With traffic coupling, one model holds all layers (replica
     counts fixed to greedy's, no local search) and gets the whole budget.
 
 Speed-aware mode (``SolveOptions(dispatch="speed-aware")``; the default is ``"even"``)

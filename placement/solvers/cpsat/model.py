@@ -18,6 +18,9 @@ from placement.solvers.base import SolveOptions, StopSignal, stop_requested
 
 GAP_LIMIT = 1e-4  # relative gap at which CP-SAT stops and a layer counts as optimal
 _TARGET_UNITS = 1e5  # integer units per layer fluid bound
+_LOAD_UNITS = 1e7  # a GPU's load in integer units of at most about this (latency curves)
+_MAX_UNITS_PER_TOKEN = 10_000
+_SEARCH_GAP = 1e-5  # CP-SAT stops here: below GAP_LIMIT by more than the model's rounding
 _STOP_POLL_S = 0.02  # how often a running search checks for a stop request
 
 
@@ -31,6 +34,9 @@ class LayerVars:
     straggler: list[cp_model.IntVar] = field(default_factory=list)  # per sample T[k]
     straggler_max: int = 1  # upper bound of the T[k] domains
     objective_terms: list[cp_model.LinearExprT] = field(default_factory=list)
+    # most the integer model overstates one sample's straggler time (problem time units):
+    # the coefficients' rounding; its bound less this is a bound on the placement problem
+    rounding: float = 0.0
 
     def x(self, e: int, g: int) -> cp_model.LinearExprT:
         return cp_model.LinearExpr.sum([self.c[(e, g, r)] for r in self.cands[e]])
@@ -124,9 +130,11 @@ def add_layer(
                 coefs = np.round(per_copy / speeds[g] * scale).astype(np.int64).tolist()
                 expr = cp_model.LinearExpr.weighted_sum([v.c[(e, g, r)] for e, r in keys], coefs)
                 m.add(tk >= expr)
+            v.rounding = max(v.rounding, 0.5 * S / scale)  # S rounded coefficients per GPU
         else:
             for g in range(G):
-                _add_curve_time(m, problem, g, w[k], v, tk, scale, t_max)
+                err = _add_curve_time(m, problem, g, w[k], v, tk, scale)
+                v.rounding = max(v.rounding, err)
         m.add_hint(tk, round(float(hint_times.max()) * scale))
     if current_row is not None and problem.weights.migration > 0:
         cur = set(zip(current_row.tolist(), (np.arange(P) // S).tolist(), strict=True))
@@ -135,6 +143,7 @@ def add_layer(
         )
         mig = round(problem.weights.migration * scale)
         v.objective_terms.append(mig * (K if hedge != "robust" else 1) * moved)
+        v.rounding += 0.5 * P / scale  # at most P moved copies, each rounded
     return v
 
 
@@ -146,21 +155,30 @@ def _add_curve_time(
     v: LayerVars,
     tk: cp_model.IntVar,
     scale: float,
-    t_max: int,
-) -> None:
-    """time_g >= curve_g(load_g), exact piecewise-linear with one boolean per segment.
+) -> float:
+    """time_g >= curve_g(load_g), exact piecewise-linear with one boolean per segment and one
+    for an idle GPU (time 0, as :meth:`LatencyCurve.time`).
 
-    Load is in tokens (integer-rounded per copy), time in units of ``1/scale`` µs."""
+    Load is in units of ``1 / per_token`` tokens (each copy's share rounded), time in units
+    of ``1/scale`` µs. Returns the most this overstates the GPU's time (µs): the load's
+    rounding times the curve's steepest slope, plus the rounded-up slope and offset."""
     curve = problem.cluster.gpus[g].curve
     assert curve is not None
     E = wk.shape[0]
-    terms = [(round(wk[e] / r), v.c[(e, g, r)]) for e in range(E) for r in v.cands[e] if wk[e] > 0]
+    total = float(sum(wk[e] / min(v.cands[e]) for e in range(E)))
+    per_token = min(max(math.floor(_LOAD_UNITS / max(total, 1.0)), 1), _MAX_UNITS_PER_TOKEN)
+    terms = [
+        (round(float(wk[e]) * per_token / r), v.c[(e, g, r)])
+        for e in range(E)
+        for r in v.cands[e]
+        if wk[e] > 0
+    ]
     max_load = sum(coef for coef, _ in terms)
     load = m.new_int_var(0, max(max_load, 1), "")
     m.add(load == sum(coef * var for coef, var in terms))
-    xs = [0, *curve.tokens]
+    xs = [0, *(t * per_token for t in curve.tokens)]
     ys = [curve.micros[0], *curve.micros]
-    last_slope = (curve.micros[-1] - curve.micros[-2]) / (curve.tokens[-1] - curve.tokens[-2])
+    last_slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])  # µs per load unit
     segs: list[tuple[int, int, float, float]] = []  # lo, hi, y_lo, slope
     for s in range(len(xs) - 1):
         lo, hi = xs[s], xs[s + 1]
@@ -170,8 +188,10 @@ def _add_curve_time(
         segs.append((lo, hi, ys[s], slope))
     if xs[-1] < max_load:
         segs.append((xs[-1], max_load, ys[-1], last_slope))
-    q = 1000
-    bools = []
+    q = max(1000, max_load)  # so that rounding the slopes up costs at most one time unit
+    idle = m.new_bool_var("")
+    m.add(load == 0).only_enforce_if(idle)
+    bools = [idle]
     for lo, hi, y_lo, slope in segs:
         b = m.new_bool_var("")
         bools.append(b)
@@ -179,10 +199,12 @@ def _add_curve_time(
         m.add(load <= hi).only_enforce_if(b)
         # q * t >= q*scale*(y_lo + slope*(load - lo)), coefficients rounded up (safe side)
         p = math.ceil(slope * scale * q)
-        const = math.ceil(q * scale * y_lo) - p * lo
+        const = math.ceil(q * scale * y_lo - p * lo)
         m.add(q * tk >= p * load + const).only_enforce_if(b)
     m.add_exactly_one(bools)
-    del t_max
+    steepest = max((abs(sl) for *_, sl in segs), default=0.0)
+    copies = problem.slots_per_gpu
+    return float(steepest * 0.5 * copies + (max_load + 2) / (q * scale) + 1 / scale)
 
 
 def solver_params(options: SolveOptions, time_s: float, workers: int) -> cp_model.CpSolver:
@@ -198,7 +220,7 @@ def solver_params(options: SolveOptions, time_s: float, workers: int) -> cp_mode
     p.num_workers = max(workers, 1)
     p.interleave_search = False
     p.random_seed = options.seed
-    p.relative_gap_limit = GAP_LIMIT
+    p.relative_gap_limit = _SEARCH_GAP
     p.log_search_progress = False
     return solver
 

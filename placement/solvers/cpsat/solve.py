@@ -233,13 +233,14 @@ def _solve_layer_even(
     optimal = False
     if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         if exact_counts:  # a restricted model's bound is no bound on the problem
-            # the integer model rounds coefficients; allow for that before trusting its bound
-            bound = max(fluid, solver.best_objective_bound / div * (1.0 - 1e-4))
-            optimal = status == cp_model.OPTIMAL
+            # the integer model overstates times by at most its rounding
+            bound = max(fluid, solver.best_objective_bound / div - v.rounding)
         cand = table_from_vars(solver, v, E, G, S)
         cand_obj = float(layer_objective(cand[None, :], sub, hedge)[0])
         if cand_obj < obj - 1e-9 * max(obj, 1.0):
             row, obj, improved = cand, cand_obj, True
+        # optimal only as far as the exact objective and the sound bound say so
+        optimal = obj <= bound * (1.0 + GAP_LIMIT)
     return _LayerResult(row, min(bound, obj), optimal, improved)
 
 
