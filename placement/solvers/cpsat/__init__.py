@@ -68,12 +68,13 @@ Solving, per layer (without traffic coupling: ``weights.traffic == 0`` or no tra
     to the rest. ``progress`` is called after each layer.
     Reported bound: per layer the largest of CP-SAT's bound less the most the integer model
     can overstate a time by rounding (only where every replica count was open to it: a
-    restricted model's bound says nothing about placements with other counts), the fluid bound and the copy bound (the heaviest expert has at most
-    ``min(G, 1 + redundant)`` copies; without redundancy its GPU also holds the S - 1
-    lightest experts), summed over layers; traffic and
-    migration terms count 0 in it. A layer is OPTIMAL when its exact objective is within a
-    relative 1e-4 of that bound (never on CP-SAT's word alone: its model is rounded). With traffic coupling, one model holds all layers (replica
-    counts fixed to greedy's, no local search) and gets the whole budget.
+    restricted model's bound says nothing about placements with other counts), the fluid
+    bound and the copy bound (the heaviest expert has at most ``min(G, 1 + redundant)``
+    copies; without redundancy its GPU also holds the S - 1 lightest experts), summed over
+    layers; traffic and migration terms count 0 in it. A layer is OPTIMAL when its exact
+    objective is within a relative 1e-4 of that bound (never on CP-SAT's word alone: its
+    model is rounded). With traffic coupling, one model holds all layers (replica counts
+    fixed to greedy's, no local search) and gets the whole budget.
 
 Speed-aware mode (``SolveOptions(dispatch="speed-aware")``; the default is ``"even"``)
     For a speed-aware dispatcher that splits each batch's tokens optimally over an expert's
