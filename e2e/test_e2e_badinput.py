@@ -14,6 +14,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from hypothesis import strategies as st
 from test_operator import OperatorProcess, condition, fresh_namespace, get, put_load
 
 from placement.formats import parse_canonical
+from placement.names import OWNER_LABEL
 
 pytestmark = [pytest.mark.e2e, pytest.mark.badinput]
 
@@ -433,15 +435,99 @@ def test_placement_configmap_too_large_or_invalid_is_reported(
     assert "over the 1048576-byte limit" in condition(obj, "Degraded")["message"]
     assert condition(obj, "RolledOut")["reason"] == "PlacementTooLarge"
     assert get(cluster, "configmap", "big-placement", namespace) is None
-    # a name the API server takes for a MoEDeployment but not as our ConfigMap's label value
-    long_name = "n" * 70
+    # a name too long for the ConfigMaps' owner label: refused at admission, not reconciled
+    refused, why = create(cluster, manifest("n" * 70, namespace, pool))
+    assert not refused
+    assert "metadata.name must be at most 63 characters" in why, why
+    # a ConfigMap the API server refuses as invalid: a cluster admission policy says no
     put_load(cluster, namespace, load_csv())
-    assert create(cluster, manifest(long_name, namespace, pool))[0]
-    obj, invalid_s = wait_reason(cluster, long_name, namespace, "Degraded", "ConfigMapInvalid")
+    with placements_refused_by_policy(cluster, namespace, owner="frozen"):
+        assert create(cluster, manifest("frozen", namespace, pool))[0]
+        obj, invalid_s = wait_reason(cluster, "frozen", namespace, "Degraded", "ConfigMapInvalid")
     message = condition(obj, "Degraded")["message"]
-    assert "must be no more than 63 bytes" in message, message
+    assert "frozen by cluster policy" in message, message
+    assert get(cluster, "configmap", "frozen-placement", namespace) is None
     print(
         f"BADINPUT configmaps: PlacementTooLarge in {too_large_s:.1f} s, ConfigMapInvalid "
-        f"(422) in {invalid_s:.1f} s"
+        f"(422 from an admission policy) in {invalid_s:.1f} s; a 70-character name refused "
+        "at admission"
     )
     assert operator.proc is not None and operator.proc.poll() is None
+
+
+@contextmanager
+def placements_refused_by_policy(cluster: Cluster, namespace: str, owner: str) -> Iterator[None]:
+    """A ValidatingAdmissionPolicy (reason Invalid: HTTP 422) refusing the placement ConfigMaps
+    of MoEDeployment ``owner`` in ``namespace``; in force when this enters, removed on exit."""
+    name = f"refuse-{namespace}"
+    label = f"object.metadata.labels[{OWNER_LABEL!r}]"
+    policy = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicy",
+        "metadata": {"name": name},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {
+                "resourceRules": [
+                    {
+                        "apiGroups": [""],
+                        "apiVersions": ["v1"],
+                        "operations": ["CREATE", "UPDATE"],
+                        "resources": ["configmaps"],
+                    }
+                ]
+            },
+            "validations": [
+                {
+                    "expression": f"!has(object.metadata.labels) || "
+                    f"!({OWNER_LABEL!r} in object.metadata.labels) || {label} != {owner!r}",
+                    "message": f"placements of {owner} are frozen by cluster policy",
+                    "reason": "Invalid",
+                }
+            ],
+        },
+    }
+    binding = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicyBinding",
+        "metadata": {"name": name},
+        "spec": {
+            "policyName": name,
+            "validationActions": ["Deny"],
+            "matchResources": {
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}
+            },
+        },
+    }
+    probe = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "generateName": "probe-",
+            "namespace": namespace,
+            "labels": {OWNER_LABEL: owner},
+        },
+    }
+    cluster.kubectl(
+        "apply",
+        "-f",
+        "-",
+        input=json.dumps({"apiVersion": "v1", "kind": "List", "items": [policy, binding]}),
+    )
+    try:
+        # the API server loads a new policy within seconds: wait until it refuses a probe
+        wait_for(
+            "the admission policy in force",
+            lambda: not create(cluster, probe)[0] or None,
+            timeout=60,
+            every=0.5,
+        )
+        yield
+    finally:
+        cluster.kubectl(
+            "delete",
+            "validatingadmissionpolicybinding,validatingadmissionpolicy",
+            name,
+            "--ignore-not-found",
+            "--wait=false",
+        )

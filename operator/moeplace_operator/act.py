@@ -105,7 +105,7 @@ async def publish(
         message = f"ConfigMap {name} not written: {error}"
         update = false(ConditionType.ROLLED_OUT, "ConfigMapForbidden", message)
         raise DegradedError("ConfigMapForbidden", message, [update]) from error
-    except InvalidObjectError as error:  # e.g. a MoEDeployment name too long for a label
+    except InvalidObjectError as error:  # e.g. refused by a cluster admission policy
         message = f"ConfigMap {name} refused by the API server: {error}"
         update = false(ConditionType.ROLLED_OUT, "ConfigMapInvalid", message)
         raise DegradedError("ConfigMapInvalid", message, [update]) from error

@@ -16,6 +16,7 @@ import yaml
 from moeplace_operator.spec import (
     GROUP,
     KIND,
+    MAX_NAME_LENGTH,
     PLURAL,
     SHORT_NAMES,
     SINGULAR,
@@ -102,6 +103,13 @@ def build_crd() -> Schema:
         "description": "A Mixture-of-Experts inference deployment whose expert-to-GPU placement "
         "moeplace keeps near optimal.",
         "required": ["spec"],
+        "x-kubernetes-validations": [
+            {
+                "rule": f"self.metadata.name.size() <= {MAX_NAME_LENGTH}",
+                "message": f"metadata.name must be at most {MAX_NAME_LENGTH} characters: it is "
+                "the value of the placement ConfigMaps' owner label",
+            }
+        ],
         "properties": {
             "apiVersion": {"type": "string", "description": "API version."},
             "kind": {"type": "string", "description": "Kind."},

@@ -23,6 +23,8 @@ KIND = "MoEDeployment"
 PLURAL = "moedeployments"
 SINGULAR = "moedeployment"
 SHORT_NAMES = ["moed"]
+# the name is the value of the placement ConfigMaps' owner label, which Kubernetes caps at 63
+MAX_NAME_LENGTH = 63
 
 # at most 5 digits a part: every duration converts (Python's timedelta, CEL's duration())
 DURATION_PATTERN = r"^([0-9]{1,5}(ms|s|m|h|d))+$"
