@@ -83,9 +83,13 @@ async def publish(
     raw = await ctx.runtime.io(kube.read_configmap, ctx.namespace, name)
     existing = read_published(raw)
     nodes = tuple(group.nodes)
-    if existing and existing.hash == placement.content_hash() and existing.nodes == nodes:
+    same = existing if existing and existing.hash == placement.content_hash() else None
+    if same and same.nodes == nodes:
         return existing
-    version = published_version(raw) + 1
+    # the same placement for other nodes (a node replaced in its ranks, or a map written
+    # before the group was recorded): version and rollout time stay, nothing to reload
+    version = same.version if same else published_version(raw) + 1
+    rolled_out_at = same.rolled_out_at if same and same.rolled_out_at else ctx.now
     body = configmap_body(
         name=name,
         namespace=ctx.namespace,
@@ -93,7 +97,7 @@ async def publish(
         owner=ctx.body,
         placement=placement,
         version=version,
-        rolled_out_at=ctx.now,
+        rolled_out_at=rolled_out_at,
         resource_version=raw["metadata"].get("resourceVersion") if raw else None,
         hidden_layers=ctx.hidden_layers,
         nodes=nodes,
@@ -109,7 +113,7 @@ async def publish(
         message = f"ConfigMap {name} refused by the API server: {error}"
         update = false(ConditionType.ROLLED_OUT, "ConfigMapInvalid", message)
         raise DegradedError("ConfigMapInvalid", message, [update]) from error
-    return Published(placement, placement.content_hash(), version, ctx.now, None, nodes)
+    return Published(placement, placement.content_hash(), version, rolled_out_at, None, nodes)
 
 
 async def roll_out(

@@ -30,7 +30,11 @@ from moeplace_operator.runtime import Runtime
 from moeplace_operator.spec import GPUSpec, ModelSpec, PrometheusLoad
 from prometheus_client import REGISTRY
 
-from placement.names import GROUP_NODES_ANNOTATION
+from placement.names import (
+    GROUP_NODES_ANNOTATION,
+    ROLLED_OUT_AT_ANNOTATION,
+    VERSION_ANNOTATION,
+)
 
 pytestmark = pytest.mark.faults
 
@@ -277,3 +281,33 @@ def test_a_group_changed_mid_solve_drops_the_stale_plan(
     live.append(node("a-first", ("2.0", "2.0")))
     one_pass()
     assert kube.writes == ["lite-placement"]  # same group, same ranks: nothing rewritten
+
+
+def test_recording_the_group_keeps_the_placement_version() -> None:
+    """A placement map written before the EP group was recorded (an upgrade from a release
+    without the group-nodes annotation) gets the annotation on the next pass, with the same
+    content, version and rollout time: serving has nothing to reload, cooldown keeps running."""
+    live = [node("n-a"), node("n-b", ("1.2", "0.9"))]
+    kube = FakeKube()
+    runtime = Runtime(kube, ThreadPoolExecutor(1), solver_threads=1)  # type: ignore[arg-type]
+    dedup = EventDedup()
+
+    def one_pass() -> None:
+        body = moed("lite", {"static": {"configMapName": "routing"}}, kube.status.get("lite"))
+        run = Reconcile(runtime, body, list(live), logging.getLogger("t"), dedup)
+        run.live_nodes = lambda: list(live)
+        asyncio.run(run.run())
+
+    one_pass()
+    first = kube.configmaps["lite-placement"]
+    annotations = first["metadata"]["annotations"]
+    before = {k: annotations[k] for k in (VERSION_ANNOTATION, ROLLED_OUT_AT_ANNOTATION)}
+    del annotations[GROUP_NODES_ANNOTATION]  # as an older release wrote it
+    one_pass()
+    assert kube.writes == ["lite-placement", "lite-placement"]
+    again = kube.configmaps["lite-placement"]
+    assert again["metadata"]["annotations"][GROUP_NODES_ANNOTATION] == "n-a,n-b"
+    assert {k: again["metadata"]["annotations"][k] for k in before} == before
+    assert again["data"] == first["data"]
+    one_pass()
+    assert len(kube.writes) == 2  # recorded: nothing more to write
