@@ -85,7 +85,7 @@ async def publish(
     nodes = tuple(group.nodes)
     same = existing if existing and existing.hash == placement.content_hash() else None
     if same and same.nodes == nodes:
-        return existing
+        return same
     # the same placement for other nodes (a node replaced in its ranks, or a map written
     # before the group was recorded): version and rollout time stay, nothing to reload
     version = same.version if same else published_version(raw) + 1
