@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -42,6 +43,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def dying_with_this_process(command: list[str]) -> list[str]:
+    """``command`` under util-linux's ``setpriv --pdeathsig TERM`` where it is installed: a
+    killed pytest then leaves no operator running that would reconcile the next run's
+    objects."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", *command] if setpriv else command
+
+
 class OperatorProcess:
     """The operator as users run it, in a subprocess, with free ports for /metrics and
     liveness. Logs go to a file shown when a test fails."""
@@ -66,7 +75,10 @@ class OperatorProcess:
         }
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "moeplace_operator"], env=env, stdout=out, stderr=out
+                dying_with_this_process([sys.executable, "-m", "moeplace_operator"]),
+                env=env,
+                stdout=out,
+                stderr=out,
             )
         wait_for("operator liveness", self.alive, timeout=60, every=0.5)
 
