@@ -39,6 +39,10 @@ class GPUSetup(Strict):
     # a bigger expert than DeepSeek-V2-Lite's: its FLOPs per token over V2-Lite's (Mixtral
     # 20.4, DeepSeek-V3 5.1); x tokens take the measured curve's time at compute_scale x tokens
     compute_scale: float = Field(default=1.0, gt=0)
+    # what the profiler publishes and the solvers place for: speed labels (time = tokens /
+    # speed) or each GPU's latency curve (the curves annotation: the layer curve at this
+    # GPU's speed, launch-bound part included)
+    solver_sees: Literal["speeds", "curves"] = "speeds"
 
     @model_validator(mode="after")
     def _fits(self) -> GPUSetup:

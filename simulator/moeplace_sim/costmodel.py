@@ -7,13 +7,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
 from moeplace_sim.config import Links
 from placement.dispatch import TimeModel
 from placement.evaluate import Dispatch, split_loads, traffic_changes
-from placement.model import Cluster, FloatArray, LatencyCurve, Placement
+from placement.model import GPU, Cluster, FloatArray, LatencyCurve, Placement
 
 GpuTimes = Callable[[FloatArray], FloatArray]  # [..., G] tokens per GPU -> [..., G] µs
 BYTES_PER_VALUE = 2  # bf16 activations
@@ -34,10 +35,25 @@ class ScaledCurve:
         scaled = np.asarray(loads, dtype=np.float64) * self.flops
         return np.asarray(self.curve.time(scaled) / self.speeds, dtype=np.float64)
 
-    def cluster(self, gpus_per_node: int) -> Cluster:
-        """The GPUs as the solvers see them: speed factors, what a profiler publishes as
-        ``speed`` (the curve's shape, flat below ~1k tokens, is the simulator's truth only)."""
-        return Cluster.uniform(self.speeds.size, gpus_per_node, self.speeds.tolist())
+    def cluster(self, gpus_per_node: int, sees: Literal["speeds", "curves"] = "speeds") -> Cluster:
+        """The GPUs as the solvers see them. ``speeds``: speed factors, what a profiler
+        publishes as ``speed`` (the curve's shape, flat below ~1k tokens, stays the
+        simulator's truth only). ``curves``: each GPU's own curve, this one sampled at the
+        whole token counts nearest its points (a profiler measures whole batches)."""
+        if sees == "speeds":
+            return Cluster.uniform(self.speeds.size, gpus_per_node, self.speeds.tolist())
+        points = np.asarray(self.curve.tokens, dtype=np.float64) / self.flops
+        tokens = np.unique(np.maximum(np.rint(points), 1).astype(np.int64))
+        base = self.curve.time(tokens * self.flops)
+        return Cluster(
+            gpus=[
+                GPU(
+                    node=f"node-{g // gpus_per_node}",
+                    curve=LatencyCurve(tokens=tokens.tolist(), micros=(base / speed).tolist()),
+                )
+                for g, speed in enumerate(self.speeds)
+            ]
+        )
 
 
 def model_times(cluster: Cluster) -> GpuTimes:

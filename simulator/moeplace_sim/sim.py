@@ -72,7 +72,7 @@ def simulate(config: SimConfig) -> Run:
     setup = config.gpus
     speeds = sample_speeds(speed_pool(config.shared), setup.num_gpus, setup.spread, config.seed)
     times = ScaledCurve(h200_layer_curve(config.profile), speeds, setup.compute_scale)
-    cluster = times.cluster(setup.gpus_per_node)
+    cluster = times.cluster(setup.gpus_per_node, setup.solver_sees)
     model = model_shape(trace)
     calib, start = calibration(config, trace)
     solver = Solver(
@@ -117,7 +117,7 @@ def simulate(config: SimConfig) -> Run:
             times.speeds = slowed
             changed = True
         if changed:
-            current["cluster"] = times.cluster(setup.gpus_per_node)
+            current["cluster"] = times.cluster(setup.gpus_per_node, setup.solver_sees)
             return current["cluster"]
         return None
 

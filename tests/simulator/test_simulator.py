@@ -6,9 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from moeplace_sim.config import CoTenant, GPUSetup, Links, Policy, Workload
-from moeplace_sim.costmodel import dispatch_shares
+from moeplace_sim.costmodel import ScaledCurve, dispatch_shares
+from moeplace_sim.data import h200_layer_curve
 from moeplace_sim.sim import routing_trace, simulate
-from sim_helpers import small
+from sim_helpers import PROFILE, small
 
 from placement.evaluate import fluid_bound
 from placement.model import Cluster
@@ -127,3 +128,19 @@ def test_a_traffic_weight_keeps_more_tokens_on_their_gpu(shared: Path) -> None:
     policy = Policy(kind="static", strategy="greedy", traffic_weight=1.0)
     weighted = simulate(small(shared, links=links, policy=policy))
     assert weighted.summary["a2a_share"] < plain.summary["a2a_share"]
+
+
+def test_solvers_see_each_gpus_own_curve_when_curves_are_profiled() -> None:
+    speeds = np.array([1.0, 0.8, 1.15])
+    truth = ScaledCurve(h200_layer_curve(PROFILE), speeds, flops=5.09)
+    labels = truth.cluster(3)
+    assert [g.curve for g in labels.gpus] == [None] * 3
+    np.testing.assert_allclose(labels.speeds, speeds)
+    seen = truth.cluster(3, "curves")
+    tokens = np.array([0.0, 3.0, 40.0, 333.0, 1000.0, 2500.0, 4000.0, 9000.0])
+    for g, gpu in enumerate(seen.gpus):
+        assert gpu.speed == 1.0 and gpu.curve is not None  # the curve carries the speed
+        served = truth(np.repeat(tokens[:, None], 3, axis=1))[:, g]
+        np.testing.assert_allclose(gpu.time(tokens), served, rtol=0.01)
+    # the launch-bound floor stays: a few tokens cost as much as a few hundred
+    assert seen.gpus[0].time(3.0) == pytest.approx(seen.gpus[0].time(20.0), rel=1e-6)
