@@ -48,6 +48,12 @@ def simulate_cmd(
         f"SLO attainment {100 * summary['slo_attainment']:.1f}%, "
         f"{summary['tokens_per_s']:.0f} tokens/s, straggler share "
         f"{100 * summary['straggler_share']:.1f}%, {summary['changes']} placement changes "
-        f"({summary['stall_s']:.1f} s stalled)",
+        f"({summary['stall_s']:.1f} s stalled)"
+        + (
+            f", {summary['preemptions']} preemptions ({summary['recomputed_tokens']} tokens "
+            "recomputed)"
+            if config.kv_tokens_per_gpu is not None
+            else ""
+        ),
         highlight=False,
     )

@@ -133,6 +133,9 @@ class SimConfig(Strict):
     # vLLM V1's defaults for an API server on a large GPU, per DP rank
     token_budget_per_gpu: int = Field(default=8192, ge=16, description="tokens per step / GPU")
     max_seqs_per_gpu: int = Field(default=1024, ge=1)
+    # KV-cache tokens per GPU (None: only max_seqs bounds a batch). Pooled over the GPUs, as
+    # one scheduler sees them; vLLM-style recompute preemption when decoding runs out
+    kv_tokens_per_gpu: int | None = Field(default=None, ge=1)
     # dense part per layer (attention, shared experts, norms): not measured here, assumed
     dense_fixed_us: float = Field(default=25.0, ge=0)
     dense_us_per_token: float = Field(default=0.04, ge=0)

@@ -76,4 +76,7 @@ def summarize(
         "stall_s": stall_s,
         "stall_share": stall_s / busy_s if busy_s > 0 else 0.0,
         "changes": len(steps.changes),
+        "preemptions": log.preemptions,
+        "recomputed_tokens": log.recomputed_tokens,
+        "max_kv_tokens": log.max_kv_tokens,
     }

@@ -135,6 +135,9 @@ def simulate(config: SimConfig) -> Run:
         cluster_at=cluster_at,
         on_change=apply,
         start_token=start,
+        kv_capacity=None
+        if config.kv_tokens_per_gpu is None
+        else config.kv_tokens_per_gpu * setup.num_gpus,
     )
     engine.run(config.max_time_s or 3 * config.workload.duration_s)
     summary = summarize(requests, engine.log, engine.steps, config.slo_ttft_s, config.slo_tpot_s)

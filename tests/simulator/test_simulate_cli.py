@@ -49,3 +49,20 @@ def test_the_example_scenario_is_valid() -> None:
 
     example = SimConfig.model_validate_json((ROOT / "examples" / "simulate-8gpu.json").read_text())
     assert example.policy.kind is PolicyKind.OPERATOR and example.gpus.cotenants
+
+
+def test_a_kv_cache_too_small_for_one_request_is_one_line(tmp_path: Path, shared: Path) -> None:
+    result = RUNNER.invoke(app, ["simulate", str(scenario(tmp_path, shared, kv_tokens_per_gpu=5))])
+    assert result.exit_code == 2
+    assert "KV-cache capacity 40 tokens is below one request's" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_preemptions_are_reported_when_the_kv_cache_is_limited(
+    tmp_path: Path, shared: Path
+) -> None:
+    result = RUNNER.invoke(
+        app, ["simulate", str(scenario(tmp_path, shared, kv_tokens_per_gpu=700))]
+    )
+    assert result.exit_code == 0, result.output
+    assert "preemptions (" in result.output and "tokens recomputed" in result.output

@@ -144,3 +144,35 @@ def test_solvers_see_each_gpus_own_curve_when_curves_are_profiled() -> None:
         np.testing.assert_allclose(gpu.time(tokens), served, rtol=0.01)
     # the launch-bound floor stays: a few tokens cost as much as a few hundred
     assert seen.gpus[0].time(3.0) == pytest.approx(seen.gpus[0].time(20.0), rel=1e-6)
+
+
+def test_a_kv_cache_limit_preempts_and_every_dropped_token_is_routed_again(
+    shared: Path,
+) -> None:
+    free = simulate(small(shared))
+    tight = simulate(small(shared, kv_tokens_per_gpu=1000))
+    log, req = tight.engine.log, tight.requests
+    capacity = 1000 * 8
+    assert free.engine.log.max_kv_tokens > capacity  # the limit binds
+    assert 0 < log.max_kv_tokens <= capacity
+    assert log.preemptions > 0 and tight.summary["finished"] == len(req)
+    # each preempted request prefills again what it held (prompt + its tokens so far)
+    base = int(req.prompt.sum() + (req.output - 1).sum())
+    assert log.routed_tokens == base + log.recomputed_tokens > base
+    assert tight.summary["e2e_s"]["p90"] > free.summary["e2e_s"]["p90"]
+    tighter = simulate(small(shared, kv_tokens_per_gpu=600))
+    assert tighter.summary["e2e_s"]["p90"] > tight.summary["e2e_s"]["p90"]
+
+
+def test_a_kv_cache_that_can_hold_every_request_changes_nothing(shared: Path) -> None:
+    free = simulate(small(shared))
+    everything = int((free.requests.prompt + free.requests.output).sum())
+    roomy = simulate(small(shared, kv_tokens_per_gpu=everything // 8 + 1))
+    assert roomy.engine.log.preemptions == 0
+    assert roomy.engine.steps.tokens == free.engine.steps.tokens
+    np.testing.assert_array_equal(roomy.engine.log.finish_s, free.engine.log.finish_s)
+
+
+def test_a_kv_cache_smaller_than_one_request_is_refused(shared: Path) -> None:
+    with pytest.raises(ValueError, match="could never finish"):
+        simulate(small(shared, kv_tokens_per_gpu=10))
