@@ -37,8 +37,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from placement_bench import pal  # noqa: E402
 
-from placement.evaluate import evaluate  # noqa: E402
-from placement.load import LoadModelConfig, bootstrap_samples, estimate  # noqa: E402
+from placement.evaluate import Evaluation, evaluate  # noqa: E402
+from placement.load import LoadModelConfig, bootstrap_samples, estimate, windows  # noqa: E402
 from placement.model import Cluster, FloatArray, IntArray, MoEModelShape, Placement  # noqa: E402
 from placement.problem import Problem  # noqa: E402
 from placement.solvers import SolveOptions, solve  # noqa: E402
@@ -58,20 +58,18 @@ class Study:
             self.prompt_id = np.asarray(f["prompt_id"])
         self.cluster: Cluster = pal(data, 32)
 
-    def windows(self, prompts: np.ndarray) -> FloatArray:
-        """[5, L, E] five consecutive windows of ``WINDOW`` of ``prompts`` (indices)."""
-        return np.stack(
-            [self.counts[prompts[i * WINDOW : (i + 1) * WINDOW]].sum(0) for i in range(5)]
+    def evaluation(self, table: IntArray, load: FloatArray) -> Evaluation:
+        return evaluate(
+            Placement.from_table(table, SHAPE, self.cluster.size, "study"), self.cluster, load
         )
 
     def straggler(self, table: IntArray, load: FloatArray) -> float:
-        p = Placement.from_table(table, SHAPE, self.cluster.size, "study")
-        return evaluate(p, self.cluster, load).straggler
+        return self.evaluation(table, load).straggler
 
-    def reference(self, mean: FloatArray, held: FloatArray) -> float:
-        """eplb-global placed on ``mean`` [L, E], its straggler time on ``held``."""
+    def eplb_global(self, mean: FloatArray) -> IntArray:
+        """eplb-global's [L, P] table placed on ``mean`` [L, E]."""
         placed = solve(Problem.build(SHAPE, self.cluster, mean, REDUNDANT), "eplb-global", OPTIONS)
-        return evaluate(placed.placement, self.cluster, held).straggler
+        return placed.placement.table
 
     def greedy(self, mean: FloatArray, samples: FloatArray) -> IntArray:
         return greedy_table(Problem.build(SHAPE, self.cluster, mean, REDUNDANT, samples=samples))
@@ -106,10 +104,11 @@ def run(study: Study, num_splits: int, sample_counts: list[int]) -> dict[str, An
     )
     held = study.counts[held_ids].sum(0)
     est = estimate(wins, LoadModelConfig())
-    ref = study.reference(est.mean, held)
+    eg = study.eplb_global(est.mean)
+    ref = study.straggler(eg, held)
     greedy = study.greedy(est.mean, est.samples)
     out: dict[str, Any] = {"greedy": study.straggler(greedy, held) / ref}
-    fluid = evaluate(Placement.from_table(greedy, SHAPE, 32, "g"), study.cluster, held)
+    fluid = study.evaluation(greedy, held)
     repacked = study.converge(greedy, held[None], relocate=False)
     out["repack_x_fluid"] = study.straggler(repacked, held) / fluid.fluid_bound
     out["greedy_x_fluid"] = fluid.straggler / fluid.fluid_bound
@@ -128,27 +127,26 @@ def run(study: Study, num_splits: int, sample_counts: list[int]) -> dict[str, An
     for seed in range(1, num_splits + 1):
         perm = np.random.default_rng(seed).permutation(pid.size)
         a, b = np.sort(perm[: 5 * WINDOW]), perm[5 * WINDOW :]
-        e = estimate(study.windows(a), LoadModelConfig())
+        e = estimate(windows(study.counts[a], WINDOW), LoadModelConfig())
         load_b = study.counts[b].sum(0)
-        ratio = study.straggler(study.greedy(e.mean, e.samples), load_b) / study.reference(
-            e.mean, load_b
-        )
+        ours = study.straggler(study.greedy(e.mean, e.samples), load_b)
+        ratio = ours / study.straggler(study.eplb_global(e.mean), load_b)
         out["splits"].append(ratio)
         print(f"random split {seed}: {ratio:.4f}", flush=True)
     r = np.asarray(out["splits"])
     print(f"random splits: mean {r.mean():.4f}, sd {r.std(ddof=1):.4f}, "
           f"{r.min():.4f}..{r.max():.4f}", flush=True)  # fmt: skip
-    out["predictive"] = predictive(study, cal, est.mean, greedy)
+    out["predictive"] = predictive(study, cal, eg, greedy)
     return out
 
 
-def predictive(study: Study, cal: np.ndarray, mean: FloatArray, greedy: IntArray) -> Any:
-    """What a fresh 500-prompt half resampled from the calibration prompts expects."""
+def predictive(study: Study, cal: np.ndarray, eg: IntArray, greedy: IntArray) -> Any:
+    """What a fresh 500-prompt half resampled from the calibration prompts expects for
+    ``greedy`` against eplb-global's ``eg`` (both [L, P] tables)."""
     per_prompt = study.counts[cal] * cal.size  # each prompt at the scale of the total
     fresh = bootstrap_samples(per_prompt, np.ones(cal.size), 256, float(cal.size), seed=99)
-    eg = solve(Problem.build(SHAPE, study.cluster, mean, REDUNDANT), "eplb-global", OPTIONS)
     ours = np.array([study.straggler(greedy, s) for s in fresh])
-    theirs = np.array([evaluate(eg.placement, study.cluster, s).straggler for s in fresh])
+    theirs = np.array([study.straggler(eg, s) for s in fresh])
     q = np.quantile(ours / theirs, [0.1, 0.5, 0.9])
     expected = float(ours.mean() / theirs.mean())
     print(f"predictive (prompt-level, 256 samples): expects {expected:.4f}, "

@@ -101,6 +101,7 @@ class Engine:
         # tokens to prefill: the prompt, plus what it had generated once a request is preempted
         self.context = requests.prompt.astype(np.int64)
         self.kv = np.zeros(n, dtype=np.int64)  # KV-cache tokens each request holds
+        self.kv_held = 0  # their sum
         self.prefilled = np.zeros(n, dtype=np.int64)
         self.generated = np.zeros(n, dtype=np.int64)
         self.admitted = np.zeros(n, dtype=bool)
@@ -157,6 +158,7 @@ class Engine:
             r = head + i
             self.log.preemptions += 1
             self.log.recomputed_tokens += int(self.kv[r])
+            self.kv_held -= int(self.kv[r])
             self.admitted[r] = running[i] = False
             self.context[r] = self.requests.prompt[r] + self.generated[r]
             self.prefilled[r] = self.kv[r] = 0
@@ -167,6 +169,7 @@ class Engine:
         self.prefilled[batch.prefill] += batch.chunk
         self.kv[batch.decode] += 1
         self.kv[batch.prefill] += batch.chunk
+        self.kv_held += batch.tokens
         complete = batch.prefill[self.prefilled[batch.prefill] >= self.context[batch.prefill]]
         self.generated[complete] += 1  # a prefill step yields the next token (the first one)
         first = complete[np.isnan(self.log.first_token_s[complete])]
@@ -175,8 +178,9 @@ class Engine:
         finished = touched[self.generated[touched] >= self.requests.output[touched]]
         self.done[finished] = True
         self.log.finish_s[finished] = now
-        self.kv[finished] = 0  # a finished request frees its cache
-        self.log.max_kv_tokens = max(self.log.max_kv_tokens, int(self.kv.sum()))
+        self.kv_held -= int(self.kv[finished].sum())  # a finished request frees its cache
+        self.kv[finished] = 0
+        self.log.max_kv_tokens = max(self.log.max_kv_tokens, self.kv_held)
 
     def run(self, max_time_s: float) -> None:
         arrival = self.requests.arrival_s
